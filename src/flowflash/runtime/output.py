@@ -1,0 +1,58 @@
+"""Writing images: A1111-style "parameters" text chunk, atomic writes, output path checks."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ..errors import FlowflashError
+
+
+def parameters_text(prompt: str, steps: int, guidance: float, seed: int, size: int, model: str, model_hash: str) -> str:
+    return (f"{prompt}\nSteps: {steps}, Sampler: Euler (rectified flow), CFG scale: {guidance:g}, Seed: {seed}, "
+            f"Size: {size}x{size}, Model hash: {model_hash}, Model: {model}")
+
+
+def output_paths(out: str | None, n: int, default_stem: str = "flowflash") -> list[Path]:
+    """Where n images go: a directory (existing, or given with a trailing /) or a file stem."""
+    if out is None:
+        out = "outputs/"
+    p = Path(out)
+    if out.endswith(("/", os.sep)) or p.is_dir():
+        if not p.exists() and not p.parent.exists():
+            raise FlowflashError(f"output directory's parent does not exist: {p.parent}")
+        folder = p
+        start = 0
+        while (folder / f"{default_stem}-{start:04d}.png").exists():
+            start += 1
+        paths = [folder / f"{default_stem}-{start + i:04d}.png" for i in range(n)]
+    else:
+        if p.suffix.lower() != ".png":
+            raise FlowflashError(f"output file must end in .png: {out}")
+        if not p.parent.exists():
+            raise FlowflashError(f"output directory does not exist: {p.parent}")
+        paths = [p] if n == 1 else [p.with_name(f"{p.stem}-{i}{p.suffix}") for i in range(n)]
+    target = paths[0].parent
+    check = target if target.exists() else target.parent
+    if not os.access(check, os.W_OK):
+        raise FlowflashError(f"output directory is not writable: {check}")
+    return paths
+
+
+def save_png(image: Image.Image, path: Path, parameters: str):
+    """Write via a temp file in the same folder and rename, so no partial PNG is ever left."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,176 @@
+"""Shared training machinery: distributed set-up, EMA, atomic checkpoints, config files.
+
+Checkpoints are safetensors (model, EMA, optimizer tensors, RNG states) plus a JSON file for
+everything else, so resuming never unpickles anything.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ..errors import FlowflashError
+
+
+# ---------------------------------------------------------------- config files
+def load_config(cls, path: str | Path | None, overrides: dict | None = None):
+    """A dataclass from a YAML file; unknown keys are an error, not silently ignored."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FlowflashError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+    data.update(overrides or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FlowflashError(f"unknown keys in {path}: {unknown}; known: {sorted(names)}")
+    return cls(**data)
+
+
+# ---------------------------------------------------------------- distributed
+@dataclasses.dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist() -> Dist:
+    """torchrun sets WORLD_SIZE/RANK; on CPU we use gloo. Single process needs nothing."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    if world > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
+    return Dist(int(os.environ.get("RANK", "0")), world)
+
+
+def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= d.world
+    return x
+
+
+def barrier(d: Dist):
+    if d.world > 1:
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- EMA
+class EMA:
+    """Exponential moving average of parameters, with warm-up so short runs are not dominated by init."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    def rate(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int):
+        d = self.rate(step)
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, model: torch.nn.Module):
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+# ---------------------------------------------------------------- optimizer state <-> tensors
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for name, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"{idx}.{name}"] = val.contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict):
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = val
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+# ---------------------------------------------------------------- checkpoints
+def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    emas: dict[str, EMA], generators: dict[str, torch.Generator], state: dict):
+    """Write everything needed to resume into `folder`, atomically: a temp folder renamed into place."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    meta: dict[str, Any] = {"state": state, "optimizers": {}}
+    for name, m in modules.items():
+        save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+    for name, e in emas.items():
+        save_file(e.shadow, tmp / f"{name}_ema.safetensors")
+    for name, o in optimizers.items():
+        t, m = optimizer_tensors(o)
+        save_file(t, tmp / f"{name}_optim.safetensors")
+        meta["optimizers"][name] = m
+    rng = {"torch": torch.get_rng_state()}
+    rng.update({f"gen.{k}": g.get_state() for k, g in generators.items()})
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
+    old = folder.with_name(folder.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
+                    emas: dict[str, EMA], generators: dict[str, torch.Generator]) -> dict:
+    folder = Path(folder)
+    if not (folder / "state.json").exists():
+        # A crash between the two renames leaves only the previous checkpoint under .old.
+        old = folder.with_name(folder.name + ".old")
+        if (old / "state.json").exists():
+            folder = old
+        else:
+            raise FlowflashError(f"no checkpoint to resume from in {folder}")
+    meta = json.loads((folder / "state.json").read_text())
+    for name, m in modules.items():
+        m.load_state_dict(load_file(folder / f"{name}.safetensors"))
+    for name, e in emas.items():
+        e.shadow = load_file(folder / f"{name}_ema.safetensors")
+    for name, o in optimizers.items():
+        load_optimizer_tensors(o, load_file(folder / f"{name}_optim.safetensors"), meta["optimizers"][name])
+    rng = load_file(folder / "rng.safetensors")
+    torch.set_rng_state(rng["torch"])
+    for k, g in generators.items():
+        g.set_state(rng[f"gen.{k}"])
+    return meta["state"]
+
+
+def check_finite(losses: dict[str, torch.Tensor], step: int, ckpt: Path):
+    for k, v in losses.items():
+        if not torch.isfinite(v).all():
+            raise FlowflashError(f"non-finite {k} loss at step {step}; stopped without writing a checkpoint. "
+                                 f"Last good checkpoint: {ckpt if Path(ckpt).exists() else 'none'}")

@@ -1,0 +1,61 @@
+import json
+
+import pytest
+import torch
+
+from flowflash.errors import FlowflashError
+from flowflash.models.flow_model import FlowModel, load_model, save_model
+from tests.conftest import tiny_model_config
+
+
+def test_roundtrip_is_fp16_and_exact(tiny_model_dir):
+    m = load_model(tiny_model_dir)
+    from safetensors.torch import load_file
+    sd = load_file(tiny_model_dir / "model.safetensors")
+    assert all(v.dtype == torch.float16 for v in sd.values() if v.is_floating_point())
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, sd[k].float())
+    assert m.cfg.name == "tiny" and not any(p.requires_grad for p in m.parameters())
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(FlowflashError, match="model folder not found"):
+        load_model(tmp_path / "nope")
+
+
+def test_truncated_weights(tiny_model_dir):
+    w = tiny_model_dir / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:-100])
+    with pytest.raises(FlowflashError, match="truncated or corrupt"):
+        load_model(tiny_model_dir)
+
+
+def test_config_does_not_match(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["num_heads"] = 3
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlowflashError, match="does not match the weights"):
+        load_model(tiny_model_dir)
+
+
+def test_unknown_config_field(tiny_model_dir):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["frobnicate"] = 1
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlowflashError, match="unknown fields"):
+        load_model(tiny_model_dir)
+
+
+def test_pickle_weights_are_refused(tiny_model_dir):
+    (tiny_model_dir / "model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1)}, tiny_model_dir / "model.pt")
+    with pytest.raises(FlowflashError, match="pickle weights"):
+        load_model(tiny_model_dir)
+
+
+def test_forward_shape():
+    torch.manual_seed(0)
+    m = FlowModel(tiny_model_config())
+    x = torch.randn(2, 3, 16, 16)
+    out = m(x, torch.rand(2), torch.randn(2, 16, 384), torch.randn(2, 768))
+    assert out.shape == x.shape

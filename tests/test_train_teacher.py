@@ -1,0 +1,104 @@
+"""Teacher training on a tiny model: what changes, determinism, resume, checkpoint contents, DDP."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowflash.errors import FlowflashError
+from flowflash.train.common import load_config
+from flowflash.train.teacher import TeacherConfig, train_teacher
+
+TINY = dict(patch_size=4, num_layers=1, num_heads=2, head_dim=8, light_max_tokens=16, minilm_max_tokens=16,
+            image_size=16, shift=1.0, default_steps=2, name="tiny")
+
+
+def cfg(corpus, out, **kw):
+    base = dict(data=str(corpus), out=str(out), model=TINY, steps=4, batch_size=4, warmup=1, ckpt_every=2,
+                sample_every=1000, log_every=1, sample_prompts=["red apple, twemoji style"])
+    base.update(kw)
+    return TeacherConfig(**base)
+
+
+def final_weights(out):
+    return load_file(out / "checkpoint" / "model.safetensors")
+
+
+def test_every_trainable_parameter_moves(tiny_corpus, tmp_path):
+    from flowflash.models.flow_model import FlowModel, ModelConfig
+    from flowflash.models.text import WordTokenizer
+    from flowflash.data.dataset import load_corpus
+
+    train_teacher(cfg(tiny_corpus, tmp_path / "a", steps=1, ckpt_every=1))
+    torch.manual_seed(0)
+    caps = load_corpus(tiny_corpus).captions
+    init = FlowModel(ModelConfig.from_dict({**TINY, "vocab": WordTokenizer.build(caps).vocab})).state_dict()
+    after = final_weights(tmp_path / "a")
+    moved = {k for k in init if not torch.equal(init[k], after[k])}
+    assert any(k.startswith("transformer.") for k in moved) and any(k.startswith("light.") for k in moved)
+    # after one AdamW step every parameter that got a gradient moves; the padding row never does
+    assert "light.embed.weight" in moved
+    assert torch.equal(init["light.embed.weight"][0], after["light.embed.weight"][0])
+
+
+def test_deterministic_and_resume_matches_uninterrupted(tiny_corpus, tmp_path):
+    train_teacher(cfg(tiny_corpus, tmp_path / "full"))
+    train_teacher(cfg(tiny_corpus, tmp_path / "again"))
+    train_teacher(cfg(tiny_corpus, tmp_path / "split"), max_steps=2)
+    assert json.loads((tmp_path / "split/checkpoint/state.json").read_text())["state"]["step"] == 2
+    train_teacher(cfg(tiny_corpus, tmp_path / "split"), resume=True)
+    a, b, c = (final_weights(tmp_path / n) for n in ("full", "again", "split"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], c[k]) for k in a)
+    log = [json.loads(l) for l in (tmp_path / "split/log.jsonl").read_text().splitlines()]
+    full = [json.loads(l) for l in (tmp_path / "full/log.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in log] == [r["loss"] for r in full]  # resume reproduces the next losses
+    ck = tmp_path / "full/checkpoint"
+    assert {p.name for p in ck.iterdir()} == {"model.safetensors", "model_ema.safetensors",
+                                             "model_optim.safetensors", "rng.safetensors", "state.json"}
+    assert (tmp_path / "full/ema_model/model.safetensors").exists()
+
+
+def test_resume_without_checkpoint(tiny_corpus, tmp_path):
+    with pytest.raises(FlowflashError, match="no checkpoint"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "none"), resume=True)
+
+
+def test_unknown_config_key(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("steps: 3\nlearning_rate: 1\n")
+    with pytest.raises(FlowflashError, match="unknown keys.*learning_rate"):
+        load_config(TeacherConfig, p)
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    import flowflash.train.teacher as teacher
+    real, calls = teacher.flow_matching_loss, []
+
+    def poisoned(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 3 else loss
+    monkeypatch.setattr(teacher, "flow_matching_loss", poisoned)
+    with pytest.raises(FlowflashError, match=r"non-finite flow loss at step 2.*Last good checkpoint: .*checkpoint"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "nan", steps=4, ckpt_every=2))
+    state = json.loads((tmp_path / "nan/checkpoint/state.json").read_text())
+    assert state["state"]["step"] == 2
+    assert all(torch.isfinite(v).all() for v in final_weights(tmp_path / "nan").values())
+
+
+def test_torchrun_two_processes(tiny_corpus, tmp_path):
+    import yaml
+    c = cfg(tiny_corpus, tmp_path / "ddp")
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(c.__dict__))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", "-m", "flowflash.cli", "train", "teacher", "--config", str(path)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    state = json.loads((tmp_path / "ddp/checkpoint/state.json").read_text())
+    assert state["state"]["step"] == 4
