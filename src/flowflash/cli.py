@@ -77,6 +77,50 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", required=True)
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     tt.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in this run")
+    dp = dsub.add_parser("prompts", help="write the held-out split of a corpus as an evaluation prompt set")
+    dp.add_argument("--data", required=True)
+    dp.add_argument("--out", required=True)
+
+    j = sub.add_parser("judge", help="the evaluation instruments")
+    jsub = j.add_subparsers(dest="judge_cmd", required=True, parser_class=Parser)
+    jb = jsub.add_parser("build", help="train the scorer and crop classifier on the training split")
+    jb.add_argument("--data", required=True)
+    jv = jsub.add_parser("validate", help="the instruments' own accuracy on real held-out images")
+    jv.add_argument("--data", required=True)
+    jv.add_argument("--prompts", default=None)
+    jv.add_argument("--out", default="docs/eval/judge-validity")
+
+    e = sub.add_parser("eval", help="score a model (or a folder of images) on the evaluation prompt set")
+    e.add_argument("--model", default="teacher")
+    e.add_argument("--steps", type=positive_int, default=None)
+    e.add_argument("--guidance", type=nonneg_float, default=None)
+    e.add_argument("--no-minilm", action="store_true")
+    e.add_argument("--images", default=None, help="score these images (00000.png, ... in prompt order) instead")
+    e.add_argument("--data", required=True, help="the built corpus (real held-out images)")
+    e.add_argument("--prompts", default=None, help="prompt set JSONL (default prompts/eval_v1.jsonl)")
+    e.add_argument("--seed", type=nonneg_int, default=0)
+    e.add_argument("--save-images", default=None, help="also write the generated images to this folder")
+    e.add_argument("--out", required=True, help="results path stem: writes OUT.json and OUT.md")
+
+    gr = sub.add_parser("grid", help="a grid of one image per prompt (a prompts file, one per line)")
+    gr.add_argument("--prompts", required=True)
+    gr.add_argument("--model", default=None)
+    gr.add_argument("--steps", type=positive_int, default=None)
+    gr.add_argument("--guidance", type=nonneg_float, default=None)
+    gr.add_argument("--seed", type=nonneg_int, default=0)
+    gr.add_argument("--cols", type=positive_int, default=8)
+    gr.add_argument("-o", "--output", required=True)
+
+    bn = sub.add_parser("bench", help="compare settings side by side: speed (and quality with --quality)")
+    bn.add_argument("--setting", action="append", required=True, type=str,
+                    help="NAME=model:teacher,steps:50,guidance:4[,minilm:false]; repeat for each setting")
+    bn.add_argument("--baseline", default=None, help="setting the ratios are against (default: the first)")
+    bn.add_argument("--reps", type=positive_int, default=5)
+    bn.add_argument("--prompt", default="grinning face, twemoji style")
+    bn.add_argument("--quality", action="store_true", help="also score each setting on the prompt set")
+    bn.add_argument("--data", default=None)
+    bn.add_argument("--prompts", default=None)
+    bn.add_argument("--out", required=True, help="results path stem; plots go next to it")
     return p
 
 
@@ -108,6 +152,12 @@ def cmd_generate(a) -> int:
 def cmd_data(a) -> int:
     from .data.build import build_corpus
 
+    if a.data_cmd == "prompts":
+        from .eval.run import write_prompt_set
+        n = write_prompt_set(Path(a.data), Path(a.out))
+        print(f"{n} prompts -> {a.out}")
+        return 0
+
     meta = build_corpus(Path(a.out), size=a.size, seed=a.seed, cache=a.cache, n_scenes=a.scenes)
     print(f"{meta['n_images']} images ({meta['n_train']} train, {meta['n_heldout']} held out), "
           f"{meta['n_concepts']} concepts -> {a.out}")
@@ -123,10 +173,49 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_grid(a) -> int:
+    from .runtime.output import output_paths, save_png
+    from .runtime.pipeline import Pipeline
+    from .train.grid import image_grid
+
+    path = Path(a.prompts)
+    if not path.exists():
+        raise FlowflashError(f"prompts file not found: {path}")
+    prompts = [l.strip() for l in path.read_text().splitlines() if l.strip()]
+    if not prompts:
+        raise FlowflashError(f"prompts file is empty: {path}")
+    out = output_paths(a.output, 1)[0]
+    pipe = Pipeline.load(a.model)
+    t0 = time.perf_counter()
+    images = pipe.generate_seeded(prompts, [a.seed] * len(prompts), steps=a.steps, guidance=a.guidance)
+    pp = pipe.last_params
+    save_png(image_grid(images, a.cols), out, f"{len(prompts)} prompts from {path}\nSteps: {pp['steps']}, "
+             f"CFG scale: {pp['guidance']:g}, Seed: {a.seed}, Model hash: {pipe.hash}, Model: {pipe.name}")
+    print(out)
+    print(f"{len(prompts)} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+def cmd_judge(a) -> int:
+    from .eval import tasks
+    return tasks.judge(a)
+
+
+def cmd_eval(a) -> int:
+    from .eval import tasks
+    return tasks.evaluate(a)
+
+
+def cmd_bench(a) -> int:
+    from .eval import tasks
+    return tasks.bench(a)
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train}[a.cmd](a)
+        return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train, "judge": cmd_judge,
+                "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid}[a.cmd](a)
     except FlowflashError as e:
         print(f"flowflash: error: {e}", file=sys.stderr)
         return 2

@@ -79,23 +79,28 @@ class Pipeline:
             return torch.tensor(cfg.schedule, dtype=torch.float64)
         return timesteps(steps or cfg.default_steps, cfg.shift)
 
-    @torch.no_grad()
     def generate(self, prompt: str | list[str], steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, num_images: int = 1, size: int | None = None, progress=None) -> list[Image.Image]:
-        """One image per (prompt, k); image k of a prompt uses seed + k, independent of batching."""
+        """num_images per prompt; image k of each prompt uses seed + k, independent of batching."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not isinstance(num_images, int) or num_images < 1:
+            raise FlowflashError(f"num_images must be a positive integer, got {num_images!r}")
+        if size is not None and size != self.model.cfg.image_size:
+            raise FlowflashError(f"this model makes {self.model.cfg.image_size}px images only, not {size}px")
+        return self.generate_seeded([p for p in prompts for _ in range(num_images)],
+                                    [seed + k for _ in prompts for k in range(num_images)], steps, guidance, progress)
+
+    @torch.no_grad()
+    def generate_seeded(self, prompts: list[str], seeds: list[int], steps: int | None = None,
+                        guidance: float | None = None, progress=None) -> list[Image.Image]:
+        """One image per (prompt, seed) pair; the noise of an image depends on its seed only."""
         cfg = self.model.cfg
-        prompts = [validate_prompt(p) for p in ([prompt] if isinstance(prompt, str) else prompt)]
-        if steps is not None and (not isinstance(steps, int) or steps < 1):
+        prompts = [validate_prompt(p) for p in prompts]
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise FlowflashError(f"steps must be a positive integer, got {steps!r}")
         guidance = cfg.default_guidance if guidance is None else float(guidance)
-        if guidance < 0:
+        if not guidance >= 0:
             raise FlowflashError(f"guidance must be >= 0, got {guidance}")
-        if num_images < 1:
-            raise FlowflashError(f"num_images must be >= 1, got {num_images}")
-        if size is not None and size != cfg.image_size:
-            raise FlowflashError(f"this model makes {cfg.image_size}px images only, not {size}px")
-        prompts = [p for p in prompts for _ in range(num_images)]
-        seeds = [seed + k for _ in range(len(prompts) // num_images) for k in range(num_images)]
         b = len(prompts)
         t0 = time.perf_counter()
         ids = self.cond.light_ids(prompts)
@@ -117,10 +122,11 @@ class Pipeline:
 
         c, s = cfg.channels, cfg.image_size
         noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(sd)) for sd in seeds])
-        x = sample(velocity, noise, self.schedule(steps), callback=progress)
+        ts = self.schedule(steps)
+        x = sample(velocity, noise, ts, callback=progress)
         t2 = time.perf_counter()
         arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
         images = [Image.fromarray(a) for a in arr]
         self.timings = Timings(t1 - t0, t2 - t1, time.perf_counter() - t2)
-        self.last_params = dict(steps=len(self.schedule(steps)) - 1, guidance=guidance, seeds=seeds, size=s)
+        self.last_params = dict(steps=len(ts) - 1, guidance=guidance, seeds=list(seeds), size=s)
         return images

@@ -1,0 +1,106 @@
+"""`flowflash bench`: several settings in one run, interleaved repetitions, medians and ratios."""
+from __future__ import annotations
+
+import resource
+import statistics
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..errors import FlowflashError
+from .run import Setting
+
+KEYS = {"model", "steps", "guidance", "minilm"}
+
+
+def parse_setting(spec: str) -> Setting:
+    """'NAME=model:teacher,steps:4,guidance:1' (also '=' inside: 'steps=4')."""
+    if "=" not in spec.split(",")[0] and ":" not in spec:
+        raise FlowflashError(f"setting {spec!r} must look like NAME=model:teacher,steps:4,guidance:1")
+    name, _, rest = spec.partition("=")
+    kw: dict = {}
+    for part in filter(None, rest.split(",")):
+        k, sep, v = part.replace("=", ":", 1).partition(":")
+        if not sep or k not in KEYS:
+            raise FlowflashError(f"setting {name!r}: unknown option {k!r} (known: {', '.join(sorted(KEYS))})")
+        try:
+            kw[k] = {"steps": int, "guidance": float, "minilm": lambda s: s.lower() in ("1", "true", "yes", "on"),
+                     "model": str}[k](v)
+        except ValueError:
+            raise FlowflashError(f"setting {name!r}: bad value for {k}: {v!r}") from None
+    if not name:
+        raise FlowflashError(f"setting {spec!r} has no name")
+    return Setting(name=name, **kw)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: int = 1, batch: int = 1) -> dict:
+    """Median per-phase seconds per image for each setting, repetitions interleaved across settings so that
+    machine noise hits all of them alike."""
+    from ..runtime.pipeline import Pipeline
+
+    pipes = {}
+    for s in settings:
+        key = (s.model, s.minilm)
+        if key not in pipes:
+            pipes[key] = Pipeline.load(s.model, use_minilm=s.minilm)
+    runs: dict[str, list] = {s.name: [] for s in settings}
+    total = (warmup + reps) * len(settings)
+    with tqdm(total=total, desc="bench", leave=False) as bar:
+        for r in range(warmup + reps):
+            for s in settings:
+                pipe = pipes[(s.model, s.minilm)]
+                t0 = time.perf_counter()
+                pipe.generate_seeded([prompt] * batch, list(range(batch)), steps=s.steps, guidance=s.guidance)
+                wall = time.perf_counter() - t0
+                if r >= warmup:
+                    t = pipe.timings
+                    runs[s.name].append((t.text_s / batch, t.denoise_s / batch, t.decode_s / batch, wall / batch,
+                                         pipe.last_params["steps"], pipe.last_params["guidance"]))
+                bar.update(1)
+    out = {}
+    for s in settings:
+        rows = runs[s.name]
+        med = lambda i: statistics.median(r[i] for r in rows)
+        out[s.name] = {"text_s": med(0), "denoise_s": med(1), "decode_s": med(2), "sec_per_image": med(3),
+                       "steps": rows[0][4], "guidance": rows[0][5], "reps": reps, "model": s.model,
+                       "minilm": s.minilm}
+    return out
+
+
+def plot_bench(rows: list[dict], baseline: str, out_dir: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = [r["setting"] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(rows)), 3.5))
+    ax.bar(names, [r["sec_per_image"] for r in rows], color="tab:blue")
+    ax.set_ylabel("seconds / image (median)")
+    ax.set_title(f"latency (2 CPU cores); speed-up vs {baseline} on top")
+    for i, r in enumerate(rows):
+        ax.text(i, r["sec_per_image"], f"{r.get('speedup', 1):.1f}x", ha="center", va="bottom", fontsize=8)
+    plt.xticks(rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(out_dir / "latency.png", dpi=100)
+    plt.close(fig)
+    q = [r for r in rows if "fd_effnetl0" in r]
+    if q:
+        fig, axs = plt.subplots(1, 2, figsize=(9, 3.5))
+        for model in dict.fromkeys(r["model"] for r in q):
+            pts = sorted((r["steps"], r["fd_effnetl0"], r["clip_score"]) for r in q if r["model"] == model)
+            axs[0].plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=model)
+            axs[1].plot([p[0] for p in pts], [p[2] for p in pts], "o-", label=model)
+        for a, yl in zip(axs, ["FD-EffNetL0 (lower is better)", "CLIP-score analogue (higher is better)"]):
+            a.set_xscale("log")
+            a.set_xlabel("sampling steps")
+            a.set_ylabel(yl)
+            a.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "quality_vs_steps.png", dpi=100)
+        plt.close(fig)

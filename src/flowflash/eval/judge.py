@@ -1,0 +1,134 @@
+"""The evaluation instruments bundled: frozen EfficientNet-Lite0 features, the image-text scorer, the
+crop classifier and the pixel checks. Built once from the training split (`flowflash eval build-judge`)."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from ..data.build import SCENE_OBJECTS
+from ..data.dataset import load_corpus
+from ..errors import FlowflashError
+from ..models.text import MiniLMEncoder
+from . import compose
+from .effnet import effnet_features, load_effnet
+from .metrics import r_precision
+from .scorer import Scorer, train_scorer
+
+JUDGE_DIR = Path(__file__).resolve().parent.parent / "weights" / "judge"
+
+
+def encode_texts(enc: MiniLMEncoder, texts: list[str], batch: int = 256) -> torch.Tensor:
+    return torch.cat([enc(texts[i: i + batch])[1] for i in range(0, len(texts), batch)])
+
+
+def crop_dataset(images: np.ndarray, rows: list[dict], classes: list[str]) -> tuple[list[np.ndarray], list[int]]:
+    """Object crops with known labels: halves of pair scenes, whole single-object scenes, white singles."""
+    crops, labels = [], []
+    for img, r in zip(images, rows):
+        if r["kind"] in ("scene_pair_lr", "scene_pair_tb"):
+            for crop, c in zip(compose.halves(img, "lr" if r["kind"] == "scene_pair_lr" else "tb"), r["concepts"]):
+                crops.append(crop), labels.append(classes.index(c))
+        elif (r["kind"] == "scene_one" or r["kind"] == "single") and r["concepts"][0] in classes:
+            crops.append(img), labels.append(classes.index(r["concepts"][0]))
+    return crops, labels
+
+
+def build_judge(data: Path, out: Path = JUDGE_DIR, seed: int = 0, max_crops: int = 2500) -> dict:
+    corpus = load_corpus(Path(data), "train")
+    effnet, enc = load_effnet(), MiniLMEncoder(max_tokens=32)
+    feats = effnet_features(effnet, corpus.images)
+    caps = sorted(set(corpus.captions))
+    cap_id = torch.tensor([caps.index(c) for c in corpus.captions])
+    txt = encode_texts(enc, caps)
+    scorer = train_scorer(feats, txt[cap_id], cap_id, seed=seed)
+    classes = [o for o in SCENE_OBJECTS if any(o in r["concepts"] for r in corpus.rows)]
+    arr = corpus.images.permute(0, 2, 3, 1).numpy()
+    crops, labels = crop_dataset(arr, corpus.rows, classes)
+    keep = torch.randperm(len(crops), generator=torch.Generator().manual_seed(seed))[:max_crops].tolist()
+    crops, labels = [crops[i] for i in keep], [labels[i] for i in keep]
+    cfeats = effnet_features(effnet, torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
+    clf = train_classifier_from(cfeats, torch.tensor(labels), classes, seed)
+    info = {"data": str(data), "n_train_images": len(corpus), "n_captions": len(caps), "n_crops": len(crops),
+            "classes": classes, "seed": seed}
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.half().contiguous() for k, v in scorer.state_dict().items()}, out / "scorer.safetensors")
+    save_file({k: v.half().contiguous() for k, v in clf.state_dict().items()}, out / "classifier.safetensors")
+    (out / "judge.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def train_classifier_from(feats, labels, classes, seed):
+    return compose.train_classifier(feats, labels, classes, seed=seed)
+
+
+@dataclass
+class Judge:
+    effnet: torch.nn.Module
+    scorer: Scorer
+    classifier: compose.CropClassifier
+    minilm: MiniLMEncoder
+
+    @classmethod
+    def load(cls, folder: Path = JUDGE_DIR) -> "Judge":
+        folder = Path(folder)
+        if not (folder / "judge.json").exists():
+            raise FlowflashError(f"no evaluation judge at {folder}; build it with: flowflash eval build-judge --data DIR")
+        info = json.loads((folder / "judge.json").read_text())
+        scorer = Scorer()
+        scorer.load_state_dict({k: v.float() for k, v in load_file(folder / "scorer.safetensors").items()})
+        clf = compose.CropClassifier(info["classes"])
+        clf.load_state_dict({k: v.float() for k, v in load_file(folder / "classifier.safetensors").items()})
+        return cls(load_effnet(), scorer.eval(), clf.eval(), MiniLMEncoder(max_tokens=32))
+
+    def features(self, images_u8: torch.Tensor) -> torch.Tensor:
+        return effnet_features(self.effnet, images_u8)
+
+    @torch.no_grad()
+    def alignment(self, feats: torch.Tensor, captions: list[str], pool: list[str], k: int = 10) -> dict:
+        """CLIP-score analogue (100 x mean cosine, floored at 0) and R-precision among k captions from `pool`."""
+        img = self.scorer.embed_images(feats)
+        pool = list(dict.fromkeys(pool))
+        txt = self.scorer.embed_texts(encode_texts(self.minilm, pool))
+        idx = torch.tensor([pool.index(c) for c in captions])
+        cos = (img * txt[idx]).sum(-1)
+        return {"clip_score": float(100 * cos.clamp(min=0).mean()), "r_precision": r_precision(img, txt, idx, k=k),
+                "r_precision_k": k}
+
+    @torch.no_grad()
+    def compositional(self, images_u8: torch.Tensor, rows: list[dict]) -> dict:
+        """Per-check accuracy on scene prompts, and their mean ('compositional accuracy')."""
+        arr = images_u8.permute(0, 2, 3, 1).numpy()
+        checks: dict[str, list[bool]] = {"background": [], "count": [], "position": [], "object": []}
+        crops, crop_rows = [], []
+        for img, r in zip(arr, rows):
+            if not r["kind"].startswith("scene"):
+                continue
+            checks["background"].append(compose.background_name(img) == r["background"])
+            if r["kind"] == "scene_count":
+                checks["count"].append(compose.count_objects(img) == r["count"])
+            elif r["kind"] in ("scene_pair_lr", "scene_pair_tb"):
+                hs = compose.halves(img, "lr" if r["kind"] == "scene_pair_lr" else "tb")
+                crops += hs
+                crop_rows.append(("position", r["concepts"]))
+            elif r["kind"] == "scene_one":
+                crops.append(img)
+                crop_rows.append(("object", r["concepts"]))
+        if crops:
+            pred = self.classifier(self.features(torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))).argmax(-1)
+            names = [self.classifier.classes[int(i)] for i in pred]
+            j = 0
+            for check, concepts in crop_rows:
+                n = len(concepts)
+                checks[check].append(names[j: j + n] == concepts)
+                j += n
+        out = {f"{k}_acc": (float(np.mean(v)) if v else None) for k, v in checks.items()}
+        out.update({f"{k}_n": len(v) for k, v in checks.items()})
+        vals = [v for k, v in out.items() if k.endswith("_acc") and v is not None]
+        out["compositional_acc"] = float(np.mean(vals)) if vals else None
+        return out

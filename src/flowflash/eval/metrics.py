@@ -1,0 +1,67 @@
+"""Pure metric functions on feature tensors: Fréchet distance, KID, bootstrap, R-precision."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import linalg
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussian fits of two feature sets."""
+    a, b = a.double().numpy(), b.double().numpy()
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+    if not np.isfinite(covmean).all():  # near-singular covariances: regularise, as the reference FID code does
+        off = np.eye(s1.shape[0]) * 1e-6
+        covmean = linalg.sqrtm((s1 + off) @ (s2 + off))
+    covmean = covmean.real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def kid(a: torch.Tensor, b: torch.Tensor, subsets: int = 20, subset_size: int = 100, seed: int = 0) -> tuple[float, float]:
+    """Kernel Inception Distance analogue (unbiased MMD^2, cubic polynomial kernel): mean and std over subsets."""
+    a, b = a.double(), b.double()
+    d = a.shape[1]
+    m = min(subset_size, len(a), len(b))
+    g = torch.Generator().manual_seed(seed)
+    vals = []
+    for _ in range(subsets):
+        x = a[torch.randperm(len(a), generator=g)[:m]]
+        y = b[torch.randperm(len(b), generator=g)[:m]]
+        k = lambda p, q: (p @ q.T / d + 1) ** 3
+        kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+        mmd = ((kxx.sum() - kxx.diag().sum()) / (m * (m - 1)) + (kyy.sum() - kyy.diag().sum()) / (m * (m - 1))
+               - 2 * kxy.mean())
+        vals.append(float(mmd))
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def bootstrap_fd(a: torch.Tensor, b: torch.Tensor, n: int = 20, seed: int = 0) -> tuple[float, float]:
+    """90% basic-bootstrap interval of FD, resampling both sets with replacement.
+
+    Resampled sets hold duplicates, which biases FD upward; the basic interval (2 FD - q95, 2 FD - q5)
+    reflects the resampling distribution around the estimate and so corrects for that bias.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vals = [frechet_distance(a[torch.randint(len(a), (len(a),), generator=g)],
+                             b[torch.randint(len(b), (len(b),), generator=g)]) for _ in range(n)]
+    fd = frechet_distance(a, b)
+    return float(2 * fd - np.percentile(vals, 95)), float(2 * fd - np.percentile(vals, 5))
+
+
+def r_precision(img_emb: torch.Tensor, txt_emb: torch.Tensor, true_idx: torch.Tensor, k: int = 10,
+                seed: int = 0) -> float:
+    """Share of images whose own caption scores highest among itself and k-1 random other captions.
+
+    img_emb (N, D) and txt_emb (M, D) are unit vectors; true_idx (N,) indexes each image's caption.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hits = 0
+    for i in range(len(img_emb)):
+        others = torch.randperm(len(txt_emb), generator=g)
+        others = others[others != true_idx[i]][: k - 1]
+        cand = torch.cat([true_idx[i: i + 1], others])
+        s = txt_emb[cand] @ img_emb[i]
+        hits += int(s.argmax() == 0)
+    return hits / len(img_emb)

@@ -1,0 +1,94 @@
+"""Metric code on tiny inputs: each metric must move the way it claims to."""
+import numpy as np
+import pytest
+import torch
+
+from flowflash.eval import compose
+from flowflash.eval.bench import parse_setting
+from flowflash.eval.metrics import bootstrap_fd, frechet_distance, kid, r_precision
+from flowflash.eval.scorer import clip_loss, train_scorer
+from flowflash.errors import FlowflashError
+
+
+def feats(n=400, d=16, seed=0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_fd_self_is_zero_and_grows_with_noise():
+    a = feats()
+    assert abs(frechet_distance(a, a)) < 1e-6
+    g = torch.Generator().manual_seed(1)
+    fds = [frechet_distance(a, a + s * torch.randn(a.shape, generator=g, dtype=torch.float64)) for s in (0.1, 0.5, 1.0)]
+    assert fds[0] < fds[1] < fds[2]
+    assert frechet_distance(a, a + 3.0) == pytest.approx(9.0 * a.shape[1], rel=1e-6)  # pure mean shift
+
+
+def test_kid_and_bootstrap():
+    a, b = feats(seed=0), feats(seed=1)
+    same, _ = kid(a, b)
+    far, _ = kid(a, b + 1.0)
+    assert abs(same) < far
+    lo, hi = bootstrap_fd(a, b + 0.5, n=10)
+    assert lo <= frechet_distance(a, b + 0.5) <= hi and lo < hi
+
+
+def test_r_precision_real_beats_shuffled():
+    g = torch.Generator().manual_seed(0)
+    txt = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=-1)
+    img = torch.nn.functional.normalize(txt + 0.3 * torch.randn(50, 8, generator=g), dim=-1)
+    idx = torch.arange(50)
+    real = r_precision(img, txt, idx, k=10)
+    shuffled = r_precision(img, txt, idx[torch.randperm(50, generator=g)], k=10)
+    assert real > 0.8 and shuffled < 0.4
+
+
+def test_scorer_learns_pairs():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(40, 12, generator=g)
+    proj = torch.randn(12, 20, generator=g)
+    i = t @ proj + 0.1 * torch.randn(40, 20, generator=g)
+    m = train_scorer(i, t, torch.arange(40), steps=200, batch=40)
+    sims = m.embed_images(i) @ m.embed_texts(t).T
+    assert (sims.argmax(1) == torch.arange(40)).float().mean() > 0.9
+    # duplicate captions are not negatives of each other
+    e = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
+    l_dup = clip_loss(e, e[[0, 0, 2, 3]], torch.tensor(0.0), torch.tensor([0, 0, 2, 3]))
+    assert torch.isfinite(l_dup)
+
+
+def draw(bg, blobs, size=64):
+    img = np.zeros((size, size, 3), np.uint8)
+    img[:] = bg
+    for (y, x, r, col) in blobs:
+        yy, xx = np.ogrid[:size, :size]
+        img[(yy - y) ** 2 + (xx - x) ** 2 <= r * r] = col
+    return img
+
+
+def test_compositional_pixel_checks():
+    from flowflash.data.build import COLORS
+    img = draw(COLORS["blue"], [(32, 12, 6, (250, 250, 0)), (32, 32, 6, (250, 0, 0)), (32, 52, 6, (0, 200, 0))])
+    assert compose.background_name(img) == "blue"
+    assert compose.count_objects(img) == 3
+    assert compose.count_objects(draw(COLORS["pink"], [(20, 20, 8, (0, 0, 0))])) == 1
+    left, right = compose.halves(img, "lr")
+    assert left.shape == img.shape and (left[32, 12 + 16] == (250, 250, 0)).all()  # left half, centred
+    top, bottom = compose.halves(draw(COLORS["red"], [(10, 32, 5, (0, 0, 0))]), "tb")
+    assert (top == 0).all(-1).any() and not (bottom == 0).all(-1).any()
+
+
+def test_setting_parser_errors():
+    s = parse_setting("t4=model:teacher,steps:4,guidance:1")
+    assert (s.name, s.model, s.steps, s.guidance) == ("t4", "teacher", 4, 1.0)
+    with pytest.raises(FlowflashError, match="unknown option 'stepz'"):
+        parse_setting("t4=stepz:4")
+    with pytest.raises(FlowflashError, match="bad value for steps"):
+        parse_setting("t4=steps:four")
+
+
+def test_effnet_architecture_matches_packaged_weights():
+    from flowflash.eval.effnet import effnet_features, load_effnet
+    m = load_effnet()  # strict load: every tensor name and shape of the lukemelas layout must match
+    x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
+    f = effnet_features(m, x, size=64)
+    assert f.shape == (2, 1280) and torch.isfinite(f).all()
