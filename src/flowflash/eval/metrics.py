@@ -38,16 +38,17 @@ def kid(a: torch.Tensor, b: torch.Tensor, subsets: int = 20, subset_size: int = 
 
 
 def bootstrap_fd(a: torch.Tensor, b: torch.Tensor, n: int = 20, seed: int = 0) -> tuple[float, float]:
-    """90% basic-bootstrap interval of FD, resampling both sets with replacement.
+    """90% bias-corrected bootstrap interval of FD, resampling both sets with replacement.
 
-    Resampled sets hold duplicates, which biases FD upward; the basic interval (2 FD - q95, 2 FD - q5)
-    reflects the resampling distribution around the estimate and so corrects for that bias.
+    Resampled sets hold duplicates, which biases resampled FDs upward; the percentiles are shifted
+    by that mean bias so the interval describes the spread around the estimate itself.
     """
     g = torch.Generator().manual_seed(seed)
     vals = [frechet_distance(a[torch.randint(len(a), (len(a),), generator=g)],
                              b[torch.randint(len(b), (len(b),), generator=g)]) for _ in range(n)]
     fd = frechet_distance(a, b)
-    return float(2 * fd - np.percentile(vals, 95)), float(2 * fd - np.percentile(vals, 5))
+    bias = float(np.mean(vals)) - fd
+    return float(np.percentile(vals, 5)) - bias, float(np.percentile(vals, 95)) - bias
 
 
 def r_precision(img_emb: torch.Tensor, txt_emb: torch.Tensor, true_idx: torch.Tensor, k: int = 10,
