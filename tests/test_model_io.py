@@ -59,3 +59,18 @@ def test_forward_shape():
     x = torch.randn(2, 3, 16, 16)
     out = m(x, torch.rand(2), torch.randn(2, 16, 384), torch.randn(2, 768))
     assert out.shape == x.shape
+
+
+def test_x_prediction_is_converted_to_velocity():
+    torch.manual_seed(0)
+    m = FlowModel(tiny_model_config(prediction="x"))
+    x, t = torch.randn(3, 3, 16, 16), torch.tensor([1.0, 0.5, 0.01])
+    ctx, pooled = torch.randn(3, 16, 384), torch.randn(3, 768)
+    raw = m.transformer(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled,
+                        timestep=t * 1000, return_dict=False)[0]
+    v = m(x, t, ctx, pooled)
+    assert torch.allclose(v[0], x[0] - raw[0], atol=1e-5)  # t = 1: v = eps - x0
+    assert torch.allclose(v[1], (x[1] - raw[1]) / 0.5, atol=1e-5)
+    assert torch.allclose(v[2], (x[2] - raw[2]) / 0.05, atol=1e-4)  # t clamped at t_min
+    with pytest.raises(FlowflashError, match="prediction must be"):
+        FlowModel(tiny_model_config(prediction="eps"))

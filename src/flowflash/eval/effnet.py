@@ -97,8 +97,11 @@ def load_effnet() -> EfficientNetLite0:
 @torch.no_grad()
 def effnet_features(model: EfficientNetLite0, images_u8: torch.Tensor, size: int = 128, batch: int = 64) -> torch.Tensor:
     """(N, 3, H, W) uint8 -> (N, 1280) float64 features."""
+    from tqdm import tqdm
+
     out = []
-    for i in range(0, len(images_u8), batch):
+    for i in tqdm(range(0, len(images_u8), batch), desc="EffNet-L0 features", leave=False,
+                  disable=len(images_u8) <= 4 * batch):
         x = images_u8[i: i + batch].float() / 255
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         out.append(model.features((x - MEAN) / STD).double())

@@ -38,6 +38,11 @@ class ModelConfig:
     default_steps: int = 50
     default_guidance: float = 4.0
     schedule: list[float] | None = None  # a distilled student's fixed timesteps (1 -> 0)
+    # What the transformer outputs: "v" (velocity, SD3) or "x" (the clean image, converted to velocity).
+    # x-prediction suits pixel space with large patches (192 values per token here): a clean image is
+    # low-dimensional, noise is not (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
+    prediction: str = "v"
+    t_min: float = 0.05  # x-prediction divides by t; clamp it so the last steps stay well-conditioned
     name: str = "model"
     kind: str = "teacher"
 
@@ -65,17 +70,20 @@ class FlowModel(nn.Module):
         super().__init__()
         from diffusers import SD3Transformer2DModel
 
+        if cfg.prediction not in ("v", "x"):
+            raise FlowflashError(f"prediction must be 'v' or 'x', got {cfg.prediction!r}")
         if cfg.light_dim != MiniLMEncoder.dim:
             raise FlowflashError(f"light_dim must equal MiniLM's width {MiniLMEncoder.dim}, got {cfg.light_dim}")
         self.cfg = cfg
         self.transformer = SD3Transformer2DModel(**cfg.transformer_kwargs())
         self.light = LightEncoder(len(cfg.vocab) + 2, cfg.light_dim, cfg.light_max_tokens, cfg.light_layers)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
-                return_features: bool = False):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         out = self.transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                               timestep=t * 1000, return_dict=False)
-        return out[0]
+                               timestep=t * 1000, return_dict=False)[0]
+        if self.cfg.prediction == "x":  # x_t = (1 - t) x0 + t eps  =>  v = (x_t - x0) / t
+            return (x - out) / t.clamp(min=self.cfg.t_min).view(-1, *([1] * (x.dim() - 1)))
+        return out
 
 
 def state_dict_hash(path: Path) -> str:

