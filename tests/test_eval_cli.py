@@ -39,6 +39,7 @@ def test_bench_unknown_setting_and_model(tmp_path, capsys, tiny_model_dir):
 def test_bench_runs_tiny_settings_side_by_side(tmp_path, capsys, tiny_model_dir):
     m = str(tiny_model_dir)
     code = main(["bench", "--setting", f"four=model:{m},steps:4,guidance:3", "--setting", f"one=model:{m},steps:1,guidance:1",
+                 "--setting", f"bf=model:{m},steps:1,guidance:1,precision:bf16", "--memory",
                  "--reps", "2", "--prompt", "a red apple", "--out", str(tmp_path / "bench")])
     assert code == 0
     res = json.loads((tmp_path / "bench.json").read_text())
@@ -46,3 +47,4 @@ def test_bench_runs_tiny_settings_side_by_side(tmp_path, capsys, tiny_model_dir)
     assert rows["four"]["speedup"] == 1.0 and rows["one"]["steps"] == 1 and rows["four"]["steps"] == 4
     assert rows["one"]["speedup"] > 1.5  # 1 step without CFG is several times cheaper than 4 with
     assert (tmp_path / "bench.md").exists() and (tmp_path / "latency.png").exists()
+    assert rows["bf"]["precision"] == "bf16" and all(r["peak_rss_mb"] > 50 for r in rows.values())

@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=positive_int, default=None, help="image size in px (the model's only)")
     g.add_argument("--model", default=None, help="shipped model name (teacher) or a model folder")
     g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (MiniLM)")
+    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer compute dtype")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
 
     d = sub.add_parser("data", help="corpus tools")
@@ -113,11 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="compare settings side by side: speed (and quality with --quality)")
     bn.add_argument("--setting", action="append", required=True, type=str,
-                    help="NAME=model:teacher,steps:50,guidance:4[,minilm:false]; repeat for each setting")
+                    help="NAME=model:teacher,steps:50,guidance:4[,minilm:false][,precision:bf16]; repeat per setting")
     bn.add_argument("--baseline", default=None, help="setting the ratios are against (default: the first)")
     bn.add_argument("--reps", type=positive_int, default=5)
     bn.add_argument("--prompt", default="grinning face, twemoji style")
     bn.add_argument("--quality", action="store_true", help="also score each setting on the prompt set")
+    bn.add_argument("--memory", action="store_true", help="also measure each setting's peak RSS in a fresh process")
     bn.add_argument("--data", default=None)
     bn.add_argument("--prompts", default=None)
     bn.add_argument("--out", required=True, help="results path stem; plots go next to it")
@@ -131,7 +133,7 @@ def cmd_generate(a) -> int:
     prompt = validate_prompt(a.prompt)
     paths = output_paths(a.output, a.num_images)
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.model, use_minilm=not a.no_minilm)
+    pipe = Pipeline.load(a.model, use_minilm=not a.no_minilm, precision=a.precision)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         images = pipe.generate(prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,

@@ -11,7 +11,7 @@ from tqdm import tqdm
 from ..errors import FlowflashError
 from .run import Setting
 
-KEYS = {"model", "steps", "guidance", "minilm"}
+KEYS = {"model", "steps", "guidance", "minilm", "precision"}
 
 
 def parse_setting(spec: str) -> Setting:
@@ -26,11 +26,13 @@ def parse_setting(spec: str) -> Setting:
             raise FlowflashError(f"setting {name!r}: unknown option {k!r} (known: {', '.join(sorted(KEYS))})")
         try:
             kw[k] = {"steps": int, "guidance": float, "minilm": lambda s: s.lower() in ("1", "true", "yes", "on"),
-                     "model": str}[k](v)
+                     "model": str, "precision": str}[k](v)
         except ValueError:
             raise FlowflashError(f"setting {name!r}: bad value for {k}: {v!r}") from None
     if not name:
         raise FlowflashError(f"setting {spec!r} has no name")
+    if kw.get("precision", "fp32") not in ("fp32", "bf16"):
+        raise FlowflashError(f"setting {name!r}: precision must be fp32 or bf16, got {kw['precision']!r}")
     return Setting(name=name, **kw)
 
 
@@ -45,15 +47,15 @@ def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: i
 
     pipes = {}
     for s in settings:
-        key = (s.model, s.minilm)
+        key = (s.model, s.minilm, s.precision)
         if key not in pipes:
-            pipes[key] = Pipeline.load(s.model, use_minilm=s.minilm)
+            pipes[key] = Pipeline.load(s.model, use_minilm=s.minilm, precision=s.precision)
     runs: dict[str, list] = {s.name: [] for s in settings}
     total = (warmup + reps) * len(settings)
     with tqdm(total=total, desc="bench", leave=False) as bar:
         for r in range(warmup + reps):
             for s in settings:
-                pipe = pipes[(s.model, s.minilm)]
+                pipe = pipes[(s.model, s.minilm, s.precision)]
                 t0 = time.perf_counter()
                 pipe.generate_seeded([prompt] * batch, list(range(batch)), steps=s.steps, guidance=s.guidance)
                 wall = time.perf_counter() - t0
@@ -68,8 +70,27 @@ def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: i
         med = lambda i: statistics.median(r[i] for r in rows)
         out[s.name] = {"text_s": med(0), "denoise_s": med(1), "decode_s": med(2), "sec_per_image": med(3),
                        "steps": rows[0][4], "guidance": rows[0][5], "reps": reps, "model": s.model,
-                       "minilm": s.minilm}
+                       "minilm": s.minilm, "precision": s.precision}
     return out
+
+
+def peak_rss_of(setting: Setting, prompt: str) -> float:
+    """Peak RSS (MB) of a fresh process that loads the setting and makes one image: per-setting memory,
+    which one shared bench process cannot tell apart."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json,resource,sys;from flowflash.runtime.pipeline import Pipeline;"
+            "a=json.loads(sys.argv[1]);p=Pipeline.load(a['model'],use_minilm=a['minilm'],precision=a['precision']);"
+            "p.generate(a['prompt'],steps=a['steps'],guidance=a['guidance']);"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+    arg = json.dumps({"model": setting.model, "minilm": setting.minilm, "precision": setting.precision,
+                      "prompt": prompt, "steps": setting.steps, "guidance": setting.guidance})
+    proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise FlowflashError(f"memory probe for {setting.name!r} failed: {proc.stderr.strip().splitlines()[-1]}")
+    return float(proc.stdout.strip().splitlines()[-1])
 
 
 def plot_bench(rows: list[dict], baseline: str, out_dir: Path):

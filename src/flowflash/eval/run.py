@@ -84,13 +84,14 @@ class Setting:
     steps: int | None = None
     guidance: float | None = None
     minilm: bool = True
+    precision: str = "fp32"
 
 
 def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64, pipe=None) -> tuple[torch.Tensor, dict]:
     """One image per prompt, prompt i with seed + i. Returns uint8 images and summed phase timings."""
     from ..runtime.pipeline import Pipeline
 
-    pipe = pipe or Pipeline.load(setting.model, use_minilm=setting.minilm)
+    pipe = pipe or Pipeline.load(setting.model, use_minilm=setting.minilm, precision=setting.precision)
     out, tim = [], {"text_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
     caps = ps.captions
     for i in tqdm(range(0, len(caps), batch), desc=f"generate {setting.name}", leave=False):
@@ -132,7 +133,8 @@ def write_results(results: dict, out: Path):
 
 COLUMNS = [("fd_effnetl0", "FD-EffNetL0 ↓", "{:.1f}"), ("kid_effnetl0", "KID ↓", "{:.4f}"),
            ("clip_score", "CLIP-score analogue ↑", "{:.1f}"), ("r_precision", "R-prec@10 ↑", "{:.3f}"),
-           ("compositional_acc", "compositional ↑", "{:.3f}"), ("sec_per_image", "s/image ↓", "{:.3f}")]
+           ("compositional_acc", "compositional ↑", "{:.3f}"), ("sec_per_image", "s/image ↓", "{:.3f}"),
+           ("speedup", "speed-up", "{:.1f}x"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
 
 
 def markdown_table(rows: list[dict], baseline: str | None = None) -> str:

@@ -91,7 +91,7 @@ def evaluate(a) -> int:
 
 
 def bench(a) -> int:
-    from .bench import parse_setting, peak_rss_mb, plot_bench, time_settings
+    from .bench import parse_setting, peak_rss_mb, peak_rss_of, plot_bench, time_settings
 
     settings = [parse_setting(s) for s in a.setting]
     names = [s.name for s in settings]
@@ -107,6 +107,9 @@ def bench(a) -> int:
         resolve_model(s.model)  # fail on an unknown model before any work
     speed = time_settings(settings, a.prompt, reps=a.reps)
     rows = [{"setting": n, **speed[n]} for n in names]
+    if a.memory:
+        for s, r in zip(settings, rows):
+            r["peak_rss_mb"] = peak_rss_of(s, a.prompt)
     base = speed[baseline]["sec_per_image"]
     for r in rows:
         r["speedup"] = base / r["sec_per_image"]
@@ -122,7 +125,7 @@ def bench(a) -> int:
             feats[s.name] = q.pop("_feats")
             r.update({k: v for k, v in q.items() if k not in ("sec_per_image", "text_s", "denoise_s", "decode_s")})
     out = Path(a.out)
-    results = {"baseline": baseline, "peak_rss_mb": peak_rss_mb(), "reps": a.reps, "prompt": a.prompt, "rows": rows}
+    results = {"baseline": baseline, "bench_process_peak_rss_mb": peak_rss_mb(), "reps": a.reps, "prompt": a.prompt, "rows": rows}
     write_results(results, out)
     plot_bench(rows, baseline, out.parent)
     print(markdown_table(rows, baseline))

@@ -16,6 +16,7 @@ from ..sampling import cfg_velocity, sample, timesteps
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ALIASES = {"teacher": "emoji-teacher"}
 DEFAULT_MODEL = "teacher"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def resolve_model(name_or_path: str | Path | None) -> Path:
@@ -56,9 +57,13 @@ class Pipeline:
     timings: Timings = field(default_factory=Timings)
 
     @classmethod
-    def load(cls, name_or_path: str | Path | None = None, use_minilm: bool = True) -> "Pipeline":
+    def load(cls, name_or_path: str | Path | None = None, use_minilm: bool = True,
+             precision: str = "fp32") -> "Pipeline":
+        """precision: the transformer's compute dtype, fp32 or bf16 (the text encoders stay fp32)."""
+        if precision not in PRECISIONS:
+            raise FlowflashError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
         path = resolve_model(name_or_path)
-        model = load_model(path)
+        model = load_model(path, PRECISIONS[precision])
         pipe = cls(model, path, use_minilm)
         pipe.cond = make_conditioner(model, with_minilm=use_minilm)
         return pipe
@@ -106,12 +111,14 @@ class Pipeline:
         ids = self.cond.light_ids(prompts)
         mh, mp = self.cond.encode_minilm(prompts)
         on = torch.ones(b, dtype=torch.bool)
+        dtype = next(self.model.transformer.parameters()).dtype
         ctx, pooled = self.cond.combine(ids, mh, mp, on, on & self.use_minilm)
         use_cfg = guidance != 1.0
         if use_cfg:
             off = torch.zeros(b, dtype=torch.bool)
             uctx, upooled = self.cond.combine(ids, mh, mp, off, off)
             ctx, pooled = torch.cat([ctx, uctx]), torch.cat([pooled, upooled])
+        ctx, pooled = ctx.to(dtype), pooled.to(dtype)
         t1 = time.perf_counter()
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -121,11 +128,11 @@ class Pipeline:
             return cfg_velocity(vc, vu, guidance)
 
         c, s = cfg.channels, cfg.image_size
-        noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(sd)) for sd in seeds])
+        noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(sd)) for sd in seeds]).to(dtype)
         ts = self.schedule(steps)
         x = sample(velocity, noise, ts, callback=progress)
         t2 = time.perf_counter()
-        arr = to_uint8(x).permute(0, 2, 3, 1).numpy()
+        arr = to_uint8(x.float()).permute(0, 2, 3, 1).numpy()
         images = [Image.fromarray(a) for a in arr]
         self.timings = Timings(t1 - t0, t2 - t1, time.perf_counter() - t2)
         self.last_params = dict(steps=len(ts) - 1, guidance=guidance, seeds=list(seeds), size=s)
