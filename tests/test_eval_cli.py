@@ -48,3 +48,33 @@ def test_bench_runs_tiny_settings_side_by_side(tmp_path, capsys, tiny_model_dir)
     assert rows["one"]["speedup"] > 1.5  # 1 step without CFG is several times cheaper than 4 with
     assert (tmp_path / "bench.md").exists() and (tmp_path / "latency.png").exists()
     assert rows["bf"]["precision"] == "bf16" and all(r["peak_rss_mb"] > 50 for r in rows.values())
+
+
+def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The whole instrument chain on the tiny corpus: build the judge, validate it on real held-out
+    images, then score a tiny model through `flowflash eval`."""
+    from flowflash.eval import judge as judge_mod
+    from flowflash.eval.run import write_prompt_set
+
+    monkeypatch.setenv("FLOWFLASH_JUDGE_DIR", str(tmp_path / "judge"))
+    info = judge_mod.build_judge(tiny_corpus, tmp_path / "judge", max_crops=50)
+    assert set(info["classes"]) <= {"red-apple", "dog-face", "banana", "frog", "grinning-face"}
+    n = write_prompt_set(tiny_corpus, tmp_path / "p.jsonl")
+    assert n > 0
+    code = main(["judge", "validate", "--data", str(tiny_corpus), "--prompts", str(tmp_path / "p.jsonl"),
+                 "--out", str(tmp_path / "valid")])
+    assert code == 0
+    v = json.loads((tmp_path / "valid.json").read_text())["rows"][0]
+    assert v["background_acc"] == 1.0 and v["n_images"] == n
+    code = main(["eval", "--model", str(tiny_model_dir), "--steps", "2", "--data", str(tiny_corpus),
+                 "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "ev"), "--save-images", str(tmp_path / "imgs")])
+    assert code == 0
+    res = json.loads((tmp_path / "ev.json").read_text())
+    row = res["rows"][0]
+    assert res["prompt_set"] == "p" and len(res["prompt_set_sha"]) == 10
+    assert row["n_images"] == n and row["fd_effnetl0"] > 0 and 0 <= row["r_precision"] <= 1
+    # the same images read back from a folder score identically (up to PNG round trip, which is lossless)
+    code = main(["eval", "--images", str(tmp_path / "imgs"), "--data", str(tiny_corpus),
+                 "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "ev2")])
+    row2 = json.loads((tmp_path / "ev2.json").read_text())["rows"][0]
+    assert code == 0 and abs(row2["fd_effnetl0"] - row["fd_effnetl0"]) < 1e-6

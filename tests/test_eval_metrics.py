@@ -92,3 +92,11 @@ def test_effnet_architecture_matches_packaged_weights():
     x = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     f = effnet_features(m, x, size=64)
     assert f.shape == (2, 1280) and torch.isfinite(f).all()
+
+
+def test_fd_matches_the_matrix_square_root_formula():
+    from scipy import linalg
+    a, b = feats(60, 8, 0).numpy(), (feats(50, 8, 1) * 1.5 + 0.2).numpy()
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, rel=1e-8)

@@ -3,6 +3,7 @@ crop classifier and the pixel checks. Built once from the training split (`flowf
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,8 +76,9 @@ class Judge:
     minilm: MiniLMEncoder
 
     @classmethod
-    def load(cls, folder: Path = JUDGE_DIR) -> "Judge":
-        folder = Path(folder)
+    def load(cls, folder: Path | None = None) -> "Judge":
+        """The shipped judge, or FLOWFLASH_JUDGE_DIR, or `folder`."""
+        folder = Path(folder or os.environ.get("FLOWFLASH_JUDGE_DIR") or JUDGE_DIR)
         if not (folder / "judge.json").exists():
             raise FlowflashError(f"no evaluation judge at {folder}; build it with: flowflash eval build-judge --data DIR")
         info = json.loads((folder / "judge.json").read_text())
