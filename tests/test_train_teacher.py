@@ -102,3 +102,13 @@ def test_torchrun_two_processes(tiny_corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads((tmp_path / "ddp/checkpoint/state.json").read_text())
     assert state["state"]["step"] == 4
+
+
+def test_init_from_a_model_folder_starts_from_its_weights(tiny_corpus, tmp_path):
+    from flowflash.models.flow_model import load_model
+    train_teacher(cfg(tiny_corpus, tmp_path / "first", steps=2))
+    shipped = tmp_path / "first" / "ema_model"
+    c = cfg(tiny_corpus, tmp_path / "second", steps=1, lr=0.0, init_from=str(shipped))
+    train_teacher(c)  # lr 0: weights must stay exactly the shipped ones
+    a, b = load_model(shipped).state_dict(), load_model(tmp_path / "second" / "ema_model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -138,8 +138,9 @@ def cmd_generate(a) -> int:
         warnings.simplefilter("always")
         images = pipe.generate(prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,
                                num_images=a.num_images, size=a.size)
-    for msg in dict.fromkeys(str(w.message) for w in caught if "truncated" in str(w.message)):
-        print(f"warning: {msg}", file=sys.stderr)
+    cut = [str(w.message) for w in caught if "truncated" in str(w.message)]
+    if cut:  # one line, however many encoders cut it
+        print(f"warning: {'; '.join(dict.fromkeys(cut))}", file=sys.stderr)
     pp = pipe.last_params
     for img, path, seed in zip(images, paths, pp["seeds"]):
         save_png(img, path, parameters_text(prompt, pp["steps"], pp["guidance"], seed, pp["size"], pipe.name, pipe.hash))

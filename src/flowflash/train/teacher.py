@@ -41,6 +41,9 @@ class TeacherConfig:
     p_drop_light: float = 0.15  # independent encoder dropout (SD3), so either can be nulled at inference
     p_drop_minilm: float = 0.15
     seed: int = 0
+    # Continue from a shipped model folder (fp16 weights, fresh optimizer): how a new session extends
+    # training when only the committed weights survived. Its config and vocabulary are kept.
+    init_from: str | None = None
     log_every: int = 10
     sample_every: int = 250
     ckpt_every: int = 100
@@ -93,8 +96,13 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(Path(cfg.data), "train")
-    mcfg = ModelConfig.from_dict({**cfg.model, "vocab": WordTokenizer.build(corpus.captions).vocab})
-    model = FlowModel(mcfg)
+    if cfg.init_from and not resume:
+        from ..models.flow_model import load_model
+        model = load_model(Path(cfg.init_from)).requires_grad_(True).train()
+        mcfg = model.cfg
+    else:
+        mcfg = ModelConfig.from_dict({**cfg.model, "vocab": WordTokenizer.build(corpus.captions).vocab})
+        model = FlowModel(mcfg)
     tok = WordTokenizer(mcfg.vocab)
     cond = TextConditioner(tok, model.light, None, mcfg.minilm_max_tokens)
     light_ids = cond.light_ids(corpus.captions)
