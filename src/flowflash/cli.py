@@ -103,6 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--save-images", default=None, help="also write the generated images to this folder")
     e.add_argument("--out", required=True, help="results path stem: writes OUT.json and OUT.md")
 
+    ds = sub.add_parser("distill", help="distil the teacher into a few-step student (work in progress: issue 4)")
+    ds.add_argument("--method", required=True, help="flash, dmd2, tg or naive")
+    ds.add_argument("--config", default=None, help="YAML of DistillConfig fields")
+    ds.add_argument("--resume", action="store_true")
+    ds.add_argument("--max-steps", type=positive_int, default=None)
+
+    mg = sub.add_parser("merge", help="interpolate two model folders: RATIO * A + (1 - RATIO) * B")
+    mg.add_argument("a")
+    mg.add_argument("b")
+    mg.add_argument("--ratio", type=nonneg_float, required=True)
+    mg.add_argument("-o", "--output", required=True)
+
     gr = sub.add_parser("grid", help="a grid of one image per prompt (a prompts file, one per line)")
     gr.add_argument("--prompts", required=True)
     gr.add_argument("--model", default=None)
@@ -199,6 +211,31 @@ def cmd_grid(a) -> int:
     return 0
 
 
+def cmd_distill(a) -> int:
+    from .distill.base import DistillConfig
+    from .distill.trainer import distill
+    from .train.common import load_config
+
+    print(distill(load_config(DistillConfig, a.config, {"method": a.method}), resume=a.resume, max_steps=a.max_steps))
+    return 0
+
+
+def cmd_merge(a) -> int:
+    from .distill.merge import interpolate
+    from .models.flow_model import FlowModel, load_model, save_model
+
+    ma, mb = load_model(Path(a.a)), load_model(Path(a.b))
+    if ma.cfg != mb.cfg and (ma.cfg.transformer_kwargs() != mb.cfg.transformer_kwargs() or ma.cfg.vocab != mb.cfg.vocab):
+        raise FlowflashError(f"{a.a} and {a.b} are different architectures; only branches of one model merge")
+    if a.ratio > 1:
+        raise FlowflashError(f"--ratio must lie in [0, 1], got {a.ratio}")
+    out = FlowModel(ma.cfg)
+    out.load_state_dict(interpolate(ma.state_dict(), mb.state_dict(), a.ratio))
+    save_model(out, Path(a.output))
+    print(a.output)
+    return 0
+
+
 def cmd_judge(a) -> int:
     from .eval import tasks
     return tasks.judge(a)
@@ -218,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train, "judge": cmd_judge,
-                "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid}[a.cmd](a)
+                "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid,
+                "distill": cmd_distill, "merge": cmd_merge}[a.cmd](a)
     except FlowflashError as e:
         print(f"flowflash: error: {e}", file=sys.stderr)
         return 2

@@ -221,8 +221,14 @@ class TextConditioner(nn.Module):
 
     def combine(self, light_ids: torch.Tensor, mini_h: torch.Tensor, mini_p: torch.Tensor,
                 use_light: torch.Tensor, use_minilm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lh, lp = self.light(light_ids)
-        ul, um = use_light.to(lh.dtype), use_minilm.to(lh.dtype)
-        lh, lp = lh * ul[:, None, None], lp * ul[:, None]
-        mh, mp = mini_h.to(lh.dtype) * um[:, None, None], mini_p.to(lh.dtype) * um[:, None]
-        return torch.cat([lh, mh], 1), torch.cat([lp, mp], 1)
+        return combine(self.light, light_ids, mini_h, mini_p, use_light, use_minilm)
+
+
+def combine(light: LightEncoder, light_ids: torch.Tensor, mini_h: torch.Tensor, mini_p: torch.Tensor,
+            use_light: torch.Tensor, use_minilm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context, pooled) for the transformer; a False in use_* nulls that encoder for that sample."""
+    lh, lp = light(light_ids)
+    ul, um = use_light.to(lh.dtype), use_minilm.to(lh.dtype)
+    lh, lp = lh * ul[:, None, None], lp * ul[:, None]
+    mh, mp = mini_h.to(lh.dtype) * um[:, None, None], mini_p.to(lh.dtype) * um[:, None]
+    return torch.cat([lh, mh], 1), torch.cat([lp, mp], 1)

@@ -66,6 +66,15 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
+def sync_grads(module: torch.nn.Module):
+    """Average gradients across ranks (what DDP does), for methods that step several modules."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for p in module.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= dist.get_world_size()
+
+
 def barrier(d: Dist):
     if d.world > 1:
         dist.barrier()
@@ -75,12 +84,13 @@ def barrier(d: Dist):
 class EMA:
     """Exponential moving average of parameters, with warm-up so short runs are not dominated by init."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup = decay, warmup
         self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
 
     def rate(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        # without warm-up the average stays anchored to where training started (split-timestep branches)
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int):

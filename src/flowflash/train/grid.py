@@ -15,7 +15,8 @@ def image_grid(images: list[Image.Image], cols: int) -> Image.Image:
     return grid
 
 
-def sample_grid(model_dir: Path, prompts: list[str], path: Path, steps: int = 28, guidance: float = 4.0, seed: int = 0):
+def sample_grid(model_dir: Path, prompts: list[str], path: Path, steps: int | None = 28, guidance: float | None = 4.0,
+                seed: int = 0):
     from ..runtime.pipeline import Pipeline
 
     pipe = Pipeline.load(model_dir)

@@ -1,0 +1,48 @@
+"""Distillation losses as pure functions of tensors (no modules, no optimizers).
+
+Flow convention (SD3): x_t = (1 - t) x0 + t eps, v = eps - x0, x0 = x_t - t v.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _bc(t: Tensor, x: Tensor) -> Tensor:
+    return t.view(-1, *([1] * (x.dim() - 1)))
+
+
+def x0_from_v(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
+    return x_t - _bc(t, x_t) * v
+
+
+def flow_matching(v_pred: Tensor, v_target: Tensor) -> Tensor:
+    """The critic's loss: regress the velocity of the (student's) samples."""
+    return F.mse_loss(v_pred, v_target)
+
+
+def trajectory_regression(student_x: Tensor, teacher_x: Tensor) -> Tensor:
+    """Trajectory guidance: the student's state after one of its steps vs the teacher's ODE state."""
+    return F.mse_loss(student_x, teacher_x)
+
+
+def dmd_direction(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-6) -> Tensor:
+    """DMD2's normalised update direction (fake - real), scaled per sample by mean |x0 - x0_real|."""
+    dims = tuple(range(1, x0_student.dim()))
+    norm = (x0_student - x0_real).abs().mean(dim=dims, keepdim=True).clamp(min=eps)
+    return (x0_fake - x0_real) / norm
+
+
+def distribution_matching(x: Tensor, direction: Tensor) -> Tensor:
+    """Surrogate whose gradient wrt x is `direction` / numel: 0.5 ||x - sg(x - direction)||^2."""
+    return 0.5 * F.mse_loss(x, (x - direction).detach(), reduction="sum") / x.numel()
+
+
+def gan_generator(logits_fake: Tensor) -> Tensor:
+    """Non-saturating generator loss."""
+    return F.softplus(-logits_fake).mean()
+
+
+def gan_discriminator(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
+    return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()

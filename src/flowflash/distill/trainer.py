@@ -1,0 +1,111 @@
+"""The one distillation trainer: data, EMA, checkpoints, logging, samples and DDP, for every method."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data.dataset import load_corpus, to_unit
+from ..errors import FlowflashError
+from ..models.flow_model import FlowModel, load_model, save_model
+from ..models.text import TextConditioner, WordTokenizer
+from ..runtime.pipeline import resolve_model
+from ..train.common import EMA, all_reduce_mean, barrier, check_finite, init_dist, load_checkpoint, save_checkpoint
+from ..train.grid import sample_grid
+from ..train.teacher import minilm_cache
+from . import METHODS
+from .base import Batch, DistillConfig
+
+
+def student_config(teacher: FlowModel, method, cfg: DistillConfig, name: str):
+    guidance = teacher.cfg.default_guidance if cfg.method == "naive" else 1.0  # students are CFG-free
+    return dataclasses.replace(teacher.cfg, kind="student", schedule=method.schedule, name=name,
+                               default_steps=len(method.schedule) - 1, default_guidance=guidance)
+
+
+def export_student(weights: FlowModel | EMA, teacher: FlowModel, method, cfg: DistillConfig, folder: Path):
+    snap = FlowModel(student_config(teacher, method, cfg, Path(cfg.out).name))
+    if isinstance(weights, EMA):
+        weights.copy_to(snap)
+    else:
+        snap.load_state_dict(weights.state_dict())
+    save_model(snap, folder)
+
+
+def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+    if cfg.method not in METHODS:
+        raise FlowflashError(f"unknown method {cfg.method!r}; known: {', '.join(METHODS)}")
+    d = init_dist()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    teacher = load_model(resolve_model(cfg.teacher))
+    student = None
+    if cfg.init_student:
+        student = load_model(Path(cfg.init_student))
+        if student.cfg.vocab != teacher.cfg.vocab or student.cfg.transformer_kwargs() != teacher.cfg.transformer_kwargs():
+            raise FlowflashError(f"init_student {cfg.init_student} does not match the teacher's architecture/vocabulary")
+    method = METHODS[cfg.method](cfg, teacher, student)
+    if cfg.method == "naive":
+        if d.main:
+            export_student(teacher, teacher, method, cfg, out / "student")
+        return out / "student"
+
+    corpus = load_corpus(Path(cfg.data), "train")
+    if corpus.images.shape[-1] != teacher.cfg.image_size:
+        raise FlowflashError(f"corpus images are {corpus.images.shape[-1]}px but the teacher makes "
+                             f"{teacher.cfg.image_size}px: teacher and data do not match")
+    cond = TextConditioner(WordTokenizer(teacher.cfg.vocab), teacher.light, None, teacher.cfg.minilm_max_tokens)
+    ids = cond.light_ids(corpus.captions)
+    if d.main:
+        mini_h, mini_p = minilm_cache(corpus.captions, out, teacher.cfg.minilm_max_tokens)
+    barrier(d)
+    if not d.main:
+        mini_h, mini_p = minilm_cache(corpus.captions, out, teacher.cfg.minilm_max_tokens)
+
+    ema = EMA(method.student, cfg.ema, warmup=cfg.split is None)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
+    method.gen.manual_seed(cfg.seed * 1000 + 17 + d.rank)
+    ckpt = out / "checkpoint"
+    modules = method.modules()
+    gens = {"data": gen, "method": method.gen}
+    step = 0
+    if resume:
+        step = load_checkpoint(ckpt, modules, method.optimizers, {"student": ema}, gens)["step"]
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    local_b = cfg.batch_size // d.world
+    end = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"distill {cfg.method}", dynamic_ncols=True)
+    log = open(out / "log.jsonl", "a") if d.main else None
+    c, s = teacher.cfg.channels, teacher.cfg.image_size
+    while step < end:
+        idx = torch.randint(len(corpus), (local_b,), generator=gen)
+        batch = Batch(ids[idx], mini_h[idx], mini_p[idx], torch.randn(local_b, c, s, s, generator=gen),
+                      to_unit(corpus.images[idx]))
+        losses = method.train_step(batch, step)
+        check_finite(losses, step, ckpt)
+        ema.update(method.student, step)
+        step += 1
+        vals = {k: all_reduce_mean(v, d).item() for k, v in losses.items()}
+        if d.main:
+            bar.set_postfix({k: f"{v:.4f}" for k, v in vals.items()})
+            bar.update(1)
+            if step % cfg.log_every == 0:
+                log.write(json.dumps({"step": step, **vals, "time": time.time()}) + "\n")
+                log.flush()
+        if step % cfg.ckpt_every == 0 or step == end:
+            if d.main:
+                save_checkpoint(ckpt, modules, method.optimizers, {"student": ema}, gens, {"step": step})
+            barrier(d)
+        if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
+            export_student(ema, teacher, method, cfg, out / "student")
+            sample_grid(out / "student", ["grinning face, twemoji style", "red apple, fluent flat style"],
+                        out / f"samples/step{step:06d}.png", steps=None, guidance=None)
+    bar.close()
+    if d.main:
+        export_student(ema, teacher, method, cfg, out / "student")
+    return out / "student"
