@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from flowflash.errors import FlowflashError
-from flowflash.models.flow_model import FlowModel, load_model, save_model
+from flowflash.models.flow_model import FlowModel, load_model
 from tests.conftest import tiny_model_config
 
 

@@ -225,7 +225,7 @@ def cmd_merge(a) -> int:
     from .models.flow_model import FlowModel, load_model, save_model
 
     ma, mb = load_model(Path(a.a)), load_model(Path(a.b))
-    if ma.cfg != mb.cfg and (ma.cfg.transformer_kwargs() != mb.cfg.transformer_kwargs() or ma.cfg.vocab != mb.cfg.vocab):
+    if ma.cfg.transformer_kwargs() != mb.cfg.transformer_kwargs() or ma.cfg.vocab != mb.cfg.vocab:
         raise FlowflashError(f"{a.a} and {a.b} are different architectures; only branches of one model merge")
     if a.ratio > 1:
         raise FlowflashError(f"--ratio must lie in [0, 1], got {a.ratio}")

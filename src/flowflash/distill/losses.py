@@ -4,7 +4,6 @@ Flow convention (SD3): x_t = (1 - t) x0 + t eps, v = eps - x0, x0 = x_t - t v.
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 

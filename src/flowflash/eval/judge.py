@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from ..data.build import SCENE_OBJECTS
 from ..data.dataset import load_corpus
@@ -54,7 +53,7 @@ def build_judge(data: Path, out: Path = JUDGE_DIR, seed: int = 0, max_crops: int
     keep = torch.randperm(len(crops), generator=torch.Generator().manual_seed(seed))[:max_crops].tolist()
     crops, labels = [crops[i] for i in keep], [labels[i] for i in keep]
     cfeats = effnet_features(effnet, torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2))
-    clf = train_classifier_from(cfeats, torch.tensor(labels), classes, seed)
+    clf = compose.train_classifier(cfeats, torch.tensor(labels), classes, seed=seed)
     info = {"data": str(data), "n_train_images": len(corpus), "n_captions": len(caps), "n_crops": len(crops),
             "classes": classes, "seed": seed}
     out.mkdir(parents=True, exist_ok=True)
@@ -62,10 +61,6 @@ def build_judge(data: Path, out: Path = JUDGE_DIR, seed: int = 0, max_crops: int
     save_file({k: v.half().contiguous() for k, v in clf.state_dict().items()}, out / "classifier.safetensors")
     (out / "judge.json").write_text(json.dumps(info, indent=1))
     return info
-
-
-def train_classifier_from(feats, labels, classes, seed):
-    return compose.train_classifier(feats, labels, classes, seed=seed)
 
 
 @dataclass

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,8 +95,6 @@ def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64
     caps = ps.captions
     for i in tqdm(range(0, len(caps), batch), desc=f"generate {setting.name}", leave=False):
         chunk = caps[i: i + batch]
-        imgs = []
-        # the pipeline seeds per image; to give prompt i seed + i we call it per seed-aligned batch
         imgs = pipe.generate_seeded(chunk, [seed + i + j for j in range(len(chunk))], steps=setting.steps,
                                     guidance=setting.guidance)
         for k in tim:

@@ -6,15 +6,9 @@ are frozen pretrained networks that nobody here trained; only the two projection
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
-
-from ..errors import FlowflashError
 
 
 class Scorer(nn.Module):
@@ -54,18 +48,3 @@ def train_scorer(img_feats: torch.Tensor, txt_feats: torch.Tensor, caption_ids: 
         loss.backward()
         opt.step()
     return model.eval().requires_grad_(False)
-
-
-def save_scorer(model: Scorer, folder: Path, info: dict):
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()}, folder / "scorer.safetensors")
-    (folder / "scorer.json").write_text(json.dumps(info, indent=1))
-
-
-def load_scorer(folder: Path) -> Scorer:
-    path = Path(folder) / "scorer.safetensors"
-    if not path.exists():
-        raise FlowflashError(f"no scorer at {path}; train one with: flowflash eval train-scorer")
-    m = Scorer()
-    m.load_state_dict({k: v.float() for k, v in load_file(path).items()})
-    return m.eval().requires_grad_(False)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -100,17 +101,14 @@ def save_model(model: FlowModel, folder: Path, dtype: torch.dtype = torch.float1
 
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     save_file(sd, tmp / "model.safetensors", metadata={"format": FORMAT})
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **dataclasses.asdict(model.cfg)}, indent=1))
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
     if folder.exists():
-        for p in folder.iterdir():
-            if p.name not in {q.name for q in tmp.iterdir()}:
-                (tmp / p.name).write_bytes(p.read_bytes()) if p.is_file() else None
-        import shutil
         shutil.rmtree(folder)
     tmp.rename(folder)
 
