@@ -112,3 +112,33 @@ def test_init_from_a_model_folder_starts_from_its_weights(tiny_corpus, tmp_path)
     train_teacher(c)  # lr 0: weights must stay exactly the shipped ones
     a, b = load_model(shipped).state_dict(), load_model(tmp_path / "second" / "ema_model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ship_writes_a_loadable_model_with_a_card(tiny_corpus, tmp_path, capsys):
+    from flowflash.cli import main
+    from flowflash.models.flow_model import load_model
+    train_teacher(cfg(tiny_corpus, tmp_path / "run", steps=2))
+    code = main(["train", "ship", "--run", str(tmp_path / "run"), "--to", str(tmp_path / "shipped"),
+                 "--command", "flowflash train teacher --config x.yaml"])
+    assert code == 0
+    card = (tmp_path / "shipped" / "README.md").read_text()
+    assert "2 steps at batch 4" in card and "CPU-hours" in card and "flowflash train teacher --config x.yaml" in card
+    assert (tmp_path / "shipped" / "ATTRIBUTION.md").exists() and load_model(tmp_path / "shipped").cfg.name == "tiny"
+
+
+def test_sigterm_finishes_the_step_checkpoints_and_exports(tiny_corpus, tmp_path, monkeypatch):
+    import signal
+    import flowflash.train.teacher as teacher
+    real, calls = teacher.flow_matching_loss, []
+
+    def and_then_sigterm(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGTERM)  # arrives mid-step
+        return real(*a)
+    monkeypatch.setattr(teacher, "flow_matching_loss", and_then_sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    train_teacher(cfg(tiny_corpus, tmp_path / "t", steps=10, ckpt_every=100))
+    state = json.loads((tmp_path / "t/checkpoint/state.json").read_text())
+    assert state["state"]["step"] == 2 and (tmp_path / "t/ema_model/model.safetensors").exists()
+    assert signal.getsignal(signal.SIGTERM) == before

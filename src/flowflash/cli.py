@@ -78,6 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", required=True)
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     tt.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in this run")
+    te = tsub.add_parser("ship", help="copy a run's EMA model into a model folder with its model card")
+    te.add_argument("--run", required=True)
+    te.add_argument("--to", required=True)
+    te.add_argument("--command", required=True, help="the command that reproduces the run (goes in the card)")
+    te.add_argument("--metrics", default=None, help="a markdown file of measured metrics for the card")
     dp = dsub.add_parser("prompts", help="write the held-out split of a corpus as an evaluation prompt set")
     dp.add_argument("--data", required=True)
     dp.add_argument("--out", required=True)
@@ -180,6 +185,11 @@ def cmd_data(a) -> int:
 
 
 def cmd_train(a) -> int:
+    if a.train_cmd == "ship":
+        from .train.card import ship
+        metrics = Path(a.metrics).read_text() if a.metrics else ""
+        print(ship(Path(a.run), Path(a.to), a.command, metrics))
+        return 0
     from .train.common import load_config
     from .train.teacher import TeacherConfig, train_teacher
 

@@ -14,7 +14,8 @@ from ..errors import FlowflashError
 from ..models.flow_model import FlowModel, load_model, save_model
 from ..models.text import TextConditioner, WordTokenizer
 from ..runtime.pipeline import resolve_model
-from ..train.common import EMA, all_reduce_mean, barrier, check_finite, init_dist, load_checkpoint, save_checkpoint
+from ..train.common import (EMA, GracefulStop, all_reduce_mean, barrier, check_finite, init_dist, load_checkpoint,
+                            save_checkpoint)
 from ..train.grid import sample_grid
 from ..train.teacher import minilm_cache
 from . import METHODS
@@ -82,29 +83,30 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"distill {cfg.method}", dynamic_ncols=True)
     log = open(out / "log.jsonl", "a") if d.main else None
     c, s = teacher.cfg.channels, teacher.cfg.image_size
-    while step < end:
-        idx = torch.randint(len(corpus), (local_b,), generator=gen)
-        batch = Batch(ids[idx], mini_h[idx], mini_p[idx], torch.randn(local_b, c, s, s, generator=gen),
-                      to_unit(corpus.images[idx]))
-        losses = method.train_step(batch, step)
-        check_finite(losses, step, ckpt)
-        ema.update(method.student, step)
-        step += 1
-        vals = {k: all_reduce_mean(v, d).item() for k, v in losses.items()}
-        if d.main:
-            bar.set_postfix({k: f"{v:.4f}" for k, v in vals.items()})
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                log.write(json.dumps({"step": step, **vals, "time": time.time()}) + "\n")
-                log.flush()
-        if step % cfg.ckpt_every == 0 or step == end:
+    with GracefulStop(d.world == 1) as stop:
+        while step < end and not stop.requested:
+            idx = torch.randint(len(corpus), (local_b,), generator=gen)
+            batch = Batch(ids[idx], mini_h[idx], mini_p[idx], torch.randn(local_b, c, s, s, generator=gen),
+                          to_unit(corpus.images[idx]))
+            losses = method.train_step(batch, step)
+            check_finite(losses, step, ckpt)
+            ema.update(method.student, step)
+            step += 1
+            vals = {k: all_reduce_mean(v, d).item() for k, v in losses.items()}
             if d.main:
-                save_checkpoint(ckpt, modules, method.optimizers, {"student": ema}, gens, {"step": step})
-            barrier(d)
-        if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            export_student(ema, teacher, method, cfg, out / "student")
-            sample_grid(out / "student", ["grinning face, twemoji style", "red apple, fluent flat style"],
-                        out / f"samples/step{step:06d}.png", steps=None, guidance=None)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in vals.items()})
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    log.write(json.dumps({"step": step, **vals, "time": time.time()}) + "\n")
+                    log.flush()
+            if step % cfg.ckpt_every == 0 or step == end or stop.requested:
+                if d.main:
+                    save_checkpoint(ckpt, modules, method.optimizers, {"student": ema}, gens, {"step": step})
+                barrier(d)
+            if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
+                export_student(ema, teacher, method, cfg, out / "student")
+                sample_grid(out / "student", ["grinning face, twemoji style", "red apple, fluent flat style"],
+                            out / f"samples/step{step:06d}.png", steps=None, guidance=None)
     bar.close()
     if d.main:
         export_student(ema, teacher, method, cfg, out / "student")

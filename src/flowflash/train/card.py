@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -31,11 +32,9 @@ def ship(run: Path, dest: Path, command: str, metrics_md: str = "", notes: str =
     hours, steps = cpu_hours(run)
     meta = json.loads((Path(cfg["data"]) / "meta.json").read_text()) if (Path(cfg["data"]) / "meta.json").exists() else {}
     mcfg = json.loads((src / "config.json").read_text())
-    n_params = None
     from safetensors import safe_open
     with safe_open(src / "model.safetensors", "pt") as f:
-        n_params = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
-                       else __import__("math").prod(f.get_slice(k).get_shape()) for k in f.keys())
+        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     card = f"""# {mcfg['name']} — model card
 
 A text-to-emoji rectified-flow model: diffusers `SD3Transformer2DModel` in pixel space

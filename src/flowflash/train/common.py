@@ -80,6 +80,34 @@ def barrier(d: Dist):
         dist.barrier()
 
 
+class GracefulStop:
+    """Ctrl-C / SIGTERM finish the current step, checkpoint and export, instead of dying mid-write.
+    Single-process only: under torchrun the ranks could stop at different steps, so there a kill
+    falls back to the last periodic checkpoint."""
+
+    def __init__(self, enabled: bool):
+        self.requested = False
+        self.enabled = enabled
+
+    def _handler(self, signum, frame):
+        if self.requested:  # a second Ctrl-C means now
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        import signal
+        if self.enabled:
+            self._old = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+        if self.enabled:
+            for s, h in self._old.items():
+                signal.signal(s, h)
+        return False
+
+
 # ---------------------------------------------------------------- EMA
 class EMA:
     """Exponential moving average of parameters, with warm-up so short runs are not dominated by init."""

@@ -17,7 +17,7 @@ from ..data.dataset import load_corpus, to_unit
 from ..models.flow_model import FlowModel, ModelConfig, save_model
 from ..models.text import MiniLMEncoder, TextConditioner, WordTokenizer
 from ..sampling import time_shift
-from .common import (EMA, all_reduce_mean, barrier, check_finite, init_dist, load_checkpoint,
+from .common import (EMA, GracefulStop, all_reduce_mean, barrier, check_finite, init_dist, load_checkpoint,
                      save_checkpoint)
 from .grid import sample_grid
 
@@ -129,40 +129,41 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc="teacher", dynamic_ncols=True)
     t0, seen = time.time(), 0
     log = open(out / "log.jsonl", "a") if d.main else None
-    while step < end:
-        idx = torch.randint(len(corpus), (local_b,), generator=gen)
-        x0 = to_unit(corpus.images[idx])
-        t = sample_t(local_b, cfg, mcfg.shift, gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        use_l, use_m = encoder_masks(local_b, cfg, gen)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
-        ctx, pooled = cond.combine(light_ids[idx], mini_h[idx], mini_p[idx], use_l, use_m)
-        loss = flow_matching_loss(ddp, x0, t, eps, ctx, pooled)
-        check_finite({"flow": loss}, step, ckpt)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        ema.update(model, step)
-        step += 1
-        seen += cfg.batch_size
-        lv = all_reduce_mean(loss.detach(), d).item()
-        if d.main:
-            rate = seen / (time.time() - t0)
-            bar.set_postfix(loss=f"{lv:.4f}", img_s=f"{rate:.1f}")
-            bar.update(1)
-            if step % cfg.log_every == 0:
-                log.write(json.dumps({"step": step, "loss": lv, "grad_norm": float(gnorm), "img_s": rate,
-                                      "time": time.time()}) + "\n")
-                log.flush()
-        if step % cfg.ckpt_every == 0 or step == end:
+    with GracefulStop(d.world == 1) as stop:
+        while step < end and not stop.requested:
+            idx = torch.randint(len(corpus), (local_b,), generator=gen)
+            x0 = to_unit(corpus.images[idx])
+            t = sample_t(local_b, cfg, mcfg.shift, gen)
+            eps = torch.randn(x0.shape, generator=gen)
+            use_l, use_m = encoder_masks(local_b, cfg, gen)
+            for g in opt.param_groups:
+                g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            ctx, pooled = cond.combine(light_ids[idx], mini_h[idx], mini_p[idx], use_l, use_m)
+            loss = flow_matching_loss(ddp, x0, t, eps, ctx, pooled)
+            check_finite({"flow": loss}, step, ckpt)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema.update(model, step)
+            step += 1
+            seen += cfg.batch_size
+            lv = all_reduce_mean(loss.detach(), d).item()
             if d.main:
-                save_checkpoint(ckpt, {"model": model}, {"model": opt}, {"model": ema}, {"data": gen}, {"step": step})
-            barrier(d)
-        if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
-            export(model, ema, out / "ema_model")
-            sample_grid(out / "ema_model", cfg.sample_prompts, out / f"samples/step{step:06d}.png")
+                rate = seen / (time.time() - t0)
+                bar.set_postfix(loss=f"{lv:.4f}", img_s=f"{rate:.1f}")
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    log.write(json.dumps({"step": step, "loss": lv, "grad_norm": float(gnorm), "img_s": rate,
+                                          "time": time.time()}) + "\n")
+                    log.flush()
+            if step % cfg.ckpt_every == 0 or step == end or stop.requested:
+                if d.main:
+                    save_checkpoint(ckpt, {"model": model}, {"model": opt}, {"model": ema}, {"data": gen}, {"step": step})
+                barrier(d)
+            if d.main and (step % cfg.sample_every == 0 or step == cfg.steps):
+                export(model, ema, out / "ema_model")
+                sample_grid(out / "ema_model", cfg.sample_prompts, out / f"samples/step{step:06d}.png")
     bar.close()
     if d.main:
         export(model, ema, out / "ema_model")
