@@ -9,6 +9,8 @@ from pathlib import Path
 
 from .errors import FlowflashError
 
+_START = time.perf_counter()  # the CLI's own start, so reported times include importing torch/diffusers
+
 
 def positive_int(s: str) -> int:
     try:
@@ -164,7 +166,9 @@ def cmd_generate(a) -> int:
     dt = time.perf_counter() - t0
     for path in paths:
         print(path)
-    print(f"{len(images)} image(s) in {dt:.2f} s ({pipe.name}, {pp['steps']} steps, CFG {pp['guidance']:g})",
+    print(f"{len(images)} image(s) in {dt:.2f} s, {time.perf_counter() - _START:.2f} s since start "
+          f"({pipe.name}, {pp['steps']} steps, CFG {pp['guidance']:g}, text {pipe.timings.text_s:.2f} s, "
+          f"denoise {pipe.timings.denoise_s:.2f} s)",
           file=sys.stderr)
     return 0
 
