@@ -19,7 +19,7 @@ def test_generate_writes_png_with_parameters(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "a.png"
     code, stdout, err = run(capsys, "generate", "a red apple", "--model", str(tiny_model_dir), "--steps", "3",
                             "--guidance", "2.5", "--seed", "7", "-o", str(out))
-    assert code == 0 and str(out) in stdout and " s (" in err
+    assert code == 0 and str(out) in stdout and "1 image(s) in " in err and "since start" in err
     im = Image.open(out)
     assert im.size == (16, 16)
     params = im.info["parameters"]
