@@ -141,3 +141,28 @@ def test_unknown_method_and_mismatched_data(teacher_dir, tmp_path, tiny_corpus):
     save_model(FlowModel(dataclasses.replace(big.cfg, image_size=32, patch_size=4)), bad)
     with pytest.raises(FlowflashError, match="teacher and data do not match"):
         distill(cfg(bad, tiny_corpus, tmp_path / "y", "tg"))
+
+
+def test_gradient_variance_sharing_vs_renoise(teacher_dir, tmp_path, tiny_corpus):
+    from flowflash.distill.diagnostics import compare_sharing, gradient_variance
+    # One trainable student step (split high of a 2-step schedule): with timestep sharing nothing is left
+    # to sample, so the draws agree exactly; re-noising draws fresh noise and times, so they do not.
+    m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus, split="high", adversarial=False)
+    b = tiny_batch(teacher)
+    s0 = snapshot(m.student)
+    res = compare_sharing(m, b, draws=4)
+    assert res["sharing"]["total_variance"] == 0.0 and res["sharing"]["mean_grad_sq_norm"] > 0
+    assert res["renoise"]["total_variance"] > 0
+    assert changed(s0, m.student) == set()  # measuring does not train
+    with pytest.raises(ValueError, match="at least 2"):
+        gradient_variance(m, b, draws=1)
+
+
+def test_measure_variance_from_a_config(teacher_dir, tmp_path, tiny_corpus):
+    from flowflash.distill.trainer import measure_variance
+    res = measure_variance(cfg(teacher_dir, tiny_corpus, tmp_path / "v", "flash", adversarial=False), draws=3,
+                           batch_size=2)
+    assert res["sharing"]["draws"] == 3 and res["renoise"]["total_variance"] > 0
+    assert res["ratio_renoise_over_sharing"] > 0
+    with pytest.raises(FlowflashError, match="no distribution-matching gradient"):
+        measure_variance(cfg(teacher_dir, tiny_corpus, tmp_path / "w", "tg"), draws=3)

@@ -142,3 +142,23 @@ def test_sigterm_finishes_the_step_checkpoints_and_exports(tiny_corpus, tmp_path
     state = json.loads((tmp_path / "t/checkpoint/state.json").read_text())
     assert state["state"]["step"] == 2 and (tmp_path / "t/ema_model/model.safetensors").exists()
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_lr_schedule_warmup_then_cosine_to_min():
+    from flowflash.train.teacher import learning_rate
+    c = TeacherConfig(lr=1e-3, warmup=10, steps=110, decay_start=10, min_lr=1e-4)
+    assert learning_rate(c, 0) == pytest.approx(1e-4)  # warmup: (0 + 1) / 10 of lr
+    assert learning_rate(c, 10) == pytest.approx(1e-3)
+    assert learning_rate(c, 60) == pytest.approx(0.5 * (1e-3 + 1e-4))
+    assert learning_rate(c, 110) == pytest.approx(1e-4)
+    assert learning_rate(TeacherConfig(lr=1e-3, warmup=10, steps=110), 100) == pytest.approx(1e-3)
+
+
+def test_p_single_draws_singles_at_the_asked_rate():
+    from flowflash.train.teacher import draw_rows
+    singles, scenes = torch.arange(0, 10), torch.arange(10, 100)
+    idx = draw_rows(4000, singles, scenes, 0.5, torch.Generator().manual_seed(0))
+    frac = (idx < 10).float().mean().item()
+    assert 0.46 < frac < 0.54
+    uniform = draw_rows(4000, singles, scenes, None, torch.Generator().manual_seed(0))
+    assert 0.07 < (uniform < 10).float().mean().item() < 0.13

@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--config", default=None, help="YAML of DistillConfig fields")
     ds.add_argument("--resume", action="store_true")
     ds.add_argument("--max-steps", type=positive_int, default=None)
+    ds.add_argument("--measure-variance", type=positive_int, default=None, metavar="DRAWS",
+                    help="do not train: draw the distribution-matching gradient DRAWS times on one fixed batch, "
+                         "with timestep sharing and with re-noising, and report their variance (JSON to stdout)")
+    ds.add_argument("--variance-batch", type=positive_int, default=8)
+    ds.add_argument("--from-checkpoint", action="store_true",
+                    help="with --measure-variance: the roles of the run's last checkpoint, not the initial ones")
 
     mg = sub.add_parser("merge", help="interpolate two model folders: RATIO * A + (1 - RATIO) * B")
     mg.add_argument("a")
@@ -230,7 +236,14 @@ def cmd_distill(a) -> int:
     from .distill.trainer import distill
     from .train.common import load_config
 
-    print(distill(load_config(DistillConfig, a.config, {"method": a.method}), resume=a.resume, max_steps=a.max_steps))
+    cfg = load_config(DistillConfig, a.config, {"method": a.method})
+    if a.measure_variance:
+        import json
+        from .distill.trainer import measure_variance
+        res = measure_variance(cfg, a.measure_variance, a.variance_batch, from_checkpoint=a.from_checkpoint)
+        print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
+        return 0
+    print(distill(cfg, resume=a.resume, max_steps=a.max_steps))
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,10 +38,25 @@ def export_student(weights: FlowModel | EMA, teacher: FlowModel, method, cfg: Di
     save_model(snap, folder)
 
 
-def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+@dataclass
+class Setup:
+    teacher: FlowModel
+    method: object
+    corpus: object
+    ids: torch.Tensor
+    mini_h: torch.Tensor
+    mini_p: torch.Tensor
+
+    def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Batch:
+        c, s = self.teacher.cfg.channels, self.teacher.cfg.image_size
+        return Batch(self.ids[idx], self.mini_h[idx], self.mini_p[idx],
+                     torch.randn(len(idx), c, s, s, generator=gen), to_unit(self.corpus.images[idx]))
+
+
+def setup(cfg: DistillConfig, d) -> Setup:
+    """Roles, method and the encoded training captions: what training and diagnostics both need."""
     if cfg.method not in METHODS:
         raise FlowflashError(f"unknown method {cfg.method!r}; known: {', '.join(METHODS)}")
-    d = init_dist()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -52,10 +68,7 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
             raise FlowflashError(f"init_student {cfg.init_student} does not match the teacher's architecture/vocabulary")
     method = METHODS[cfg.method](cfg, teacher, student)
     if cfg.method == "naive":
-        if d.main:
-            export_student(teacher, teacher, method, cfg, out / "student")
-        return out / "student"
-
+        return Setup(teacher, method, None, None, None, None)
     corpus = load_corpus(Path(cfg.data), "train")
     if corpus.images.shape[-1] != teacher.cfg.image_size:
         raise FlowflashError(f"corpus images are {corpus.images.shape[-1]}px but the teacher makes "
@@ -67,6 +80,41 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     barrier(d)
     if not d.main:
         mini_h, mini_p = minilm_cache(corpus.captions, out, teacher.cfg.minilm_max_tokens)
+    return Setup(teacher, method, corpus, ids, mini_h, mini_p)
+
+
+def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, seed: int = 0,
+                     from_checkpoint: bool = False) -> dict:
+    """Variance of the DM gradient on one fixed batch, timestep sharing vs re-noising, for the roles of
+    `cfg` (its student init and a critic from the teacher, or the run's last checkpoint)."""
+    from .diagnostics import compare_sharing
+    from .dmd import DistributionMatching
+
+    su = setup(cfg, init_dist())
+    if not isinstance(su.method, DistributionMatching):
+        raise FlowflashError(f"method {cfg.method!r} has no distribution-matching gradient; use flash or dmd2")
+    if from_checkpoint:
+        ema = EMA(su.method.student, cfg.ema)
+        load_checkpoint(Path(cfg.out) / "checkpoint", su.method.modules(), {}, {"student": ema}, {})
+    gen = torch.Generator().manual_seed(seed)
+    b = su.batch(torch.randint(len(su.corpus), (batch_size,), generator=gen), gen)
+    res = compare_sharing(su.method, b, draws, seed)
+    res["ratio_renoise_over_sharing"] = (res["renoise"]["relative_variance"]
+                                         / max(res["sharing"]["relative_variance"], 1e-30))
+    res.update(batch_size=batch_size, seed=seed, config=dataclasses.asdict(cfg))
+    return res
+
+
+def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+    d = init_dist()
+    out = Path(cfg.out)
+    su = setup(cfg, d)
+    teacher, method = su.teacher, su.method
+    if cfg.method == "naive":
+        if d.main:
+            export_student(teacher, teacher, method, cfg, out / "student")
+        return out / "student"
+    corpus = su.corpus
 
     ema = EMA(method.student, cfg.ema, warmup=cfg.split is None)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
@@ -82,12 +130,10 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     end = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"distill {cfg.method}", dynamic_ncols=True)
     log = open(out / "log.jsonl", "a") if d.main else None
-    c, s = teacher.cfg.channels, teacher.cfg.image_size
     with GracefulStop(d.world == 1) as stop:
         while step < end and not stop.requested:
             idx = torch.randint(len(corpus), (local_b,), generator=gen)
-            batch = Batch(ids[idx], mini_h[idx], mini_p[idx], torch.randn(local_b, c, s, s, generator=gen),
-                          to_unit(corpus.images[idx]))
+            batch = su.batch(idx, gen)
             losses = method.train_step(batch, step)
             check_finite(losses, step, ckpt)
             ema.update(method.student, step)

@@ -178,8 +178,8 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
         except (SafetensorError, OSError, ValueError) as e:
             raise FlowflashError(f"{w_path} is truncated or corrupt: {e}") from None
     try:
-        with torch.device("meta"):
-            model = FlowModel(cfg)
+        # Built once, for real: the model that validates the shapes is the one that takes the weights.
+        model = FlowModel(cfg)
     except Exception as e:  # diffusers raises assorted types for impossible shapes
         raise FlowflashError(f"{cfg_path} describes an impossible model: {e}") from None
     expected = model.state_dict()
@@ -192,9 +192,9 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
             f"{len(bad)} shape mismatches (e.g. {sorted(bad)[0]}: config {tuple(expected[sorted(bad)[0]].shape)}"
             f" vs weights {tuple(sd[sorted(bad)[0]].shape)})" if bad else "") if s)
         raise FlowflashError(f"config.json does not match the weights in {folder}: {detail}")
-    model = FlowModel(cfg)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()})
-    return model.to(dtype).eval().requires_grad_(False)
+    # assign: the model that validated the shapes takes the loaded tensors as they are, no second copy.
+    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    return model.eval().requires_grad_(False)
 
 
 def make_conditioner(model: FlowModel, with_minilm: bool = True) -> TextConditioner:

@@ -1,0 +1,57 @@
+"""Diagnostics of the distribution-matching gradient: how noisy is it, with and without timestep sharing.
+
+On one fixed batch (fixed captions, fixed starting noise, fixed student/critic/teacher weights), the
+student's DM gradient is drawn `draws` times; what changes between draws is only what the method itself
+samples: the student step i, and for re-noising also the matching time t and the fresh noise. The
+spread of those draws around their mean is the variance the issue asks to compare.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+
+from .base import Batch, velocity
+from .dmd import DistributionMatching
+from .losses import distribution_matching, dmd_direction, x0_from_v
+
+
+def dm_gradient(method: DistributionMatching, b: Batch) -> torch.Tensor:
+    """One draw of the student's distribution-matching gradient, flattened (no optimizer step)."""
+    i = method.pick_step()
+    x_i, _, x0_hat = method.student_x0(b, i)
+    x, t = method.matching_point(x_i, x0_hat, i)
+    with torch.no_grad():
+        x0_real = x0_from_v(x, t, velocity(method.teacher, x, t, b, method.cfg.guidance))
+        x0_fake = x0_from_v(x, t, velocity(method.critic, x, t, b))
+    loss = distribution_matching(x0_hat, dmd_direction(x0_hat.detach(), x0_real, x0_fake))
+    params = [p for p in method.student.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
+
+
+def gradient_variance(method: DistributionMatching, b: Batch, draws: int = 16, seed: int = 0) -> dict:
+    """Total variance (trace of the covariance) of `draws` gradient draws, and relative to the squared norm
+    of their mean, so that methods with different gradient scales compare."""
+    if draws < 2:
+        raise ValueError(f"need at least 2 draws to measure a variance, got {draws}")
+    method.gen.manual_seed(seed)
+    g = torch.stack([dm_gradient(method, b) for _ in range(draws)]).double()
+    mean = g.mean(0)
+    total_var = g.var(0, unbiased=True).sum().item()
+    mean_sq = mean.pow(2).sum().item()
+    return {"draws": draws, "total_variance": total_var, "mean_grad_sq_norm": mean_sq,
+            "relative_variance": total_var / max(mean_sq, 1e-30),
+            "timestep_sharing": method.cfg.timestep_sharing}
+
+
+def compare_sharing(method: DistributionMatching, b: Batch, draws: int = 16, seed: int = 0) -> dict:
+    """The same roles and batch, matched with timestep sharing on and off."""
+    out = {}
+    for sharing in (True, False):
+        m = copy.copy(method)  # shares the (unchanged) networks; only the switch differs
+        m.cfg = dataclasses.replace(method.cfg, timestep_sharing=sharing)
+        m.gen = torch.Generator()
+        out["sharing" if sharing else "renoise"] = gradient_variance(m, b, draws, seed)
+    return out
