@@ -78,3 +78,34 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
                  "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "ev2")])
     row2 = json.loads((tmp_path / "ev2.json").read_text())["rows"][0]
     assert code == 0 and abs(row2["fd_effnetl0"] - row["fd_effnetl0"]) < 1e-6
+
+
+def test_merge_sweep_picks_a_ratio_on_training_prompts(tiny_corpus, tmp_path, monkeypatch, capsys):
+    import torch
+    from flowflash.eval import judge as judge_mod
+    from flowflash.models.flow_model import FlowModel, load_model, save_model
+    from tests.conftest import tiny_model_config
+
+    monkeypatch.setenv("FLOWFLASH_JUDGE_DIR", str(tmp_path / "judge"))
+    judge_mod.build_judge(tiny_corpus, tmp_path / "judge", max_crops=50)
+    for seed, name in ((0, "a"), (1, "b")):
+        torch.manual_seed(seed)
+        save_model(FlowModel(tiny_model_config()), tmp_path / name)
+    a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "merged")
+    assert main(["merge", a, b, "--ratio", "0.5", "--sweep", "0,1", "-o", out]) == 2
+    assert "exactly one of" in capsys.readouterr().err
+    assert main(["merge", a, b, "--sweep", "0,1", "-o", out]) == 2
+    assert "--sweep needs --data" in capsys.readouterr().err
+    assert main(["merge", a, b, "--sweep", "0,1.5", "--data", str(tiny_corpus), "-o", out]) == 2
+    assert not (tmp_path / "merged").exists()
+    code = main(["merge", a, b, "--sweep", "0,0.5,1", "--data", str(tiny_corpus), "--sweep-prompts", "6",
+                 "--report", str(tmp_path / "sweep"), "-o", out])
+    assert code == 0
+    res = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["ratio"] for r in res["rows"]] == [0.0, 0.5, 1.0] and res["prompt_set"].startswith("train-sample-6")
+    best = max(res["rows"], key=lambda r: r["clip_score"])["ratio"]
+    assert res["best_ratio"] == best and (tmp_path / "sweep.png").exists()
+    ma, mb, mo = (load_model(tmp_path / n).state_dict() for n in ("a", "b", "merged"))
+    k = "transformer.proj_out.weight"
+    expect = (best * ma[k].float() + (1 - best) * mb[k].float()).half().float()
+    assert torch.allclose(mo[k], expect, atol=1e-3)

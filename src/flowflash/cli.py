@@ -122,10 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--from-checkpoint", action="store_true",
                     help="with --measure-variance: the roles of the run's last checkpoint, not the initial ones")
 
-    mg = sub.add_parser("merge", help="interpolate two model folders: RATIO * A + (1 - RATIO) * B")
+    mg = sub.add_parser("merge", help="interpolate two model folders: RATIO * A + (1 - RATIO) * B, "
+                                      "or choose RATIO by a sweep on alignment (--sweep)")
     mg.add_argument("a")
     mg.add_argument("b")
-    mg.add_argument("--ratio", type=nonneg_float, required=True)
+    mg.add_argument("--ratio", type=nonneg_float, default=None)
+    mg.add_argument("--sweep", default=None, metavar="R1,R2,...",
+                    help="evaluate these ratios on a fixed sample of training prompts (never the held-out set) "
+                         "and write the best by CLIP-score analogue to -o")
+    mg.add_argument("--data", default=None, help="with --sweep: the built corpus")
+    mg.add_argument("--sweep-prompts", type=positive_int, default=256)
+    mg.add_argument("--report", default=None, help="with --sweep: results stem (writes .json, .md, .png)")
     mg.add_argument("-o", "--output", required=True)
 
     gr = sub.add_parser("grid", help="a grid of one image per prompt (a prompts file, one per line)")
@@ -251,13 +258,31 @@ def cmd_merge(a) -> int:
     from .distill.merge import interpolate
     from .models.flow_model import FlowModel, load_model, save_model
 
+    from .eval.merge_sweep import check_branches
+
+    if (a.ratio is None) == (a.sweep is None):
+        raise FlowflashError("give exactly one of --ratio R or --sweep R1,R2,...")
+    ratio = a.ratio
+    if a.sweep is not None:
+        from .eval.merge_sweep import merge_sweep, write_sweep
+        try:
+            ratios = [float(x) for x in a.sweep.split(",") if x.strip()]
+        except ValueError:
+            raise FlowflashError(f"--sweep takes comma-separated numbers, got {a.sweep!r}") from None
+        if not a.data:
+            raise FlowflashError("--sweep needs --data (the corpus whose training captions it samples)")
+        res = merge_sweep(Path(a.a), Path(a.b), ratios, Path(a.data), a.sweep_prompts)
+        if a.report:
+            write_sweep(res, Path(a.report))
+        ratio = res["best_ratio"]
+        print(f"best ratio {ratio:g} (CLIP-score analogue "
+              f"{max(r['clip_score'] for r in res['rows']):.2f} on {res['prompt_set']})")
+    if ratio > 1:
+        raise FlowflashError(f"--ratio must lie in [0, 1], got {ratio}")
     ma, mb = load_model(Path(a.a)), load_model(Path(a.b))
-    if ma.cfg.transformer_kwargs() != mb.cfg.transformer_kwargs() or ma.cfg.vocab != mb.cfg.vocab:
-        raise FlowflashError(f"{a.a} and {a.b} are different architectures; only branches of one model merge")
-    if a.ratio > 1:
-        raise FlowflashError(f"--ratio must lie in [0, 1], got {a.ratio}")
+    check_branches(ma, mb, a.a, a.b)
     out = FlowModel(ma.cfg)
-    out.load_state_dict(interpolate(ma.state_dict(), mb.state_dict(), a.ratio))
+    out.load_state_dict(interpolate(ma.state_dict(), mb.state_dict(), ratio))
     save_model(out, Path(a.output))
     print(a.output)
     return 0
