@@ -85,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--to", required=True)
     te.add_argument("--command", required=True, help="the command that reproduces the run (goes in the card)")
     te.add_argument("--metrics", default=None, help="a markdown file of measured metrics for the card")
+    te.add_argument("--notes", default=None, help="a markdown file of notes for the card (e.g. training phases)")
     dp = dsub.add_parser("prompts", help="write the held-out split of a corpus as an evaluation prompt set")
     dp.add_argument("--data", required=True)
     dp.add_argument("--out", required=True)
@@ -205,7 +206,8 @@ def cmd_train(a) -> int:
     if a.train_cmd == "ship":
         from .train.card import ship
         metrics = Path(a.metrics).read_text() if a.metrics else ""
-        print(ship(Path(a.run), Path(a.to), a.command, metrics))
+        notes = Path(a.notes).read_text() if a.notes else ""
+        print(ship(Path(a.run), Path(a.to), a.command, metrics, notes))
         return 0
     from .train.common import load_config
     from .train.teacher import TeacherConfig, train_teacher

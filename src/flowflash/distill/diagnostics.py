@@ -12,20 +12,13 @@ import dataclasses
 
 import torch
 
-from .base import Batch, velocity
+from .base import Batch
 from .dmd import DistributionMatching
-from .losses import distribution_matching, dmd_direction, x0_from_v
 
 
 def dm_gradient(method: DistributionMatching, b: Batch) -> torch.Tensor:
     """One draw of the student's distribution-matching gradient, flattened (no optimizer step)."""
-    i = method.pick_step()
-    x_i, _, x0_hat = method.student_x0(b, i)
-    x, t = method.matching_point(x_i, x0_hat, i)
-    with torch.no_grad():
-        x0_real = x0_from_v(x, t, velocity(method.teacher, x, t, b, method.cfg.guidance))
-        x0_fake = x0_from_v(x, t, velocity(method.critic, x, t, b))
-    loss = distribution_matching(x0_hat, dmd_direction(x0_hat.detach(), x0_real, x0_fake))
+    loss, _ = method.dm_loss(b)
     params = [p for p in method.student.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])

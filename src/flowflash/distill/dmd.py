@@ -115,7 +115,9 @@ class DistributionMatching(Method):
         return (1 - tb) * x0_hat + tb * self._eps, t
 
     # ------------------------------------------------------------------ the two players
-    def student_step(self, b: Batch) -> dict[str, torch.Tensor]:
+    def dm_loss(self, b: Batch):
+        """The student's distribution-matching surrogate at a drawn step, and the tensors the adversarial
+        term reuses: (loss, (x_i, v, x0_hat, t_match, i))."""
         i = self.pick_step()
         x_i, v, x0_hat = self.student_x0(b, i)
         x, t = self.matching_point(x_i, x0_hat, i)
@@ -123,8 +125,12 @@ class DistributionMatching(Method):
             x0_real = x0_from_v(x, t, velocity(self.teacher, x, t, b, self.cfg.guidance))
             x0_fake = x0_from_v(x, t, velocity(self.critic, x, t, b))
         direction = dmd_direction(x0_hat.detach(), x0_real, x0_fake)
-        losses = {"dm": distribution_matching(x0_hat, direction)}
-        loss = losses["dm"]
+        return distribution_matching(x0_hat, direction), (x_i, v, x0_hat, t, i)
+
+    def student_step(self, b: Batch) -> dict[str, torch.Tensor]:
+        dm, (x_i, v, x0_hat, t, i) = self.dm_loss(b)
+        losses = {"dm": dm}
+        loss = dm
         if self.cfg.adversarial:
             x_adv, t_adv = self.adversarial_point(x_i, v, x0_hat, t, i)
             self.tap.take()  # drop the features of the matching pass above

@@ -23,6 +23,16 @@ def cpu_hours(run: Path, cores: int | None = None) -> tuple[float, int]:
     return secs / 3600 * (cores or os.cpu_count() or 1), log[-1]["step"]
 
 
+def schedule_note(cfg: dict) -> str:
+    """The options of the run's (last) config that change what a step does, when they are set."""
+    out = ""
+    if cfg.get("decay_start") is not None:
+        out += f"; cosine lr decay to {cfg['min_lr']} over steps {cfg['decay_start']}-{cfg['steps']}"
+    if cfg.get("p_single") is not None:
+        out += f"; single emoji drawn for {cfg['p_single']:.0%} of each batch"
+    return out
+
+
 def ship(run: Path, dest: Path, command: str, metrics_md: str = "", notes: str = "") -> Path:
     run, dest = Path(run), Path(dest)
     src = run / "ema_model"
@@ -56,7 +66,7 @@ droppable large encoder. {n_params / 1e6:.1f}M parameters stored in fp16 ({size_
 - **Training**: {steps} steps at batch {cfg['batch_size']} ({steps * cfg['batch_size']:,} samples), AdamW lr
   {cfg['lr']}, warm-up {cfg['warmup']}, EMA {cfg['ema']}, grad clip {cfg['grad_clip']}, logit-normal
   t ({cfg['logit_mean']}, {cfg['logit_std']}), caption dropout {cfg['p_uncond']}, encoder dropout
-  {cfg['p_drop_light']}/{cfg['p_drop_minilm']}, seed {cfg['seed']}.
+  {cfg['p_drop_light']}/{cfg['p_drop_minilm']}, seed {cfg['seed']}{schedule_note(cfg)}.
 - **Compute**: {hours:.2f} CPU-hours (2 cores, wall-clock of logged steps x cores), no GPU.
 - **Reproduce**: `{command}`
 {notes}
