@@ -109,3 +109,20 @@ def test_merge_sweep_picks_a_ratio_on_training_prompts(tiny_corpus, tmp_path, mo
     k = "transformer.proj_out.weight"
     expect = (best * ma[k].float() + (1 - best) * mb[k].float()).half().float()
     assert torch.allclose(mo[k], expect, atol=1e-3)
+
+
+def test_merge_with_a_fixed_ratio_and_mismatched_branches(tmp_path, capsys):
+    import torch
+    from flowflash.models.flow_model import FlowModel, load_model, save_model
+    from tests.conftest import tiny_model_config
+
+    for seed, name, kw in ((0, "a", {}), (1, "b", {}), (2, "wide", {"head_dim": 16})):
+        torch.manual_seed(seed)
+        save_model(FlowModel(tiny_model_config(**kw)), tmp_path / name)
+    a, b, out = str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m")
+    assert main(["merge", a, str(tmp_path / "wide"), "--ratio", "0.5", "-o", out]) == 2
+    assert "different architectures" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main(["merge", a, b, "--ratio", "0.25", "-o", out]) == 0
+    ma, mb, mo = (load_model(tmp_path / n).state_dict() for n in ("a", "b", "m"))
+    k = "transformer.proj_out.weight"
+    assert torch.allclose(mo[k], (0.25 * ma[k] + 0.75 * mb[k]).half().float(), atol=1e-3)

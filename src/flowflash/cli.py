@@ -257,35 +257,34 @@ def cmd_distill(a) -> int:
 
 
 def cmd_merge(a) -> int:
-    from .distill.merge import interpolate
-    from .models.flow_model import FlowModel, load_model, save_model
-
-    from .eval.merge_sweep import check_branches
+    from .distill.merge import check_branches, merged
+    from .models.flow_model import load_model, save_model
 
     if (a.ratio is None) == (a.sweep is None):
         raise FlowflashError("give exactly one of --ratio R or --sweep R1,R2,...")
-    ratio = a.ratio
     if a.sweep is not None:
-        from .eval.merge_sweep import merge_sweep, write_sweep
         try:
             ratios = [float(x) for x in a.sweep.split(",") if x.strip()]
         except ValueError:
             raise FlowflashError(f"--sweep takes comma-separated numbers, got {a.sweep!r}") from None
         if not a.data:
             raise FlowflashError("--sweep needs --data (the corpus whose training captions it samples)")
-        res = merge_sweep(Path(a.a), Path(a.b), ratios, Path(a.data), a.sweep_prompts)
+    else:
+        ratios = [a.ratio]
+    if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise FlowflashError(f"merge ratios must lie in [0, 1], got {ratios}")
+    ma, mb = load_model(Path(a.a)), load_model(Path(a.b))
+    check_branches(ma, mb, a.a, a.b)
+    ratio = ratios[0]
+    if a.sweep is not None:
+        from .eval.merge_sweep import merge_sweep, write_sweep
+        res = merge_sweep(ma, mb, ratios, Path(a.data), a.sweep_prompts, names=(a.a, a.b))
         if a.report:
             write_sweep(res, Path(a.report))
         ratio = res["best_ratio"]
         print(f"best ratio {ratio:g} (CLIP-score analogue "
               f"{max(r['clip_score'] for r in res['rows']):.2f} on {res['prompt_set']})")
-    if ratio > 1:
-        raise FlowflashError(f"--ratio must lie in [0, 1], got {ratio}")
-    ma, mb = load_model(Path(a.a)), load_model(Path(a.b))
-    check_branches(ma, mb, a.a, a.b)
-    out = FlowModel(ma.cfg)
-    out.load_state_dict(interpolate(ma.state_dict(), mb.state_dict(), ratio))
-    save_model(out, Path(a.output))
+    save_model(merged(ma, mb, ratio), Path(a.output))
     print(a.output)
     return 0
 

@@ -16,3 +16,18 @@ def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ratio: f
             raise ValueError(f"shape mismatch for {k}: {tuple(a[k].shape)} vs {tuple(b[k].shape)}")
         out[k] = (ratio * a[k].float() + (1 - ratio) * b[k].float()).to(a[k].dtype) if a[k].is_floating_point() else a[k]
     return out
+
+
+def check_branches(a, b, name_a, name_b):
+    """Only branches of one model merge: same transformer shape and vocabulary."""
+    from ..errors import FlowflashError
+    if a.cfg.transformer_kwargs() != b.cfg.transformer_kwargs() or a.cfg.vocab != b.cfg.vocab:
+        raise FlowflashError(f"{name_a} and {name_b} are different architectures; only branches of one model merge")
+
+
+def merged(a, b, ratio: float):
+    """ratio * A + (1 - ratio) * B as a new model (A's config)."""
+    from ..models.flow_model import FlowModel
+    m = FlowModel(a.cfg)
+    m.load_state_dict(interpolate(a.state_dict(), b.state_dict(), ratio))
+    return m.eval().requires_grad_(False)

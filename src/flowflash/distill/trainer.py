@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ..data.dataset import load_corpus, to_unit
+from ..data.dataset import Corpus, load_corpus, to_unit
 from ..errors import FlowflashError
 from ..models.flow_model import FlowModel, load_model, save_model
 from ..models.text import TextConditioner, WordTokenizer
@@ -20,7 +20,7 @@ from ..train.common import (EMA, GracefulStop, all_reduce_mean, barrier, check_f
 from ..train.grid import sample_grid
 from ..train.teacher import minilm_cache
 from . import METHODS
-from .base import Batch, DistillConfig
+from .base import Batch, DistillConfig, Method
 
 
 def student_config(teacher: FlowModel, method, cfg: DistillConfig, name: str):
@@ -41,11 +41,11 @@ def export_student(weights: FlowModel | EMA, teacher: FlowModel, method, cfg: Di
 @dataclass
 class Setup:
     teacher: FlowModel
-    method: object
-    corpus: object
-    ids: torch.Tensor
-    mini_h: torch.Tensor
-    mini_p: torch.Tensor
+    method: Method
+    corpus: Corpus | None  # None for `naive`, which trains nothing
+    ids: torch.Tensor | None
+    mini_h: torch.Tensor | None
+    mini_p: torch.Tensor | None
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Batch:
         c, s = self.teacher.cfg.channels, self.teacher.cfg.image_size

@@ -5,15 +5,14 @@ evaluation prompts would tune on the evaluation set.
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from ..distill.merge import merged
 from ..errors import FlowflashError
-from ..models.flow_model import FlowModel, load_model
+from ..models.flow_model import FlowModel
 from .run import PromptSet, Setting, generate_set
 
 
@@ -24,37 +23,24 @@ def sweep_prompt_set(data: Path, n: int = 256, seed: int = 0) -> PromptSet:
     return PromptSet(f"train-sample-{len(rows)}-seed{seed}", "-", rows)
 
 
-def merged(a: FlowModel, b: FlowModel, ratio: float) -> FlowModel:
-    from ..distill.merge import interpolate
-    m = FlowModel(a.cfg)
-    m.load_state_dict(interpolate(a.state_dict(), b.state_dict(), ratio))
-    return m.eval().requires_grad_(False)
-
-
-def check_branches(a: FlowModel, b: FlowModel, pa, pb):
-    if a.cfg.transformer_kwargs() != b.cfg.transformer_kwargs() or a.cfg.vocab != b.cfg.vocab:
-        raise FlowflashError(f"{pa} and {pb} are different architectures; only branches of one model merge")
-
-
-def merge_sweep(path_a: Path, path_b: Path, ratios: list[float], data: Path, n_prompts: int = 256,
-                seed: int = 0, judge=None) -> dict:
+def merge_sweep(a: FlowModel, b: FlowModel, ratios: list[float], data: Path, n_prompts: int = 256,
+                seed: int = 0, judge=None, names: tuple[str, str] = ("A", "B")) -> dict:
     """Alignment (CLIP-score analogue, R-precision, compositional checks) of ratio * A + (1 - ratio) * B
-    for each ratio, sampled with the branches' own schedule and guidance; the best ratio by CLIP-score."""
+    for each ratio (branches already loaded and checked), sampled with their own schedule and guidance;
+    the best ratio by CLIP-score."""
     from ..models.text import MiniLMEncoder, TextConditioner, WordTokenizer
     from ..runtime.pipeline import Pipeline
     from .judge import Judge
 
     if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
         raise FlowflashError(f"merge ratios must lie in [0, 1], got {ratios}")
-    a, b = load_model(path_a), load_model(path_b)
-    check_branches(a, b, path_a, path_b)
     ps = sweep_prompt_set(data, n_prompts, seed)
     judge = judge or Judge.load()
     minilm = MiniLMEncoder(max_tokens=a.cfg.minilm_max_tokens)
     rows = []
     for r in ratios:
         m = merged(a, b, r)
-        pipe = Pipeline(m, Path(path_a))
+        pipe = Pipeline(m, Path(names[0]))  # the path only names it; nothing is written
         pipe.cond = TextConditioner(WordTokenizer(m.cfg.vocab), m.light, minilm, m.cfg.minilm_max_tokens)
         imgs, _ = generate_set(Setting(name=f"ratio-{r:g}"), ps, seed=seed, pipe=pipe)
         feats = judge.features(imgs)
@@ -62,7 +48,7 @@ def merge_sweep(path_a: Path, path_b: Path, ratios: list[float], data: Path, n_p
                **judge.compositional(imgs, ps.rows)}
         rows.append(row)
     best = max(rows, key=lambda x: x["clip_score"])
-    return {"a": str(path_a), "b": str(path_b), "prompt_set": ps.name, "selected_by": "clip_score",
+    return {"a": str(names[0]), "b": str(names[1]), "prompt_set": ps.name, "selected_by": "clip_score",
             "best_ratio": best["ratio"], "rows": rows}
 
 
