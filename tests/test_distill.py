@@ -94,6 +94,12 @@ def test_split_branch_trains_only_its_range(teacher_dir, tmp_path, tiny_corpus):
     assert m.train_steps == [2, 3] and all(m.schedule[i] <= 0.5 for i in m.train_steps)
     m, _ = make("flash", teacher_dir, tmp_path, tiny_corpus, split="high", student_steps=4, student_shift=1.0)
     assert m.train_steps == [0, 1]
+    m, _ = make("flash", teacher_dir, tmp_path, tiny_corpus, split="low", student_steps=2, student_shift=1.5, split_at=0.7)
+    assert m.schedule[1] == 0.6 and m.train_steps == [1]  # a 2-step schedule (1, 0.6) split between its times
+    with pytest.raises(FlowflashError, match=r"no student step"):
+        make("flash", teacher_dir, tmp_path, tiny_corpus, split="low", student_steps=2, student_shift=1.5)
+    with pytest.raises(FlowflashError, match="split_at"):
+        make("flash", teacher_dir, tmp_path, tiny_corpus, split="low", split_at=1.0)
 
 
 def test_merge_is_the_stated_interpolation():
@@ -166,3 +172,83 @@ def test_measure_variance_from_a_config(teacher_dir, tmp_path, tiny_corpus):
     assert res["ratio_renoise_over_sharing"] > 0
     with pytest.raises(FlowflashError, match="no distribution-matching gradient"):
         measure_variance(cfg(teacher_dir, tiny_corpus, tmp_path / "w", "tg"), draws=3)
+
+
+def test_tg_pool_integrates_each_entry_once(teacher_dir, tmp_path, tiny_corpus):
+    from flowflash.distill.trainer import setup
+    from flowflash.train.common import init_dist
+    su = setup(cfg(teacher_dir, tiny_corpus, tmp_path, "tg", tg_pool=3, batch_size=4), init_dist())
+    m, gen = su.method, torch.Generator().manual_seed(0)
+    first = su.draw(4, gen)
+    assert first.key is not None and torch.equal(first.noise, su.pool_noise[first.key])
+    states = m.teacher_states(first)
+    assert m.teacher_rows == len(first.key.unique())  # duplicates within a batch are integrated once
+    fresh = m.integrate(first)  # the memo returns the teacher's own trajectory
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(states, fresh))
+    rows = m.teacher_rows
+    while not bool(m.banked.all()):
+        m.teacher_states(su.draw(4, gen))
+    done = m.teacher_rows
+    for _ in range(3):
+        m.train_step(su.draw(4, gen), 0)
+    assert m.teacher_rows == done and done - rows <= 3  # the pool of 3 is never integrated twice
+    with pytest.raises(FlowflashError, match="tg_pool"):
+        setup(cfg(teacher_dir, tiny_corpus, tmp_path / "f", "flash", tg_pool=3), init_dist())
+
+
+def test_ship_student_writes_card_and_refuses_a_teacher(teacher_dir, tmp_path, tiny_corpus, capsys):
+    from flowflash.cli import main
+    out = distill(cfg(teacher_dir, tiny_corpus, tmp_path / "tg", "tg"))
+    dest = tmp_path / "emoji-student"
+    code = main(["train", "ship", "--student", str(out), "--stages", str(tmp_path / "tg"), "--to", str(dest),
+                 "--command", "scripts/distill-emoji.sh"])
+    assert code == 0
+    m = load_model(dest)
+    assert m.cfg.name == "emoji-student" and m.cfg.kind == "student" and m.cfg.default_guidance == 1.0
+    card = (dest / "README.md").read_text()
+    assert "2-step, CFG-free" in card and "method `tg`" in card and "scripts/distill-emoji.sh" in card
+    assert main(["train", "ship", "--student", str(teacher_dir), "--stages", str(tmp_path / "tg"),
+                 "--to", str(tmp_path / "x"), "--command", "c"]) == 2
+    assert "is not a student" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(teacher_dir, tmp_path, tiny_corpus,
+                                                                         monkeypatch):
+    import flowflash.distill.dmd as dmd
+    real, calls = dmd.flow_matching, []
+
+    def poisoned(*a):  # the critic's loss turns NaN on its third call (step 2 with critic_ratio 1: 0, 2 critic)
+        calls.append(1)
+        return real(*a) * float("nan") if len(calls) == 2 else real(*a)
+    monkeypatch.setattr(dmd, "flow_matching", poisoned)
+    with pytest.raises(FlowflashError, match=r"non-finite critic loss at step 2.*Last good checkpoint: .*checkpoint"):
+        distill(cfg(teacher_dir, tiny_corpus, tmp_path / "nan", "flash", steps=6, ckpt_every=2))
+    state = json.loads((tmp_path / "nan/checkpoint/state.json").read_text())
+    assert state["state"]["step"] == 2  # the checkpoint before the bad step, not overwritten
+
+
+def test_sigkill_then_resume_loses_at_most_one_checkpoint_interval(teacher_dir, tmp_path, tiny_corpus):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import yaml
+    out = tmp_path / "killed"
+    c = dataclasses.asdict(cfg(teacher_dir, tiny_corpus, out, "flash", steps=400, ckpt_every=3))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
+    cmd = [sys.executable, "-m", "flowflash.cli", "distill", "--method", "flash", "--config", str(tmp_path / "c.yaml")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 8):
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    logged = max(json.loads(l)["step"] for l in log.read_text().splitlines())
+    saved = json.loads((out / "checkpoint/state.json").read_text())["state"]["step"]
+    assert logged >= 8 and logged - saved <= 3  # at most one interval of work lost
+    c["steps"] = saved + 2
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(c))
+    assert subprocess.run(cmd + ["--resume"], capture_output=True).returncode == 0
+    assert json.loads((out / "checkpoint/state.json").read_text())["state"]["step"] == saved + 2

@@ -78,6 +78,18 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
                  "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "ev2")])
     row2 = json.loads((tmp_path / "ev2.json").read_text())["rows"][0]
     assert code == 0 and abs(row2["fd_effnetl0"] - row["fd_effnetl0"]) < 1e-6
+    # a cache: the first run writes one entry, the second reuses it (same scores, no timing claimed),
+    # another step count is another entry
+    ev = ["eval", "--model", str(tiny_model_dir), "--data", str(tiny_corpus), "--prompts", str(tmp_path / "p.jsonl"),
+          "--cache", str(tmp_path / "cache")]
+    assert main(ev + ["--steps", "2", "--out", str(tmp_path / "c1")]) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1
+    assert main(ev + ["--steps", "2", "--out", str(tmp_path / "c2")]) == 0
+    c1, c2 = (json.loads((tmp_path / f"{k}.json").read_text())["rows"][0] for k in ("c1", "c2"))
+    assert c2["fd_effnetl0"] == c1["fd_effnetl0"] == row["fd_effnetl0"]
+    assert "sec_per_image" in c1 and "sec_per_image" not in c2
+    assert main(ev + ["--steps", "3", "--out", str(tmp_path / "c3")]) == 0
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
 def test_merge_sweep_picks_a_ratio_on_training_prompts(tiny_corpus, tmp_path, monkeypatch, capsys):

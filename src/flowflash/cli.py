@@ -80,8 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", required=True)
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     tt.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in this run")
-    te = tsub.add_parser("ship", help="copy a run's EMA model into a model folder with its model card")
-    te.add_argument("--run", required=True)
+    te = tsub.add_parser("ship", help="copy a teacher run's EMA model (--run) or a distilled student folder "
+                                      "(--student, with --stages) into a model folder with its model card")
+    src = te.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a teacher training run folder")
+    src.add_argument("--student", help="a distilled student model folder (a run's student/ or a merge)")
+    te.add_argument("--stages", default=None, help="with --student: comma-separated run folders that made it, in order")
     te.add_argument("--to", required=True)
     te.add_argument("--command", required=True, help="the command that reproduces the run (goes in the card)")
     te.add_argument("--metrics", default=None, help="a markdown file of measured metrics for the card")
@@ -109,11 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--prompts", default=None, help="prompt set JSONL (default prompts/eval_v1.jsonl)")
     e.add_argument("--seed", type=nonneg_int, default=0)
     e.add_argument("--save-images", default=None, help="also write the generated images to this folder")
+    e.add_argument("--cache", default=None, help="reuse generated images from this folder (see bench --cache)")
     e.add_argument("--out", required=True, help="results path stem: writes OUT.json and OUT.md")
 
-    ds = sub.add_parser("distill", help="distil the teacher into a few-step student (work in progress: issue 4)")
+    ds = sub.add_parser("distill", help="distil the teacher into a few-step student")
     ds.add_argument("--method", required=True, help="flash, dmd2, tg or naive")
     ds.add_argument("--config", default=None, help="YAML of DistillConfig fields")
+    ds.add_argument("--out", default=None, help="run folder (overrides the config's out)")
     ds.add_argument("--resume", action="store_true")
     ds.add_argument("--max-steps", type=positive_int, default=None)
     ds.add_argument("--measure-variance", type=positive_int, default=None, metavar="DRAWS",
@@ -155,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--memory", action="store_true", help="also measure each setting's peak RSS in a fresh process")
     bn.add_argument("--data", default=None)
     bn.add_argument("--prompts", default=None)
+    bn.add_argument("--cache", default=None, help="reuse generated evaluation images from this folder "
+                    "(keyed by weights hash, schedule, guidance, seed, prompt set); speed is always measured afresh")
     bn.add_argument("--out", required=True, help="results path stem; plots go next to it")
     return p
 
@@ -207,7 +215,12 @@ def cmd_train(a) -> int:
         from .train.card import ship
         metrics = Path(a.metrics).read_text() if a.metrics else ""
         notes = Path(a.notes).read_text() if a.notes else ""
-        print(ship(Path(a.run), Path(a.to), a.command, metrics, notes))
+        if a.student:
+            from .train.card import ship_student
+            stages = [Path(r) for r in (a.stages or "").split(",") if r.strip()]
+            print(ship_student(Path(a.student), Path(a.to), stages, a.command, metrics, notes))
+        else:
+            print(ship(Path(a.run), Path(a.to), a.command, metrics, notes))
         return 0
     from .train.common import load_config
     from .train.teacher import TeacherConfig, train_teacher
@@ -245,7 +258,8 @@ def cmd_distill(a) -> int:
     from .distill.trainer import distill
     from .train.common import load_config
 
-    cfg = load_config(DistillConfig, a.config, {"method": a.method})
+    over = {"method": a.method, **({"out": a.out} if a.out else {})}
+    cfg = load_config(DistillConfig, a.config, over)
     if a.measure_variance:
         import json
         from .distill.trainer import measure_variance

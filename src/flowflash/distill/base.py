@@ -42,8 +42,12 @@ class DistillConfig:
     gan_weight: float = 0.05
     gan_blocks: list = field(default_factory=lambda: [2, 5])  # critic blocks whose features the heads read
     head_reinit_p: float = 0.01
-    split: str | None = None  # split-timestep fine-tuning branch: low (t <= 0.5) or high (t > 0.5)
+    split: str | None = None  # split-timestep fine-tuning branch: low (t <= split_at) or high (t > split_at)
+    split_at: float = 0.5  # the boundary; a 2-step schedule (1, 0.6) needs one between its two times
     tg_teacher_steps: int = 4  # teacher Euler steps per student interval for trajectory guidance
+    # tg only: a fixed pool of N (caption, noise) pairs whose teacher trajectories are computed once and
+    # reused every epoch (the teacher's CFG ODE is ~20x the cost of a student step); 0 = fresh each step
+    tg_pool: int = 0
     ema: float = 0.99
     grad_clip: float = 1.0
     seed: int = 0
@@ -59,6 +63,7 @@ class Batch:
     mini_p: Tensor  # MiniLM pooled (B, 384)
     noise: Tensor  # (B, C, H, W)
     real: Tensor | None = None  # real images in [-1, 1], for the adversarial term
+    key: Tensor | None = None  # positions in the trainer's fixed pool (tg_pool), else None
 
 
 def condition(model: FlowModel, b: Batch, on: bool) -> tuple[Tensor, Tensor]:
@@ -93,7 +98,7 @@ class Method:
         self.student = (student if student is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
         shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.shift
         self.schedule = student_schedule(cfg.student_steps, shift, cfg.schedule)
-        lo, hi = split_range(cfg.split)
+        lo, hi = split_range(cfg.split, cfg.split_at)
         self.train_steps = steps_in_range(self.schedule, lo, hi)
         self.gen = torch.Generator().manual_seed(cfg.seed + 17)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}

@@ -22,9 +22,11 @@ def student_schedule(steps: int, shift: float, explicit: list[float] | None = No
     return [float(t) for t in timesteps(steps, shift)]
 
 
-def split_range(name: str | None) -> tuple[float, float]:
+def split_range(name: str | None, at: float = 0.5) -> tuple[float, float]:
     """Which student timesteps a split-timestep branch trains on: t in (lo, hi]."""
-    ranges = {None: (0.0, 1.0), "low": (0.0, 0.5), "high": (0.5, 1.0)}
+    if not 0.0 < at < 1.0:
+        raise FlowflashError(f"split_at must lie in (0, 1), got {at}")
+    ranges = {None: (0.0, 1.0), "low": (0.0, at), "high": (at, 1.0)}
     if name not in ranges:
         raise FlowflashError(f"split must be low, high or empty, got {name!r}")
     return ranges[name]

@@ -46,11 +46,22 @@ class Setup:
     ids: torch.Tensor | None
     mini_h: torch.Tensor | None
     mini_p: torch.Tensor | None
+    pool_idx: torch.Tensor | None = None  # tg_pool: the fixed captions ...
+    pool_noise: torch.Tensor | None = None  # ... and noises, drawn once from the seed
 
     def batch(self, idx: torch.Tensor, gen: torch.Generator) -> Batch:
         c, s = self.teacher.cfg.channels, self.teacher.cfg.image_size
         return Batch(self.ids[idx], self.mini_h[idx], self.mini_p[idx],
                      torch.randn(len(idx), c, s, s, generator=gen), to_unit(self.corpus.images[idx]))
+
+    def draw(self, n: int, gen: torch.Generator) -> Batch:
+        """A training batch: fresh captions and noise, or n entries of the fixed pool."""
+        if self.pool_idx is None:
+            return self.batch(torch.randint(len(self.corpus), (n,), generator=gen), gen)
+        key = torch.randint(len(self.pool_idx), (n,), generator=gen)
+        idx = self.pool_idx[key]
+        return Batch(self.ids[idx], self.mini_h[idx], self.mini_p[idx], self.pool_noise[key],
+                     to_unit(self.corpus.images[idx]), key)
 
 
 def setup(cfg: DistillConfig, d) -> Setup:
@@ -80,7 +91,15 @@ def setup(cfg: DistillConfig, d) -> Setup:
     barrier(d)
     if not d.main:
         mini_h, mini_p = minilm_cache(corpus.captions, out, teacher.cfg.minilm_max_tokens)
-    return Setup(teacher, method, corpus, ids, mini_h, mini_p)
+    su = Setup(teacher, method, corpus, ids, mini_h, mini_p)
+    if cfg.tg_pool:
+        if cfg.method != "tg":
+            raise FlowflashError(f"tg_pool is a trajectory-guidance option; method {cfg.method!r} draws fresh noise")
+        g = torch.Generator().manual_seed(cfg.seed * 1000 + 5)  # the same pool on every rank and after resume
+        c, s = teacher.cfg.channels, teacher.cfg.image_size
+        su.pool_idx = torch.randint(len(corpus), (cfg.tg_pool,), generator=g)
+        su.pool_noise = torch.randn(cfg.tg_pool, c, s, s, generator=g)
+    return su
 
 
 def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, seed: int = 0,
@@ -114,7 +133,6 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
         if d.main:
             export_student(teacher, teacher, method, cfg, out / "student")
         return out / "student"
-    corpus = su.corpus
 
     ema = EMA(method.student, cfg.ema, warmup=cfg.split is None)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
@@ -132,8 +150,7 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     log = open(out / "log.jsonl", "a") if d.main else None
     with GracefulStop(d.world == 1) as stop:
         while step < end and not stop.requested:
-            idx = torch.randint(len(corpus), (local_b,), generator=gen)
-            batch = su.batch(idx, gen)
+            batch = su.draw(local_b, gen)
             losses = method.train_step(batch, step)
             check_finite(losses, step, ckpt)
             ema.update(method.student, step)

