@@ -19,7 +19,8 @@ run() {  # run METHOD CONFIG: train one student unless done
 }
 
 merge() {  # merge N: choose the split branches' ratio on training prompts, write the merged student
-  local n=$1 out=runs/distill/flash-$n-merged
+  local n=$1
+  local out=runs/distill/flash-$n-merged
   [ -f "$out/DONE" ] && return 0
   "$FF" merge runs/distill/flash-$n-low/student runs/distill/flash-$n-high/student --sweep $SWEEP \
     --data data/emoji64 --report docs/bench/merge-sweep-$n -o "$out" > "runs/distill/merge-$n.log" 2>&1

@@ -114,3 +114,13 @@ class _null:
 
     def __exit__(self, *a):
         return False
+
+
+def test_the_default_model_is_the_shipped_four_step_student_and_the_teacher_stays():
+    import json
+    from flowflash.runtime.pipeline import resolve_model
+    student = json.loads((resolve_model(None) / "config.json").read_text())
+    teacher = json.loads((resolve_model("teacher") / "config.json").read_text())
+    assert resolve_model(None) == resolve_model("student") != resolve_model("teacher")
+    assert student["kind"] == "student" and len(student["schedule"]) == 5 and student["default_guidance"] == 1.0
+    assert teacher["kind"] == "teacher" and teacher["default_steps"] == 50

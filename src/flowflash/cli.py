@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--size", type=positive_int, default=None, help="image size in px (the model's only)")
-    g.add_argument("--model", default=None, help="shipped model name (teacher) or a model folder")
+    g.add_argument("--model", default=None, help="shipped model name (student: the default, 4 steps, no CFG; "
+                   "teacher: 50 steps, CFG 4) or a model folder")
     g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (MiniLM)")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer compute dtype")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     jv.add_argument("--out", default="docs/eval/judge-validity")
 
     e = sub.add_parser("eval", help="score a model (or a folder of images) on the evaluation prompt set")
-    e.add_argument("--model", default="teacher")
+    e.add_argument("--model", default="student")
     e.add_argument("--steps", type=positive_int, default=None)
     e.add_argument("--guidance", type=nonneg_float, default=None)
     e.add_argument("--no-minilm", action="store_true")

