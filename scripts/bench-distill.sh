@@ -21,5 +21,5 @@ D=runs/distill
   --setting flash-2=model:$D/flash-2-merged
 "$FF" bench --memory --reps 20 --out docs/bench/distill-speed \
   --setting teacher-50=model:teacher,steps:50,guidance:4 \
-  --setting student-4=model:$D/flash-4-merged \
-  --setting student-2=model:$D/flash-2-merged
+  --setting student-4=model:student \
+  --setting student-2=model:$D/tg-2/student

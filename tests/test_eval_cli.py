@@ -46,7 +46,7 @@ def test_bench_runs_tiny_settings_side_by_side(tmp_path, capsys, tiny_model_dir)
     rows = {r["setting"]: r for r in res["rows"]}
     assert rows["four"]["speedup"] == 1.0 and rows["one"]["steps"] == 1 and rows["four"]["steps"] == 4
     assert rows["one"]["speedup"] > 1.5  # 1 step without CFG is several times cheaper than 4 with
-    assert (tmp_path / "bench.md").exists() and (tmp_path / "latency.png").exists()
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "bench-latency.png").exists()
     assert rows["bf"]["precision"] == "bf16" and all(r["peak_rss_mb"] > 50 for r in rows.values())
 
 
@@ -138,3 +138,12 @@ def test_merge_with_a_fixed_ratio_and_mismatched_branches(tmp_path, capsys):
     ma, mb, mo = (load_model(tmp_path / n).state_dict() for n in ("a", "b", "m"))
     k = "transformer.proj_out.weight"
     assert torch.allclose(mo[k], (0.25 * ma[k] + 0.75 * mb[k]).half().float(), atol=1e-3)
+
+
+def test_memory_probe_reports_its_own_process_not_the_parents(tiny_model_dir):
+    from flowflash.eval.bench import parse_setting, peak_rss_of
+    ballast = bytearray(1200 * 1024 * 1024)  # the parent is now > 1.2 GB resident
+    ballast[::4096] = b"x" * len(ballast[::4096])
+    probe = peak_rss_of(parse_setting(f"t=model:{tiny_model_dir},steps:1,guidance:1"), "a red apple")
+    del ballast
+    assert 50 < probe < 1000  # a tiny model's process: imports + MiniLM, far below the parent's 1.2 GB

@@ -40,6 +40,17 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def own_peak_rss_mb() -> float:
+    """This process image's own peak RSS (VmHWM of /proc/self/status where there is one)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return peak_rss_mb()
+
+
 def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: int = 1, batch: int = 1) -> dict:
     """Median per-phase seconds per image for each setting, repetitions interleaved across settings so that
     machine noise hits all of them alike."""
@@ -81,10 +92,13 @@ def peak_rss_of(setting: Setting, prompt: str) -> float:
     import subprocess
     import sys
 
-    code = ("import json,resource,sys;from flowflash.runtime.pipeline import Pipeline;"
+    # VmHWM, not ru_maxrss: on Linux a child's ru_maxrss keeps the parent's high-water mark across
+    # fork + exec, so a probe started from a big bench process would report the bench's size.
+    code = ("import json,sys;from flowflash.eval.bench import own_peak_rss_mb;"
+            "from flowflash.runtime.pipeline import Pipeline;"
             "a=json.loads(sys.argv[1]);p=Pipeline.load(a['model'],use_minilm=a['minilm'],precision=a['precision']);"
             "p.generate(a['prompt'],steps=a['steps'],guidance=a['guidance']);"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)")
+            "print(own_peak_rss_mb())")
     arg = json.dumps({"model": setting.model, "minilm": setting.minilm, "precision": setting.precision,
                       "prompt": prompt, "steps": setting.steps, "guidance": setting.guidance})
     proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
@@ -93,7 +107,9 @@ def peak_rss_of(setting: Setting, prompt: str) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
-def plot_bench(rows: list[dict], baseline: str, out_dir: Path):
+def plot_bench(rows: list[dict], baseline: str, out: Path):
+    """OUT-latency.png and OUT-quality_vs_steps.png next to the results (one pair per bench run)."""
+    out_dir = out.parent
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -108,7 +124,7 @@ def plot_bench(rows: list[dict], baseline: str, out_dir: Path):
         ax.text(i, r["sec_per_image"], f"{r.get('speedup', 1):.1f}x", ha="center", va="bottom", fontsize=8)
     plt.xticks(rotation=30, ha="right")
     fig.tight_layout()
-    fig.savefig(out_dir / "latency.png", dpi=100)
+    fig.savefig(out_dir / f"{out.name}-latency.png", dpi=100)
     plt.close(fig)
     q = [r for r in rows if "fd_effnetl0" in r]
     if q:
@@ -123,5 +139,5 @@ def plot_bench(rows: list[dict], baseline: str, out_dir: Path):
             a.set_ylabel(yl)
             a.legend()
         fig.tight_layout()
-        fig.savefig(out_dir / "quality_vs_steps.png", dpi=100)
+        fig.savefig(out_dir / f"{out.name}-quality_vs_steps.png", dpi=100)
         plt.close(fig)

@@ -128,7 +128,7 @@ def bench(a) -> int:
     out = Path(a.out)
     results = {"baseline": baseline, "bench_process_peak_rss_mb": peak_rss_mb(), "reps": a.reps, "prompt": a.prompt, "rows": rows}
     write_results(results, out)
-    plot_bench(rows, baseline, out.parent)
+    plot_bench(rows, baseline, out)
     print(markdown_table(rows, baseline))
     print(f"speed-up vs {baseline}: " + ", ".join(f"{r['setting']} {r['speedup']:.1f}x" for r in rows))
     return 0
