@@ -147,3 +147,21 @@ def test_memory_probe_reports_its_own_process_not_the_parents(tiny_model_dir):
     probe = peak_rss_of(parse_setting(f"t=model:{tiny_model_dir},steps:1,guidance:1"), "a red apple")
     del ballast
     assert 50 < probe < 1000  # a tiny model's process: imports + MiniLM, far below the parent's 1.2 GB
+    # grid --score: single-emoji captions are ranked among all of the corpus's; scene prompts are skipped
+    from flowflash.data.dataset import read_manifest
+    rows = read_manifest(tiny_corpus)
+    singles = list(dict.fromkeys(r["caption"] for r in rows if r["kind"] == "single"))
+    scene = next(r["caption"] for r in rows if r["kind"] != "single")
+    (tmp_path / "grid.txt").write_text("\n".join(singles[:3] + [scene]) + "\n")
+    code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir), "--steps", "2",
+                 "--score", str(tiny_corpus), "-o", str(tmp_path / "grid.png")])
+    assert code == 0
+    g = json.loads((tmp_path / "grid.json").read_text())
+    assert g["prompts"] == singles[:3] and g["generated"]["pool"] == len(singles)
+    for side in ("generated", "real"):
+        assert all(1 <= r <= len(singles) for r in g[side]["ranks"])
+        assert all(1 <= r <= g[side]["groups"]["n_groups"] for r in g[side]["groups"]["ranks"])
+    assert g["real"]["groups"]["n_groups"] < len(singles)  # each concept comes in two styles
+    code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir),
+                 "--score", str(tmp_path / "nowhere"), "-o", str(tmp_path / "grid2.png")])
+    assert code == 2 and "no corpus at" in capsys.readouterr().err and not (tmp_path / "grid2.png").exists()

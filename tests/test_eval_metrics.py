@@ -5,7 +5,7 @@ import torch
 
 from flowflash.eval import compose
 from flowflash.eval.bench import parse_setting
-from flowflash.eval.metrics import bootstrap_fd, frechet_distance, kid, r_precision
+from flowflash.eval.metrics import bootstrap_fd, caption_ranks, frechet_distance, kid, r_precision
 from flowflash.eval.scorer import clip_loss, train_scorer
 from flowflash.errors import FlowflashError
 
@@ -100,3 +100,14 @@ def test_fd_matches_the_matrix_square_root_formula():
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     ref = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
     assert frechet_distance(torch.from_numpy(a), torch.from_numpy(b)) == pytest.approx(ref, rel=1e-8)
+
+
+def test_caption_ranks_counts_ties_against_the_image():
+    txt = torch.eye(4)
+    img = torch.tensor([[1.0, 0, 0, 0], [0.6, 0.8, 0, 0], [0.25, 0.25, 0.25, 0.25]])
+    ranks = caption_ranks(img, txt, torch.tensor([0, 0, 2]))
+    # image 0 picks its own caption; image 1 prefers caption 1; image 2 scores all four equally.
+    assert ranks.tolist() == [1, 2, 4]
+    # grouped: captions 0 and 1 are one concept, so image 1 now finds its group first.
+    groups = torch.tensor([0, 0, 1, 2])
+    assert caption_ranks(img, txt, torch.tensor([0, 0, 2]), groups).tolist() == [1, 1, 3]

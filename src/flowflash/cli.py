@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--guidance", type=nonneg_float, default=None)
     gr.add_argument("--seed", type=nonneg_int, default=0)
     gr.add_argument("--cols", type=positive_int, default=8)
+    gr.add_argument("--score", metavar="DATA", default=None,
+                    help="also rank each single-emoji prompt's caption among all single-emoji captions of the "
+                         "corpus DATA with the evaluation judge (generated vs the corpus image); writes OUT.json")
     gr.add_argument("-o", "--output", required=True)
 
     bn = sub.add_parser("bench", help="compare settings side by side: speed (and quality with --quality)")
@@ -242,6 +245,9 @@ def cmd_grid(a) -> int:
     prompts = [l.strip() for l in path.read_text().splitlines() if l.strip()]
     if not prompts:
         raise FlowflashError(f"prompts file is empty: {path}")
+    if a.score and not (Path(a.score) / "manifest.jsonl").exists():
+        raise FlowflashError(f"--score: no corpus at {a.score} (no manifest.jsonl); build it with: "
+                             f"flowflash data build --out {a.score}")
     out = output_paths(a.output, 1)[0]
     pipe = Pipeline.load(a.model)
     t0 = time.perf_counter()
@@ -251,7 +257,25 @@ def cmd_grid(a) -> int:
              f"CFG scale: {pp['guidance']:g}, Seed: {a.seed}, Model hash: {pipe.hash}, Model: {pipe.name}")
     print(out)
     print(f"{len(prompts)} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return 0
+    if a.score:
+        import json
+
+        import numpy as np
+        import torch
+
+        from .eval.judge import Judge
+        from .eval.run import score_singles
+
+        u8 = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
+        res = score_singles(u8.contiguous(), prompts, Path(a.score), Judge.load())
+        res.update({"model": pipe.name, "model_hash": pipe.hash, "steps": pp["steps"], "guidance": pp["guidance"],
+                    "seed": a.seed, "prompts_file": str(path)})
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        g, r = res["generated"], res["real"]
+        print(f"single-emoji recognition of {g['n']} prompts, generated (corpus images): caption top-1 among "
+              f"{g['pool']} {g['top1']:.3f} ({r['top1']:.3f}), top-5 {g['top5']:.3f} ({r['top5']:.3f}); concept "
+              f"top-1 among {g['groups']['n_groups']} {g['groups']['top1']:.3f} ({r['groups']['top1']:.3f}), "
+              f"top-5 {g['groups']['top5']:.3f} ({r['groups']['top5']:.3f}) -> {out.with_suffix('.json')}")
 
 
 def cmd_distill(a) -> int:

@@ -17,7 +17,7 @@ from ..errors import FlowflashError
 from ..models.text import MiniLMEncoder
 from . import compose
 from .effnet import effnet_features, load_effnet
-from .metrics import r_precision
+from .metrics import caption_ranks, r_precision
 from .scorer import Scorer, train_scorer
 
 JUDGE_DIR = Path(__file__).resolve().parent.parent / "weights" / "judge"
@@ -96,6 +96,28 @@ class Judge:
         cos = (img * txt[idx]).sum(-1)
         return {"clip_score": float(100 * cos.clamp(min=0).mean()), "r_precision": r_precision(img, txt, idx, k=k),
                 "r_precision_k": k}
+
+    @torch.no_grad()
+    def recognition(self, feats: torch.Tensor, captions: list[str], pool: list[str],
+                    groups: list[str] | None = None) -> dict:
+        """Rank of each image's caption among every caption of `pool` (e.g. all single-emoji captions):
+        a stricter 'is it recognisable' than R-precision's 10 random candidates. With `groups` (one per
+        pool caption, e.g. its concept), also the rank of the right group, so that a dog drawn in the
+        other style still counts."""
+        img = self.scorer.embed_images(feats)
+        txt = self.scorer.embed_texts(encode_texts(self.minilm, pool))
+        idx = torch.tensor([pool.index(c) for c in captions])
+
+        def summary(ranks: torch.Tensor) -> dict:
+            return {"top1": float((ranks <= 1).float().mean()), "top5": float((ranks <= 5).float().mean()),
+                    "median_rank": float(ranks.float().median()), "ranks": ranks.tolist()}
+
+        out = {"n": len(captions), "pool": len(pool), **summary(caption_ranks(img, txt, idx))}
+        if groups is not None:
+            names = list(dict.fromkeys(groups))
+            gid = torch.tensor([names.index(g) for g in groups])
+            out["groups"] = {"n_groups": len(names), **summary(caption_ranks(img, txt, idx, gid))}
+        return out
 
     @torch.no_grad()
     def compositional(self, images_u8: torch.Tensor, rows: list[dict]) -> dict:

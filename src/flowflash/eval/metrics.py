@@ -67,3 +67,20 @@ def r_precision(img_emb: torch.Tensor, txt_emb: torch.Tensor, true_idx: torch.Te
         s = txt_emb[cand] @ img_emb[i]
         hits += int(s.argmax() == 0)
     return hits / len(img_emb)
+
+
+def caption_ranks(img_emb: torch.Tensor, txt_emb: torch.Tensor, true_idx: torch.Tensor,
+                  groups: torch.Tensor | None = None) -> torch.Tensor:
+    """1-based rank of each image's own caption among all M captions (1 = scored highest).
+
+    With groups (M,) (e.g. the concept of each caption), rank groups instead, a group scoring as its best
+    caption. Ties count against the image, so a constant embedding cannot look good.
+    """
+    s = img_emb @ txt_emb.T
+    if groups is not None:
+        s = torch.full((len(s), int(groups.max()) + 1), -torch.inf).scatter_reduce(
+            1, groups.expand_as(s), s, "amax")
+        true_idx = groups[true_idx]
+    own = s.gather(1, true_idx[:, None])
+    others = torch.ones_like(s, dtype=torch.bool).scatter_(1, true_idx[:, None], False)
+    return 1 + ((s >= own) & others).sum(1)

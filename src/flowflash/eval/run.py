@@ -166,3 +166,23 @@ def markdown_table(rows: list[dict], baseline: str | None = None) -> str:
             cells.append("—" if v is None else fmt.format(v))
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
+
+
+def score_singles(images_u8: torch.Tensor, prompts: list[str], data: Path, judge) -> dict:
+    """How recognisable single-emoji images are: for each prompt that is a single-emoji caption of the
+    corpus, the rank of its caption among all single-emoji captions, for the generated image and, as the
+    ceiling of the instrument, for the corpus's own image of that caption."""
+    from ..data.dataset import load_corpus
+
+    singles = load_corpus(Path(data), None, kinds=("single",))
+    first = {c: i for i, c in reversed(list(enumerate(singles.captions)))}
+    pool = list(first)
+    concepts = [singles.rows[first[c]]["concepts"][0] for c in pool]
+    keep = [i for i, p in enumerate(prompts) if p in first]
+    if not keep:
+        raise FlowflashError(f"none of the prompts is a single-emoji caption of {data}")
+    caps = [prompts[i] for i in keep]
+    real = singles.images[[first[c] for c in caps]]
+    gen = judge.recognition(judge.features(images_u8[keep]), caps, pool, concepts)
+    ref = judge.recognition(judge.features(real), caps, pool, concepts)
+    return {"prompts": caps, "generated": gen, "real": ref}
