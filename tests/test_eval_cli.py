@@ -165,3 +165,14 @@ def test_memory_probe_reports_its_own_process_not_the_parents(tiny_model_dir):
     code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir),
                  "--score", str(tmp_path / "nowhere"), "-o", str(tmp_path / "grid2.png")])
     assert code == 2 and "no corpus at" in capsys.readouterr().err and not (tmp_path / "grid2.png").exists()
+    # bench --quality loads each model once: the timing pipeline also makes the quality set
+    from flowflash.runtime.pipeline import Pipeline
+    loads = []
+    real_load = Pipeline.load.__func__
+    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    m = str(tiny_model_dir)
+    code = main(["bench", "--setting", f"two=model:{m},steps:2", "--setting", f"one=model:{m},steps:1", "--reps", "1",
+                 "--quality", "--data", str(tiny_corpus), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "bq")])
+    assert code == 0 and len(loads) == 1
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "bq.json").read_text())["rows"]}
+    assert rows["two"]["fd_effnetl0"] == pytest.approx(row["fd_effnetl0"], rel=1e-6)  # same images as `eval --steps 2`

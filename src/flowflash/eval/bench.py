@@ -51,14 +51,20 @@ def own_peak_rss_mb() -> float:
     return peak_rss_mb()
 
 
-def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: int = 1, batch: int = 1) -> dict:
+def pipe_key(s: Setting) -> tuple:
+    """Settings that differ only in steps or guidance share one loaded Pipeline."""
+    return (s.model, s.minilm, s.precision)
+
+
+def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: int = 1, batch: int = 1,
+                  pipes: dict | None = None) -> dict:
     """Median per-phase seconds per image for each setting, repetitions interleaved across settings so that
-    machine noise hits all of them alike."""
+    machine noise hits all of them alike. The loaded pipelines are left in `pipes` (by pipe_key) for reuse."""
     from ..runtime.pipeline import Pipeline
 
-    pipes = {}
+    pipes = {} if pipes is None else pipes
     for s in settings:
-        key = (s.model, s.minilm, s.precision)
+        key = pipe_key(s)
         if key not in pipes:
             pipes[key] = Pipeline.load(s.model, use_minilm=s.minilm, precision=s.precision)
     runs: dict[str, list] = {s.name: [] for s in settings}
@@ -66,7 +72,7 @@ def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: i
     with tqdm(total=total, desc="bench", leave=False) as bar:
         for r in range(warmup + reps):
             for s in settings:
-                pipe = pipes[(s.model, s.minilm, s.precision)]
+                pipe = pipes[pipe_key(s)]
                 t0 = time.perf_counter()
                 pipe.generate_seeded([prompt] * batch, list(range(batch)), steps=s.steps, guidance=s.guidance)
                 wall = time.perf_counter() - t0

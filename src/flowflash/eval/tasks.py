@@ -48,7 +48,8 @@ def judge(a) -> int:
 
 def evaluate_setting(setting: Setting | None, data: Path, prompts: Path | None, out: Path | None,
                      images: Path | None = None, seed: int = 0, save_images: Path | None = None,
-                     judge=None, real_feats=None, ref_feats: dict | None = None, cache: Path | None = None) -> dict:
+                     judge=None, real_feats=None, ref_feats: dict | None = None, cache: Path | None = None,
+                     pipe=None) -> dict:
     from .judge import Judge
 
     ps = load_prompt_set(prompts or DEFAULT_PROMPTS)
@@ -61,7 +62,7 @@ def evaluate_setting(setting: Setting | None, data: Path, prompts: Path | None, 
         name = Path(images).name
     else:
         t0 = time.perf_counter()
-        imgs, timings = generate_set(setting, ps, seed=seed, cache=cache)
+        imgs, timings = generate_set(setting, ps, seed=seed, cache=cache, pipe=pipe)
         if not timings.pop("cached", False):
             timings["sec_per_image"] = (time.perf_counter() - t0) / len(imgs)
         name = setting.name
@@ -91,7 +92,7 @@ def evaluate(a) -> int:
 
 
 def bench(a) -> int:
-    from .bench import parse_setting, peak_rss_mb, peak_rss_of, plot_bench, time_settings
+    from .bench import parse_setting, peak_rss_mb, peak_rss_of, pipe_key, plot_bench, time_settings
 
     settings = [parse_setting(s) for s in a.setting]
     names = [s.name for s in settings]
@@ -105,7 +106,8 @@ def bench(a) -> int:
     from ..runtime.pipeline import resolve_model
     for s in settings:
         resolve_model(s.model)  # fail on an unknown model before any work
-    speed = time_settings(settings, a.prompt, reps=a.reps)
+    pipes: dict = {}  # loaded once, for timing and then for the quality set
+    speed = time_settings(settings, a.prompt, reps=a.reps, pipes=pipes)
     rows = [{"setting": n, **speed[n]} for n in names]
     if a.memory:
         for s, r in zip(settings, rows):
@@ -122,7 +124,7 @@ def bench(a) -> int:
         for s, r in zip(settings, rows):
             ref = {baseline: feats[baseline]} if baseline in feats else None
             q = evaluate_setting(s, Path(a.data), a.prompts, None, judge=judge, real_feats=real_feats, ref_feats=ref,
-                                 cache=a.cache)
+                                 cache=a.cache, pipe=pipes[pipe_key(s)])
             feats[s.name] = q.pop("_feats")
             r.update({k: v for k, v in q.items() if k not in ("sec_per_image", "text_s", "denoise_s", "decode_s")})
     out = Path(a.out)
