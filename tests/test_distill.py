@@ -270,3 +270,17 @@ def test_torchrun_two_processes_distill_flash(teacher_dir, tmp_path, tiny_corpus
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((tmp_path / "ddp/checkpoint/state.json").read_text())["state"]["step"] == 4
     assert load_model(tmp_path / "ddp" / "student").cfg.kind == "student"
+
+
+def test_cli_teacher_and_out_override_the_config(teacher_dir, tmp_path, tiny_corpus, capsys):
+    from flowflash.cli import main
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text(f"teacher: /no/such/teacher\ndata: {tiny_corpus}\nout: {tmp_path / 'cfg-out'}\nstudent_steps: 2\n"
+                    "steps: 1\nbatch_size: 2\n")
+    code = main(["distill", "--method", "naive", "--config", str(conf)])
+    assert code == 2 and "unknown model '/no/such/teacher'" in capsys.readouterr().err
+    code = main(["distill", "--method", "naive", "--config", str(conf), "--teacher", str(teacher_dir),
+                 "--out", str(tmp_path / "cli-out")])
+    assert code == 0 and (tmp_path / "cli-out" / "student").is_dir() and not (tmp_path / "cfg-out").exists()
+    assert json.loads((tmp_path / "cli-out" / "config.json").read_text())["teacher"] == str(teacher_dir)

@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--method", required=True, help="flash, dmd2, tg or naive")
     ds.add_argument("--config", default=None, help="YAML of DistillConfig fields")
     ds.add_argument("--out", default=None, help="run folder (overrides the config's out)")
+    ds.add_argument("--teacher", default=None, help="teacher model name or folder (overrides the config's teacher)")
     ds.add_argument("--resume", action="store_true")
     ds.add_argument("--max-steps", type=positive_int, default=None)
     ds.add_argument("--measure-variance", type=positive_int, default=None, metavar="DRAWS",
@@ -283,7 +284,7 @@ def cmd_distill(a) -> int:
     from .distill.trainer import distill
     from .train.common import load_config
 
-    over = {"method": a.method, **({"out": a.out} if a.out else {})}
+    over = {"method": a.method, **({"out": a.out} if a.out else {}), **({"teacher": a.teacher} if a.teacher else {})}
     cfg = load_config(DistillConfig, a.config, over)
     if a.measure_variance:
         import json

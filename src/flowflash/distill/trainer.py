@@ -69,9 +69,10 @@ def setup(cfg: DistillConfig, d) -> Setup:
     if cfg.method not in METHODS:
         raise FlowflashError(f"unknown method {cfg.method!r}; known: {', '.join(METHODS)}")
     out = Path(cfg.out)
+    teacher_dir = resolve_model(cfg.teacher)  # a wrong teacher fails before the run folder exists
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    teacher = load_model(resolve_model(cfg.teacher))
+    teacher = load_model(teacher_dir)
     student = None
     if cfg.init_student:
         student = load_model(Path(cfg.init_student))
@@ -129,6 +130,8 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     out = Path(cfg.out)
     su = setup(cfg, d)
     teacher, method = su.teacher, su.method
+    if d.main:
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     if cfg.method == "naive":
         if d.main:
             export_student(teacher, teacher, method, cfg, out / "student")
@@ -143,7 +146,6 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     step = 0
     if resume:
         step = load_checkpoint(ckpt, modules, method.optimizers, {"student": ema}, gens)["step"]
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
     local_b = cfg.batch_size // d.world
     end = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=f"distill {cfg.method}", dynamic_ncols=True)
