@@ -2,6 +2,8 @@
 # The issue-4 tables from the students of scripts/distill-emoji.sh: one `flowflash bench` run for the
 # ablation table (quality on the 335 held-out prompts + speed), one for end-to-end speed and memory.
 # Generated evaluation images are cached in runs/eval-cache (keyed by weights hash and settings).
+# The committed table was measured with emoji-teacher v2 (git a75d5f7); `model:teacher` is now v3, and
+# runs/distill/* must come from scripts/distill-emoji.sh run against the teacher you want to compare.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FF=${FF:-.venv/bin/flowflash}
