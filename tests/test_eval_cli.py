@@ -78,6 +78,35 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
                  "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "ev2")])
     row2 = json.loads((tmp_path / "ev2.json").read_text())["rows"][0]
     assert code == 0 and abs(row2["fd_effnetl0"] - row["fd_effnetl0"]) < 1e-6
+    # grid --score: single-emoji captions are ranked among all of the corpus's; scene prompts are skipped
+    from flowflash.data.dataset import read_manifest
+    rows = read_manifest(tiny_corpus)
+    singles = list(dict.fromkeys(r["caption"] for r in rows if r["kind"] == "single"))
+    scene = next(r["caption"] for r in rows if r["kind"] != "single")
+    (tmp_path / "grid.txt").write_text("\n".join(singles[:3] + [scene]) + "\n")
+    code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir), "--steps", "2",
+                 "--score", str(tiny_corpus), "-o", str(tmp_path / "grid.png")])
+    assert code == 0
+    g = json.loads((tmp_path / "grid.json").read_text())
+    assert g["prompts"] == singles[:3] and g["generated"]["pool"] == len(singles)
+    for side in ("generated", "real"):
+        assert all(1 <= r <= len(singles) for r in g[side]["ranks"])
+        assert all(1 <= r <= g[side]["groups"]["n_groups"] for r in g[side]["groups"]["ranks"])
+    assert g["real"]["groups"]["n_groups"] < len(singles)  # each concept comes in two styles
+    code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir),
+                 "--score", str(tmp_path / "nowhere"), "-o", str(tmp_path / "grid2.png")])
+    assert code == 2 and "no corpus at" in capsys.readouterr().err and not (tmp_path / "grid2.png").exists()
+    # bench --quality loads each model once: the timing pipeline also makes the quality set
+    from flowflash.runtime.pipeline import Pipeline
+    loads = []
+    real_load = Pipeline.load.__func__
+    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
+    m = str(tiny_model_dir)
+    code = main(["bench", "--setting", f"two=model:{m},steps:2", "--setting", f"one=model:{m},steps:1", "--reps", "1",
+                 "--quality", "--data", str(tiny_corpus), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "bq")])
+    assert code == 0 and len(loads) == 1
+    rows = {r["setting"]: r for r in json.loads((tmp_path / "bq.json").read_text())["rows"]}
+    assert rows["two"]["fd_effnetl0"] == pytest.approx(row["fd_effnetl0"], rel=1e-6)  # same images as `eval --steps 2`
     # a cache: the first run writes one entry, the second reuses it (same scores, no timing claimed),
     # another step count is another entry
     ev = ["eval", "--model", str(tiny_model_dir), "--data", str(tiny_corpus), "--prompts", str(tmp_path / "p.jsonl"),
@@ -147,32 +176,3 @@ def test_memory_probe_reports_its_own_process_not_the_parents(tiny_model_dir):
     probe = peak_rss_of(parse_setting(f"t=model:{tiny_model_dir},steps:1,guidance:1"), "a red apple")
     del ballast
     assert 50 < probe < 1000  # a tiny model's process: imports + MiniLM, far below the parent's 1.2 GB
-    # grid --score: single-emoji captions are ranked among all of the corpus's; scene prompts are skipped
-    from flowflash.data.dataset import read_manifest
-    rows = read_manifest(tiny_corpus)
-    singles = list(dict.fromkeys(r["caption"] for r in rows if r["kind"] == "single"))
-    scene = next(r["caption"] for r in rows if r["kind"] != "single")
-    (tmp_path / "grid.txt").write_text("\n".join(singles[:3] + [scene]) + "\n")
-    code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir), "--steps", "2",
-                 "--score", str(tiny_corpus), "-o", str(tmp_path / "grid.png")])
-    assert code == 0
-    g = json.loads((tmp_path / "grid.json").read_text())
-    assert g["prompts"] == singles[:3] and g["generated"]["pool"] == len(singles)
-    for side in ("generated", "real"):
-        assert all(1 <= r <= len(singles) for r in g[side]["ranks"])
-        assert all(1 <= r <= g[side]["groups"]["n_groups"] for r in g[side]["groups"]["ranks"])
-    assert g["real"]["groups"]["n_groups"] < len(singles)  # each concept comes in two styles
-    code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir),
-                 "--score", str(tmp_path / "nowhere"), "-o", str(tmp_path / "grid2.png")])
-    assert code == 2 and "no corpus at" in capsys.readouterr().err and not (tmp_path / "grid2.png").exists()
-    # bench --quality loads each model once: the timing pipeline also makes the quality set
-    from flowflash.runtime.pipeline import Pipeline
-    loads = []
-    real_load = Pipeline.load.__func__
-    monkeypatch.setattr(Pipeline, "load", classmethod(lambda cls, *a, **k: loads.append(a) or real_load(cls, *a, **k)))
-    m = str(tiny_model_dir)
-    code = main(["bench", "--setting", f"two=model:{m},steps:2", "--setting", f"one=model:{m},steps:1", "--reps", "1",
-                 "--quality", "--data", str(tiny_corpus), "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "bq")])
-    assert code == 0 and len(loads) == 1
-    rows = {r["setting"]: r for r in json.loads((tmp_path / "bq.json").read_text())["rows"]}
-    assert rows["two"]["fd_effnetl0"] == pytest.approx(row["fd_effnetl0"], rel=1e-6)  # same images as `eval --steps 2`

@@ -277,6 +277,7 @@ def cmd_grid(a) -> int:
               f"{g['pool']} {g['top1']:.3f} ({r['top1']:.3f}), top-5 {g['top5']:.3f} ({r['top5']:.3f}); concept "
               f"top-1 among {g['groups']['n_groups']} {g['groups']['top1']:.3f} ({r['groups']['top1']:.3f}), "
               f"top-5 {g['groups']['top5']:.3f} ({r['groups']['top5']:.3f}) -> {out.with_suffix('.json')}")
+    return 0
 
 
 def cmd_distill(a) -> int:
