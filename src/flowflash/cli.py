@@ -249,6 +249,10 @@ def cmd_grid(a) -> int:
     if a.score and not (Path(a.score) / "manifest.jsonl").exists():
         raise FlowflashError(f"--score: no corpus at {a.score} (no manifest.jsonl); build it with: "
                              f"flowflash data build --out {a.score}")
+    judge = None
+    if a.score:
+        from .eval.judge import Judge
+        judge = Judge.load()  # a missing judge fails before the grid is drawn
     out = output_paths(a.output, 1)[0]
     pipe = Pipeline.load(a.model)
     t0 = time.perf_counter()
@@ -264,11 +268,10 @@ def cmd_grid(a) -> int:
         import numpy as np
         import torch
 
-        from .eval.judge import Judge
         from .eval.run import score_singles
 
         u8 = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
-        res = score_singles(u8.contiguous(), prompts, Path(a.score), Judge.load())
+        res = score_singles(u8.contiguous(), prompts, Path(a.score), judge)
         res.update({"model": pipe.name, "model_hash": pipe.hash, "steps": pp["steps"], "guidance": pp["guidance"],
                     "seed": a.seed, "prompts_file": str(path)})
         out.with_suffix(".json").write_text(json.dumps(res, indent=1))
