@@ -98,25 +98,31 @@ class Judge:
                 "r_precision_k": k}
 
     @torch.no_grad()
-    def recognition(self, feats: torch.Tensor, captions: list[str], pool: list[str],
+    def recognition(self, image_sets: dict[str, torch.Tensor], captions: list[str], pool: list[str],
                     groups: list[str] | None = None) -> dict:
-        """Rank of each image's caption among every caption of `pool` (e.g. all single-emoji captions):
-        a stricter 'is it recognisable' than R-precision's 10 random candidates. With `groups` (one per
-        pool caption, e.g. its concept), also the rank of the right group, so that a dog drawn in the
-        other style still counts."""
-        img = self.scorer.embed_images(feats)
+        """For each set of image features (one row per caption), the rank of each image's caption among
+        every caption of `pool` (e.g. all single-emoji captions): a stricter 'is it recognisable' than
+        R-precision's 10 random candidates. With `groups` (one per pool caption, e.g. its concept), also
+        the rank of the right group, so that a dog drawn in the other style still counts. The pool is
+        encoded once for all sets."""
         txt = self.scorer.embed_texts(encode_texts(self.minilm, pool))
-        idx = torch.tensor([pool.index(c) for c in captions])
+        at = {c: i for i, c in enumerate(pool)}
+        idx = torch.tensor([at[c] for c in captions])
+        gid = None
+        if groups is not None:
+            names = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+            gid = torch.tensor([names[g] for g in groups])
 
         def summary(ranks: torch.Tensor) -> dict:
             return {"top1": float((ranks <= 1).float().mean()), "top5": float((ranks <= 5).float().mean()),
                     "median_rank": float(ranks.float().median()), "ranks": ranks.tolist()}
 
-        out = {"n": len(captions), "pool": len(pool), **summary(caption_ranks(img, txt, idx))}
-        if groups is not None:
-            names = list(dict.fromkeys(groups))
-            gid = torch.tensor([names.index(g) for g in groups])
-            out["groups"] = {"n_groups": len(names), **summary(caption_ranks(img, txt, idx, gid))}
+        out = {}
+        for name, feats in image_sets.items():
+            img = self.scorer.embed_images(feats)
+            out[name] = {"n": len(captions), "pool": len(pool), **summary(caption_ranks(img, txt, idx))}
+            if gid is not None:
+                out[name]["groups"] = {"n_groups": int(gid.max()) + 1, **summary(caption_ranks(img, txt, idx, gid))}
         return out
 
     @torch.no_grad()

@@ -175,7 +175,9 @@ def score_singles(images_u8: torch.Tensor, prompts: list[str], data: Path, judge
     from ..data.dataset import load_corpus
 
     singles = load_corpus(Path(data), None, kinds=("single",))
-    first = {c: i for i, c in reversed(list(enumerate(singles.captions)))}
+    first: dict[str, int] = {}  # caption -> its first row (one image per caption is enough)
+    for i, c in enumerate(singles.captions):
+        first.setdefault(c, i)
     pool = list(first)
     concepts = [singles.rows[first[c]]["concepts"][0] for c in pool]
     keep = [i for i, p in enumerate(prompts) if p in first]
@@ -183,6 +185,5 @@ def score_singles(images_u8: torch.Tensor, prompts: list[str], data: Path, judge
         raise FlowflashError(f"none of the prompts is a single-emoji caption of {data}")
     caps = [prompts[i] for i in keep]
     real = singles.images[[first[c] for c in caps]]
-    gen = judge.recognition(judge.features(images_u8[keep]), caps, pool, concepts)
-    ref = judge.recognition(judge.features(real), caps, pool, concepts)
-    return {"prompts": caps, "generated": gen, "real": ref}
+    sets = {"generated": judge.features(images_u8[keep]), "real": judge.features(real)}
+    return {"prompts": caps, **judge.recognition(sets, caps, pool, concepts)}
