@@ -114,6 +114,53 @@ def test_init_from_a_model_folder_starts_from_its_weights(tiny_corpus, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_init_from_run_resumes_with_the_shipped_architecture(tiny_corpus, tmp_path):
+    # cfg.model is empty in an init_from config: --resume must rebuild the shipped model, not a default one
+    train_teacher(cfg(tiny_corpus, tmp_path / "first", steps=2))
+    shipped = str(tmp_path / "first" / "ema_model")
+    train_teacher(cfg(tiny_corpus, tmp_path / "full", model={}, init_from=shipped))
+    train_teacher(cfg(tiny_corpus, tmp_path / "split", model={}, init_from=shipped), max_steps=2)
+    train_teacher(cfg(tiny_corpus, tmp_path / "split", model={}, init_from=shipped), resume=True)
+    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_concept_list_restricts_the_single_rows(tiny_corpus, tmp_path, monkeypatch):
+    import flowflash.train.teacher as teacher
+    from flowflash.data.dataset import load_corpus
+
+    rows = load_corpus(tiny_corpus).rows
+    drawn = []
+    real = teacher.draw_rows
+    monkeypatch.setattr(teacher, "draw_rows", lambda *a: drawn.append(real(*a)) or drawn[-1])
+    keep = tmp_path / "keep.txt"
+    keep.write_text("# only the frog\nfrog\n\n")
+    for p_single in (0.9, None):
+        drawn.clear()
+        train_teacher(cfg(tiny_corpus, tmp_path / f"f{p_single}", steps=6, batch_size=8, concepts=str(keep),
+                          p_single=p_single))
+        picked = [rows[i] for i in torch.cat(drawn).tolist()]
+        singles = [r for r in picked if r["kind"] == "single"]
+        assert singles and {r["concepts"][0] for r in singles} == {"frog"}
+        assert any(r["kind"] != "single" for r in picked)  # scenes are not filtered
+
+    with pytest.raises(FlowflashError, match="neither a shipped list"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "x", concepts="no-such-list"))
+    keep.write_text("unicorn\n")
+    with pytest.raises(FlowflashError, match="matches no single emoji"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "y", concepts=str(keep)))
+
+
+def test_shipped_core_list_covers_the_scene_objects():
+    from flowflash.data.build import SCENE_OBJECTS
+    from flowflash.data.dataset import load_concept_list
+
+    core = load_concept_list("core")
+    assert 150 <= len(core) <= 250 and "red-apple" in core and "moose" not in core
+    # scenes stay whole under the core list, so every object they use must be in it
+    assert set(SCENE_OBJECTS) - core <= {"rocket", "star", "fire", "sun", "heart-suit", "snowflake", "crescent-moon"}
+
+
 def test_ship_writes_a_loadable_model_with_a_card(tiny_corpus, tmp_path, capsys):
     from flowflash.cli import main
     from flowflash.models.flow_model import load_model
@@ -124,6 +171,13 @@ def test_ship_writes_a_loadable_model_with_a_card(tiny_corpus, tmp_path, capsys)
     card = (tmp_path / "shipped" / "README.md").read_text()
     assert "2 steps at batch 4" in card and "CPU-hours" in card and "flowflash train teacher --config x.yaml" in card
     assert (tmp_path / "shipped" / "ATTRIBUTION.md").exists() and load_model(tmp_path / "shipped").cfg.name == "tiny"
+    assert "concept list" not in card and "started from" not in card
+
+
+def test_card_names_the_starting_weights_and_the_concept_list():
+    from flowflash.train.card import schedule_note
+    note = schedule_note({"init_from": "weights/t", "concepts": "core", "p_single": 0.85})
+    assert "started from the weights in weights/t" in note and "concept list 'core'" in note and "85%" in note
 
 
 def test_sigterm_finishes_the_step_checkpoints_and_exports(tiny_corpus, tmp_path, monkeypatch):

@@ -46,3 +46,22 @@ def load_corpus(root: Path, split: str | None = "train", kinds: tuple[str, ...] 
         raise FlowflashError(f"corpus {root} has no rows for split={split!r}")
     arr = np.stack([np.asarray(Image.open(root / r["file"]).convert("RGB")) for r in rows])
     return Corpus(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [r["caption"] for r in rows], rows)
+
+
+CONCEPT_LISTS = Path(__file__).parent / "concepts"
+
+
+def load_concept_list(name: str) -> set[str]:
+    """A named list shipped in data/concepts/ (e.g. "core") or a path to a text file, one concept
+    (icon name, e.g. "red-apple") per line; '#' starts a comment."""
+    path = CONCEPT_LISTS / f"{name}.txt"
+    if not path.exists():
+        path = Path(name)
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONCEPT_LISTS.glob("*.txt")))
+        raise FlowflashError(f"concept list {name!r} is neither a shipped list ({known}) nor a file")
+    names = {line.split("#")[0].strip() for line in path.read_text().splitlines()}
+    names.discard("")
+    if not names:
+        raise FlowflashError(f"concept list {path} is empty")
+    return names

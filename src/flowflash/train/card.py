@@ -26,10 +26,14 @@ def cpu_hours(run: Path, cores: int | None = None) -> tuple[float, int]:
 def schedule_note(cfg: dict) -> str:
     """The options of the run's (last) config that change what a step does, when they are set."""
     out = ""
+    if cfg.get("init_from"):
+        out += f"; started from the weights in {cfg['init_from']} (fresh optimizer)"
     if cfg.get("decay_start") is not None:
         out += f"; cosine lr decay to {cfg['min_lr']} over steps {cfg['decay_start']}-{cfg['steps']}"
     if cfg.get("p_single") is not None:
         out += f"; single emoji drawn for {cfg['p_single']:.0%} of each batch"
+    if cfg.get("concepts"):
+        out += f"; single emoji restricted to the concept list '{cfg['concepts']}'"
     return out
 
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from ..data.dataset import load_corpus, to_unit
+from ..data.dataset import load_concept_list, load_corpus, to_unit
+from ..errors import FlowflashError
 from ..models.flow_model import FlowModel, ModelConfig, save_model
 from ..models.text import MiniLMEncoder, TextConditioner, WordTokenizer
 from ..sampling import time_shift
@@ -38,6 +39,9 @@ class TeacherConfig:
     # Probability that a batch row is a single emoji rather than a scene; None samples rows uniformly.
     # Singles are a quarter of the corpus but carry most of the identity a person checks.
     p_single: float | None = None
+    # Curated concept list for the single-emoji rows (a list in data/concepts/ such as "core", or a
+    # file); None trains on every concept. Scenes are kept whole: their objects are all in "core".
+    concepts: str | None = None
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema: float = 0.999
@@ -76,9 +80,9 @@ def learning_rate(cfg: TeacherConfig, step: int) -> float:
 
 def draw_rows(b: int, singles: torch.Tensor, scenes: torch.Tensor, p_single: float | None,
               gen: torch.Generator) -> torch.Tensor:
-    n = len(singles) + len(scenes)
     if p_single is None or len(singles) == 0 or len(scenes) == 0:
-        return torch.randint(n, (b,), generator=gen)
+        pool = torch.cat([singles, scenes])  # rows in manifest order when nothing is filtered out
+        return pool[torch.randint(len(pool), (b,), generator=gen)]
     pick_single = torch.rand(b, generator=gen) < p_single
     s = singles[torch.randint(len(singles), (b,), generator=gen)]
     c = scenes[torch.randint(len(scenes), (b,), generator=gen)]
@@ -121,7 +125,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     corpus = load_corpus(Path(cfg.data), "train")
-    if cfg.init_from and not resume:
+    if cfg.init_from:  # on --resume the checkpoint then overwrites these weights
         from ..models.flow_model import load_model
         model = load_model(Path(cfg.init_from)).requires_grad_(True).train()
         mcfg = model.cfg
@@ -137,8 +141,12 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     if not d.main:
         mini_h, mini_p = minilm_cache(corpus.captions, out, mcfg.minilm_max_tokens)
 
-    singles = torch.tensor([i for i, r in enumerate(corpus.rows) if r["kind"] == "single"])
-    scenes = torch.tensor([i for i, r in enumerate(corpus.rows) if r["kind"] != "single"])
+    keep = load_concept_list(cfg.concepts) if cfg.concepts else None
+    singles = torch.tensor([i for i, r in enumerate(corpus.rows) if r["kind"] == "single"
+                            and (keep is None or r["concepts"][0] in keep)], dtype=torch.long)
+    if keep is not None and len(singles) == 0:
+        raise FlowflashError(f"concept list {cfg.concepts!r} matches no single emoji in {cfg.data}")
+    scenes = torch.tensor([i for i, r in enumerate(corpus.rows) if r["kind"] != "single"], dtype=torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     ema = EMA(model, cfg.ema)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
