@@ -4,8 +4,9 @@ runs/eval-cache by a `flowflash bench --quality --cache runs/eval-cache` run.
 
 Usage: .venv/bin/python scripts/breakdown-by-kind.py
 """
-import json, torch
 from pathlib import Path
+
+import torch
 from safetensors.torch import load_file, safe_open
 from flowflash.eval.judge import Judge
 from flowflash.eval.run import load_prompt_set

@@ -146,6 +146,7 @@ def test_concept_list_restricts_the_single_rows(tiny_corpus, tmp_path, monkeypat
 
     with pytest.raises(FlowflashError, match="neither a shipped list"):
         train_teacher(cfg(tiny_corpus, tmp_path / "x", concepts="no-such-list"))
+    assert not (tmp_path / "x").exists()  # nothing half-made
     keep.write_text("unicorn\n")
     with pytest.raises(FlowflashError, match="matches no single emoji"):
         train_teacher(cfg(tiny_corpus, tmp_path / "y", concepts=str(keep)))

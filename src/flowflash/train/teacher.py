@@ -121,6 +121,8 @@ def minilm_cache(captions: list[str], out: Path, max_tokens: int) -> tuple[torch
 
 def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | None = None) -> Path:
     d = init_dist()
+    # A bad list name fails here, before the run folder, model and caption cache are made.
+    keep = load_concept_list(cfg.concepts) if cfg.concepts else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -141,7 +143,6 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     if not d.main:
         mini_h, mini_p = minilm_cache(corpus.captions, out, mcfg.minilm_max_tokens)
 
-    keep = load_concept_list(cfg.concepts) if cfg.concepts else None
     singles = torch.tensor([i for i, r in enumerate(corpus.rows) if r["kind"] == "single"
                             and (keep is None or r["concepts"][0] in keep)], dtype=torch.long)
     if keep is not None and len(singles) == 0:
