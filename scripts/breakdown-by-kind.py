@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, safe_open
 from flowflash.eval.judge import Judge
-from flowflash.eval.run import load_prompt_set
+from flowflash.eval.prompt_set import load_prompt_set
 from flowflash.data.dataset import load_concept_list
 core = load_concept_list("core")
-ps = load_prompt_set("prompts/eval_v1.jsonl")
+ps = load_prompt_set("eval_v1")
 judge = Judge.load()
 sets = {}
 for f in sorted(Path("runs/eval-cache").glob("*.safetensors")):

@@ -35,4 +35,4 @@ lane_b() { run tg distill-tg-2; run dmd2 distill-dmd2-4; run flash distill-flash
 lane_a & a=$!
 lane_b & b=$!
 wait $a; wait $b
-for n in 4 2; do "$FF" distill --method naive --config configs/distill-tg-$n.yaml --out runs/distill/naive-$n > /dev/null; done
+for n in 4 2; do "$FF" distill --method naive --student-steps $n --out runs/distill/naive-$n > /dev/null; done

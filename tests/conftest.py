@@ -47,9 +47,10 @@ def tiny_model_config(**kw):
 
     base = dict(image_size=16, patch_size=4, num_layers=1, num_heads=2, head_dim=8, light_layers=1,
                 light_max_tokens=8, minilm_max_tokens=8, vocab=["a", "apple", "banana", "dog", "face", "red"],
-                default_steps=4, name="tiny", shift=1.0)
+                name="tiny")
+    sampling = {"steps": 4, "shift": 1.0, **kw.pop("sampling", {})}
     base.update(kw)
-    return ModelConfig(**base)
+    return ModelConfig.from_dict({**base, "sampling": sampling})
 
 
 @pytest.fixture

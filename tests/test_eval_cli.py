@@ -4,7 +4,8 @@ import json
 import pytest
 
 from flowflash.cli import main
-from flowflash.eval.run import load_prompt_set, read_image_folder
+from flowflash.eval.image_sets import read_image_folder
+from flowflash.eval.prompt_set import load_prompt_lines, load_prompt_set
 from flowflash.errors import FlowflashError
 
 
@@ -14,6 +15,22 @@ def test_prompt_set_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(FlowflashError, match="prompt set is empty"):
         load_prompt_set(tmp_path / "empty.jsonl")
+
+
+def test_packaged_prompt_sets_by_name_and_path(tmp_path):
+    ps = load_prompt_set("eval_v1")
+    assert (ps.name, ps.sha, len(ps.rows)) == ("eval_v1", "34fdc4914b", 335)  # the set docs/benchmarks.md used
+    assert load_prompt_set().sha == ps.sha  # the default
+    label, prompts = load_prompt_lines("grid64-core")
+    assert label == "grid64-core" and len(prompts) == 64
+    (tmp_path / "mine.txt").write_text("a red apple\n\nbanana\n")
+    assert load_prompt_lines(tmp_path / "mine.txt") == (str(tmp_path / "mine.txt"), ["a red apple", "banana"])
+    with pytest.raises(FlowflashError, match="prompts file not found: grid65 .*grid64, grid64-core"):
+        load_prompt_lines("grid65")
+    with pytest.raises(FlowflashError, match="prompt set not found"):
+        load_prompt_set("grid64")  # a grid list is not a prompt set
+    with pytest.raises(FlowflashError, match="prompt set not found"):
+        load_prompt_set(tmp_path / "eval_v1")  # a missing path is not read as a name
 
 
 def test_image_folder_size_mismatch(tmp_path):
@@ -54,7 +71,7 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
     """The whole instrument chain on the tiny corpus: build the judge, validate it on real held-out
     images, then score a tiny model through `flowflash eval`."""
     from flowflash.eval import judge as judge_mod
-    from flowflash.eval.run import write_prompt_set
+    from flowflash.eval.prompt_set import write_prompt_set
 
     monkeypatch.setenv("FLOWFLASH_JUDGE_DIR", str(tmp_path / "judge"))
     info = judge_mod.build_judge(tiny_corpus, tmp_path / "judge", max_crops=50)
@@ -169,6 +186,7 @@ def test_merge_with_a_fixed_ratio_and_mismatched_branches(tmp_path, capsys):
     assert torch.allclose(mo[k], (0.25 * ma[k] + 0.75 * mb[k]).half().float(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_memory_probe_reports_its_own_process_not_the_parents(tiny_model_dir):
     from flowflash.eval.bench import parse_setting, peak_rss_of
     ballast = bytearray(1200 * 1024 * 1024)  # the parent is now > 1.2 GB resident

@@ -50,10 +50,36 @@ def test_scorer_learns_pairs():
     m = train_scorer(i, t, torch.arange(40), steps=200, batch=40)
     sims = m.embed_images(i) @ m.embed_texts(t).T
     assert (sims.argmax(1) == torch.arange(40)).float().mean() > 0.9
-    # duplicate captions are not negatives of each other
-    e = torch.nn.functional.normalize(torch.randn(4, 3), dim=-1)
-    l_dup = clip_loss(e, e[[0, 0, 2, 3]], torch.tensor(0.0), torch.tensor([0, 0, 2, 3]))
-    assert torch.isfinite(l_dup)
+
+
+def test_clip_loss_leaves_duplicate_captions_out_of_the_negatives():
+    """clip_loss promises: for each image (and, transposed, each caption) the softmax runs over its own
+    pair and the pairs of *other* captions only; rows sharing its caption are neither positives nor
+    negatives. So it equals InfoNCE with those rows removed from each anchor's candidates, is strictly
+    lower than counting them as negatives, and is plain symmetric InfoNCE when all captions differ."""
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    img = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(6, 4, generator=g), dim=-1)
+    ids = torch.tensor([0, 0, 1, 2, 1, 3])
+    scale = torch.tensor(1.5)
+    logits = scale.exp() * img @ txt.T
+
+    def without_duplicates(lg: torch.Tensor) -> torch.Tensor:
+        terms = []
+        for i in range(len(ids)):
+            keep = (ids != ids[i]) | (torch.arange(len(ids)) == i)
+            own = int(keep[:i].sum())  # where anchor i's own pair sits among the kept candidates
+            terms.append(-torch.log_softmax(lg[i][keep], 0)[own])
+        return torch.stack(terms).mean()
+
+    loss = clip_loss(img, txt, scale, ids)
+    assert loss.item() == pytest.approx(((without_duplicates(logits) + without_duplicates(logits.T)) / 2).item(),
+                                        rel=1e-6)
+    target = torch.arange(len(ids))
+    as_negatives = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    assert loss < as_negatives
+    assert clip_loss(img, txt, scale, torch.arange(6)).item() == pytest.approx(as_negatives.item(), rel=1e-6)
 
 
 def draw(bg, blobs, size=64):
@@ -66,7 +92,7 @@ def draw(bg, blobs, size=64):
 
 
 def test_compositional_pixel_checks():
-    from flowflash.data.build import COLORS
+    from flowflash.data.constants import COLORS
     img = draw(COLORS["blue"], [(32, 12, 6, (250, 250, 0)), (32, 32, 6, (250, 0, 0)), (32, 52, 6, (0, 200, 0))])
     assert compose.background_name(img) == "blue"
     assert compose.count_objects(img) == 3

@@ -6,6 +6,7 @@ import pytest
 from PIL import Image
 
 from flowflash.cli import main
+from flowflash.errors import FlowflashError
 from flowflash.runtime.pipeline import Pipeline
 
 
@@ -47,10 +48,27 @@ def test_determinism_by_seed(tiny_model_dir):
     assert (np.asarray(batch[1]) == np.asarray(pipe.generate("a red apple", steps=3, seed=2)[0])).all()
 
 
-def test_dropping_minilm_changes_the_image(tiny_model_dir):
-    a = np.asarray(Pipeline.load(tiny_model_dir).generate("a red apple", steps=2, guidance=1.0)[0])
-    b = np.asarray(Pipeline.load(tiny_model_dir, use_minilm=False).generate("a red apple", steps=2, guidance=1.0)[0])
-    assert a.shape == b.shape and (a != b).any()
+def test_each_text_encoder_drops_and_changes_the_image(tiny_model_dir):
+    gen = lambda **kw: np.asarray(Pipeline.load(tiny_model_dir, **kw).generate("a red apple", steps=2, guidance=1.0)[0])
+    full, no_mini, no_light = gen(), gen(drop=["minilm"]), gen(drop=["light"])
+    assert full.shape == no_mini.shape == no_light.shape
+    assert (full != no_mini).any() and (full != no_light).any() and (no_mini != no_light).any()
+    assert Pipeline.load(tiny_model_dir, drop=["minilm"]).model.minilm is None  # not even loaded
+    with pytest.raises(FlowflashError, match="cannot drop t5: this model's text encoders are light, minilm"):
+        Pipeline.load(tiny_model_dir, drop=["t5"])
+
+
+def test_run_returns_the_images_parameters_and_timings(tiny_model_dir):
+    pipe = Pipeline.load(tiny_model_dir, drop=["minilm"])
+    gen = pipe.run(["a red apple", "dog face"], [3, 9], steps=2, guidance=2.0)
+    assert len(gen.images) == 2 and gen.params.seeds == [3, 9] and gen.params.steps == 2
+    assert gen.params.guidance == 2.0 and gen.params.size == (16, 16) and gen.params.dropped == ("minilm",)
+    assert gen.params.timesteps == [1.0, 0.5, 0.0] and gen.timings.denoise_s > 0 and gen.warnings == []
+    assert pipe.last is gen
+    images = pipe.generate("a red apple", steps=2, seed=4, size=(16, 16))
+    assert pipe.last.images == images and pipe.last.params.seeds == [4]
+    with pytest.raises(FlowflashError, match="2 prompts but 1 seeds"):
+        pipe.run(["a", "b"], [0])
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -62,7 +80,10 @@ def test_dropping_minilm_changes_the_image(tiny_model_dir):
     (["x", "--seed", "-1"], "non-negative integer"),
     (["x", "--guidance", "-1"], "number >= 0"),
     (["x", "--guidance", "nan"], "number >= 0"),
-    (["x", "--size", "32"], "16px images only"),
+    (["x", "--size", "32"], "16x16 images only"),
+    (["x", "--size", "16x8"], "16x16 images only"),
+    (["x", "--size", "16y"], "size N or WxH"),
+    (["x", "--drop", "t5"], "cannot drop t5"),
     (["x", "-o", "/nonexistent/dir/a.png"], "does not exist"),
     (["x", "-o", "out.jpg"], "must end in .png"),
     (["x", "--model", "/no/such/model"], "unknown model"),
@@ -72,9 +93,13 @@ def test_bad_input_one_line_exit_2_no_file(tiny_model_dir, tmp_path, capsys, mon
     argv = ["generate", *args]
     if "--model" not in args:
         argv += ["--model", str(tiny_model_dir)]
-    with pytest.raises(SystemExit) if needle in ("positive integer", "non-negative integer", "number >= 0") else _null():
+    if needle in ("positive integer", "non-negative integer", "number >= 0", "size N or WxH"):
+        with pytest.raises(SystemExit) as exc:  # argparse's own usage error
+            main(argv)
+        code = exc.value.code
+    else:
         code = main(argv)
-        assert code == 2
+    assert code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1
     assert not list(tmp_path.rglob("*.png")) and not list(tmp_path.rglob("*.tmp"))
@@ -108,19 +133,10 @@ def test_generation_opens_no_socket(tiny_model_dir, tmp_path, capsys, monkeypatc
     assert code == 0 and (tmp_path / "a.png").exists()
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
-
-
 def test_the_default_model_is_the_shipped_four_step_student_and_the_teacher_stays():
-    import json
+    from flowflash.models.flow_model import read_config
     from flowflash.runtime.pipeline import resolve_model
-    student = json.loads((resolve_model(None) / "config.json").read_text())
-    teacher = json.loads((resolve_model("teacher") / "config.json").read_text())
+    student, teacher = read_config(resolve_model(None)), read_config(resolve_model("teacher"))
     assert resolve_model(None) == resolve_model("student") != resolve_model("teacher")
-    assert student["kind"] == "student" and len(student["schedule"]) == 5 and student["default_guidance"] == 1.0
-    assert teacher["kind"] == "teacher" and teacher["default_steps"] == 50
+    assert student.kind == "student" and len(student.sampling.schedule) == 5 and student.sampling.guidance == 1.0
+    assert teacher.kind == "teacher" and teacher.sampling.steps == 50 and teacher.sampling.schedule is None

@@ -76,16 +76,76 @@ def test_x_prediction_is_converted_to_velocity():
         FlowModel(tiny_model_config(prediction="eps"))
 
 
-def test_large_models_are_sharded_and_load_back(tmp_path, monkeypatch):
-    import flowflash.models.flow_model as fm
-    monkeypatch.setattr(fm, "SHARD_BYTES", 20_000)  # force several shards on the tiny model
+def test_large_models_are_sharded_with_an_index_and_load_back(tmp_path, monkeypatch):
+    from flowflash.models import storage
+    from flowflash.models.flow_model import save_model
+    monkeypatch.setattr(storage, "SHARD_BYTES", 20_000)  # force several shards on the tiny model
     torch.manual_seed(0)
     m = FlowModel(tiny_model_config())
-    fm.save_model(m, tmp_path / "m")
+    save_model(m, tmp_path / "m")
     shards = sorted((tmp_path / "m").glob("model-*-of-*.safetensors"))
     assert len(shards) > 1 and not (tmp_path / "m" / "model.safetensors").exists()
+    assert (tmp_path / "m" / "model.safetensors.index.json").exists()
     back = load_model(tmp_path / "m")
     assert all(torch.equal(v.half().float(), back.state_dict()[k]) for k, v in m.state_dict().items())
     shards[-1].unlink()
-    with pytest.raises(FlowflashError, match="lacks weight shards"):
+    with pytest.raises(FlowflashError, match="names shards the folder lacks"):
         load_model(tmp_path / "m")
+
+
+def test_int8_storage_quantizes_linear_weights_only_and_stays_close(tmp_path):
+    from safetensors.torch import load_file
+    from flowflash.models.flow_model import save_model
+    torch.manual_seed(0)
+    m = FlowModel(tiny_model_config())
+    save_model(m, tmp_path / "q", "int8")
+    raw = load_file(tmp_path / "q" / "model.safetensors")
+    int8 = {k for k, v in raw.items() if v.dtype == torch.int8}
+    assert int8 == set(m.int8_keys()) and all(f"{k}_scale" in raw for k in int8)
+    assert "light.embed.weight" not in int8 and "transformer.pos_embed.proj.weight" not in int8
+    assert any(k.endswith("in_proj_weight") for k in int8)  # the light encoder's fused attention matrix
+    back = load_model(tmp_path / "q")
+    for k, v in m.state_dict().items():
+        if k in int8:  # per output channel: error at most half a quantization step
+            step = v.abs().amax(dim=1, keepdim=True) / 127
+            assert ((back.state_dict()[k] - v).abs() <= step / 2 + 1e-6).all()
+        else:
+            assert torch.equal(back.state_dict()[k], v.half().float())
+    x = torch.randn(2, 3, 16, 16)
+    args = (x, torch.rand(2), torch.randn(2, 16, 384), torch.randn(2, 768))
+    assert (back(*args) - m(*args)).abs().max() < 0.05 * m(*args).abs().max()
+
+
+def test_first_format_folder_converts_once_and_generates_the_same(tmp_path):
+    """A folder of the first layout (flat sampling fields in config.json, shards without an index) is
+    rewritten by `flowflash convert` and then gives the same images (fp16) or close ones (int8)."""
+    import json
+    import numpy as np
+    from safetensors.torch import save_file
+    from flowflash.cli import main
+    from flowflash.runtime.pipeline import Pipeline
+    torch.manual_seed(0)
+    m = FlowModel(tiny_model_config(sampling={"steps": 3, "guidance": 2.0, "shift": 1.0}))
+    old = tmp_path / "old"
+    old.mkdir()
+    cfg = m.cfg.to_dict()
+    s = cfg.pop("sampling")
+    cfg.update(format="flowflash-model-v1", shift=s["shift"], default_steps=s["steps"],
+               default_guidance=s["guidance"], schedule=s["schedule"])
+    (old / "config.json").write_text(json.dumps(cfg))
+    sd = {k: v.half().contiguous() for k, v in m.state_dict().items()}
+    keys = sorted(sd)
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
+        save_file({k: sd[k] for k in part}, old / f"model-{i:05d}-of-00002.safetensors")
+    (old / "README.md").write_text("# old\n- **Storage**: fp16.\n")
+    with pytest.raises(FlowflashError, match="pre-index shard layout"):
+        load_model(old)
+    assert main(["convert", str(old), "--storage", "fp16", "--to", str(tmp_path / "fp16")]) == 0
+    assert main(["convert", str(old), "--to", str(tmp_path / "int8")]) == 0
+    new = json.loads((tmp_path / "fp16" / "config.json").read_text())
+    assert new["format"] == "flowflash-model-v2" and new["sampling"]["steps"] == 3 and "default_steps" not in new
+    assert "int8 weight-only" in (tmp_path / "int8" / "README.md").read_text()
+    ref = np.asarray(Pipeline.load(old).generate("a red apple", seed=1)[0], dtype=int)
+    same = np.asarray(Pipeline.load(tmp_path / "fp16").generate("a red apple", seed=1)[0], dtype=int)
+    close = np.asarray(Pipeline.load(tmp_path / "int8").generate("a red apple", seed=1)[0], dtype=int)
+    assert (ref == same).all() and np.abs(ref - close).mean() < 8

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from flowflash.sampling import cfg_velocity, euler_step, sample, time_shift, timesteps
+from flowflash.sampling import (add_noise, cfg_velocity, dynamic_shift_mu, euler_step, exponential_shift,
+                                noise_from_v, sample, shift_from_scheduler_config, subdivide, time_shift, timesteps,
+                                v_from_x0, velocity_target, x0_from_v)
 
 
 def test_time_shift_identity_and_direction():
@@ -30,3 +32,31 @@ def test_euler_recovers_x0_on_a_straight_flow():
 def test_cfg_formula():
     c, u = torch.tensor([2.0]), torch.tensor([1.0])
     assert cfg_velocity(c, u, 1.0) == c and cfg_velocity(c, u, 0.0) == u and cfg_velocity(c, u, 3.0) == 4.0
+
+
+def test_conversions_are_mutually_inverse_on_the_path():
+    x0, eps, t = torch.randn(3, 3, 4, 4), torch.randn(3, 3, 4, 4), torch.tensor([0.9, 0.5, 0.1])
+    xt = add_noise(x0, eps, t)
+    v = velocity_target(x0, eps)
+    assert torch.allclose(xt[1], 0.5 * x0[1] + 0.5 * eps[1])
+    assert torch.allclose(x0_from_v(xt, t, v), x0, atol=1e-5)
+    assert torch.allclose(noise_from_v(xt, t, v), eps, atol=1e-5)
+    assert torch.allclose(v_from_x0(xt, t, x0), v, atol=1e-4)
+    assert torch.equal(add_noise(x0, eps, 0.0), x0) and torch.equal(add_noise(x0, eps, 1.0), eps)
+
+
+def test_dynamic_shift_matches_the_static_shift_it_implies():
+    t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
+    mu = dynamic_shift_mu(1024)
+    assert mu == pytest.approx(0.5 + (1.15 - 0.5) * (1024 - 256) / (4096 - 256))
+    assert torch.allclose(exponential_shift(t, mu), time_shift(t, torch.tensor(mu).exp().item()))
+    assert shift_from_scheduler_config({"shift": 3.0}) == 3.0
+    dyn = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+           "base_shift": 0.5, "max_shift": 1.15}
+    assert shift_from_scheduler_config(dyn, 4096) == pytest.approx(torch.tensor(1.15).exp().item())
+    with pytest.raises(ValueError, match="image_seq_len"):
+        shift_from_scheduler_config(dyn)
+
+
+def test_subdivide_splits_an_interval_evenly():
+    assert subdivide(0.8, 0.6, 4).tolist() == pytest.approx([0.8, 0.75, 0.7, 0.65, 0.6])

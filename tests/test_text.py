@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from flowflash.models.text import LightEncoder, MiniLMEncoder, TextConditioner, WordTokenizer, load_bert
+from flowflash.models.text import LightEncoder, MiniLMEncoder, WordTokenizer, combine, load_bert
 
 
 def test_our_bert_matches_transformers(tiny_minilm):
@@ -22,28 +22,28 @@ def test_our_bert_matches_transformers(tiny_minilm):
     assert torch.allclose(got[mask], expect[mask], atol=1e-4)
 
 
-def test_minilm_encoder_pads_truncates_and_warns(tiny_minilm):
+def test_minilm_encoder_pads_truncates_and_counts_the_cut(tiny_minilm):
     enc = MiniLMEncoder(tiny_minilm, max_tokens=6)
-    h, p = enc(["a red apple", "a red apple on a blue background"])
-    assert h.shape == (2, 6, 384) and p.shape == (2, 384)
+    h, p, cut = enc.encode(["a red apple", "a red apple on a blue background"])
+    assert h.shape == (2, 6, 384) and p.shape == (2, 384) and cut == 1
     assert (h[0, 5:] == 0).all() and (h[0, :5] != 0).any()  # [CLS] a red apple [SEP] + zero padding
     assert torch.allclose(p.norm(dim=-1), torch.ones(2))
-    import warnings
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        enc(["a red apple on a blue background"])
-    assert len(w) == 1 and "truncated" in str(w[0].message)
+    assert enc.encode(["a red apple"])[2] == 0
+    # the cut prompt keeps its [SEP] as last token: same as encoding its first 4 words
+    short, _, _ = enc.encode(["a red apple on"])
+    assert torch.allclose(h[1], short[0], atol=1e-6)
 
 
 def test_word_tokenizer_and_null_encoders():
     tok = WordTokenizer.build(["Red apple, twemoji style", "dog face"])
     assert tok.encode("red DOG zebra") == [tok.index["red"], tok.index["dog"], 1]
     torch.manual_seed(0)
-    cond = TextConditioner(tok, LightEncoder(len(tok), 384, 8), None, minilm_max_tokens=5)
-    ids = cond.light_ids(["red apple", "dog face"])
+    light = LightEncoder(len(tok), 384, 8)
+    ids, cut = tok.batch(["red apple", "dog face"], 8)
+    assert cut == 0 and tok.batch(["red apple dog face twemoji style style style style"], 8)[1] == 1
     mh, mp = torch.randn(2, 5, 384), torch.randn(2, 384)
     on, off = torch.tensor([True, True]), torch.tensor([True, False])
-    ctx, pooled = cond.combine(ids, mh, mp, on, off)
+    ctx, pooled = combine(light, ids, mh, mp, on, off)
     assert ctx.shape == (2, 8 + 5, 384) and pooled.shape == (2, 768)
     assert (ctx[1, 8:] == 0).all() and (pooled[1, 384:] == 0).all()  # MiniLM nulled for sample 1 only
     assert torch.equal(ctx[0, 8:], mh[0]) and (ctx[1, :8] != 0).any()

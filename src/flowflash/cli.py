@@ -42,6 +42,17 @@ def nonneg_float(s: str) -> float:
     return v
 
 
+def size_arg(s: str) -> int | tuple[int, int]:
+    """N (square) or WxH."""
+    try:
+        parts = [int(p) for p in s.lower().split("x")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"expected a size N or WxH in pixels, got {s!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own code for usage errors)
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -59,10 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--guidance", type=nonneg_float, default=None, help="CFG scale, >= 0 (1 = no CFG; default: the model's)")
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--num-images", type=positive_int, default=1)
-    g.add_argument("--size", type=positive_int, default=None, help="image size in px (the model's only)")
+    g.add_argument("--size", type=size_arg, default=None, help="image size, N or WxH px (default: the model's)")
     g.add_argument("--model", default=None, help="shipped model name (student: the default, 4 steps, no CFG; "
                    "teacher: 50 steps, CFG 4) or a model folder")
-    g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (MiniLM)")
+    g.add_argument("--drop", action="append", default=[], metavar="ENCODER",
+                   help="leave out this text encoder (light or minilm); repeatable")
+    g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (same as --drop minilm)")
     g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer compute dtype")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
 
@@ -91,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--command", required=True, help="the command that reproduces the run (goes in the card)")
     te.add_argument("--metrics", default=None, help="a markdown file of measured metrics for the card")
     te.add_argument("--notes", default=None, help="a markdown file of notes for the card (e.g. training phases)")
+    te.add_argument("--storage", choices=["int8", "fp16"], default="int8",
+                    help="weights as int8 weight-only with per-channel scales (default) or fp16")
     dp = dsub.add_parser("prompts", help="write the held-out split of a corpus as an evaluation prompt set")
     dp.add_argument("--data", required=True)
     dp.add_argument("--out", required=True)
@@ -111,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-minilm", action="store_true")
     e.add_argument("--images", default=None, help="score these images (00000.png, ... in prompt order) instead")
     e.add_argument("--data", required=True, help="the built corpus (real held-out images)")
-    e.add_argument("--prompts", default=None, help="prompt set JSONL (default prompts/eval_v1.jsonl)")
+    e.add_argument("--prompts", default=None, help="prompt set: a packaged name (eval_v1, the default) or a JSONL file")
     e.add_argument("--seed", type=nonneg_int, default=0)
     e.add_argument("--save-images", default=None, help="also write the generated images to this folder")
     e.add_argument("--cache", default=None, help="reuse generated images from this folder (see bench --cache)")
@@ -122,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--config", default=None, help="YAML of DistillConfig fields")
     ds.add_argument("--out", default=None, help="run folder (overrides the config's out)")
     ds.add_argument("--teacher", default=None, help="teacher model name or folder (overrides the config's teacher)")
+    ds.add_argument("--student-steps", type=positive_int, default=None, help="the student's steps (overrides the config)")
     ds.add_argument("--resume", action="store_true")
     ds.add_argument("--max-steps", type=positive_int, default=None)
     ds.add_argument("--measure-variance", type=positive_int, default=None, metavar="DRAWS",
@@ -130,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--variance-batch", type=positive_int, default=8)
     ds.add_argument("--from-checkpoint", action="store_true",
                     help="with --measure-variance: the roles of the run's last checkpoint, not the initial ones")
+
+    cv = sub.add_parser("convert", help="rewrite a model folder in the current layout with the given weight storage")
+    cv.add_argument("model", help="shipped model name or model folder")
+    cv.add_argument("--storage", choices=["int8", "fp16"], default="int8")
+    cv.add_argument("--to", default=None, help="write here instead of replacing the folder")
 
     mg = sub.add_parser("merge", help="interpolate two model folders: RATIO * A + (1 - RATIO) * B, "
                                       "or choose RATIO by a sweep on alignment (--sweep)")
@@ -145,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     mg.add_argument("-o", "--output", required=True)
 
     gr = sub.add_parser("grid", help="a grid of one image per prompt (a prompts file, one per line)")
-    gr.add_argument("--prompts", required=True)
+    gr.add_argument("--prompts", required=True, help="a text file, one prompt a line, or a packaged list (grid64, grid64-core)")
     gr.add_argument("--model", default=None)
     gr.add_argument("--steps", type=positive_int, default=None)
     gr.add_argument("--guidance", type=nonneg_float, default=None)
@@ -179,35 +200,34 @@ def cmd_generate(a) -> int:
     prompt = validate_prompt(a.prompt)
     paths = output_paths(a.output, a.num_images)
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.model, use_minilm=not a.no_minilm, precision=a.precision)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        images = pipe.generate(prompt, steps=a.steps, guidance=a.guidance, seed=a.seed,
-                               num_images=a.num_images, size=a.size)
-    cut = [str(w.message) for w in caught if "truncated" in str(w.message)]
-    if cut:  # one line, however many encoders cut it
-        print(f"warning: {'; '.join(dict.fromkeys(cut))}", file=sys.stderr)
-    pp = pipe.last_params
-    for img, path, seed in zip(images, paths, pp["seeds"]):
-        save_png(img, path, parameters_text(prompt, pp["steps"], pp["guidance"], seed, pp["size"], pipe.name, pipe.hash))
+    drop = set(a.drop) | ({"minilm"} if a.no_minilm else set())
+    pipe = Pipeline.load(a.model, drop=drop, precision=a.precision)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Generation lists them; printed once below
+        gen = pipe.run([prompt] * a.num_images, [a.seed + k for k in range(a.num_images)], steps=a.steps,
+                       guidance=a.guidance, size=a.size)
+    if gen.warnings:  # one line, however many encoders cut it
+        print(f"warning: {'; '.join(gen.warnings)}", file=sys.stderr)
+    pp = gen.params
+    for img, path, seed in zip(gen.images, paths, pp.seeds):
+        save_png(img, path, parameters_text(prompt, pp.steps, pp.guidance, seed, pp.size, pipe.name, pipe.hash))
     dt = time.perf_counter() - t0
     for path in paths:
         print(path)
-    print(f"{len(images)} image(s) in {dt:.2f} s, {time.perf_counter() - _START:.2f} s since start "
-          f"({pipe.name}, {pp['steps']} steps, CFG {pp['guidance']:g}, text {pipe.timings.text_s:.2f} s, "
-          f"denoise {pipe.timings.denoise_s:.2f} s)",
-          file=sys.stderr)
+    print(f"{len(gen.images)} image(s) in {dt:.2f} s, {time.perf_counter() - _START:.2f} s since start "
+          f"({pipe.name}, {pp.steps} steps, CFG {pp.guidance:g}, text {gen.timings.text_s:.2f} s, "
+          f"denoise {gen.timings.denoise_s:.2f} s)", file=sys.stderr)
     return 0
 
 
 def cmd_data(a) -> int:
-    from .data.build import build_corpus
-
     if a.data_cmd == "prompts":
-        from .eval.run import write_prompt_set
+        from .eval.prompt_set import write_prompt_set
         n = write_prompt_set(Path(a.data), Path(a.out))
         print(f"{n} prompts -> {a.out}")
         return 0
+
+    from .data.build import build_corpus  # npm/resvg: only for the build verb
 
     meta = build_corpus(Path(a.out), size=a.size, seed=a.seed, cache=a.cache, n_scenes=a.scenes)
     print(f"{meta['n_images']} images ({meta['n_train']} train, {meta['n_heldout']} held out), "
@@ -217,82 +237,55 @@ def cmd_data(a) -> int:
 
 def cmd_train(a) -> int:
     if a.train_cmd == "ship":
-        from .train.card import ship
+        from .release.card import ship, ship_student
         metrics = Path(a.metrics).read_text() if a.metrics else ""
         notes = Path(a.notes).read_text() if a.notes else ""
         if a.student:
-            from .train.card import ship_student
             stages = [Path(r) for r in (a.stages or "").split(",") if r.strip()]
-            print(ship_student(Path(a.student), Path(a.to), stages, a.command, metrics, notes))
+            print(ship_student(Path(a.student), Path(a.to), stages, a.command, metrics, notes, storage_kind=a.storage))
         else:
-            print(ship(Path(a.run), Path(a.to), a.command, metrics, notes))
+            print(ship(Path(a.run), Path(a.to), a.command, metrics, notes, storage_kind=a.storage))
         return 0
     from .train.common import load_config
-    from .train.teacher import TeacherConfig, train_teacher
+    from .train.configs import TeacherConfig
+    from .train.run import train_teacher
 
-    out = train_teacher(load_config(TeacherConfig, a.config), resume=a.resume, max_steps=a.max_steps)
-    print(out)
+    print(train_teacher(load_config(TeacherConfig, a.config), resume=a.resume, max_steps=a.max_steps))
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from .release.card import convert
+    from .runtime.pipeline import resolve_model
+
+    src = resolve_model(a.model)
+    dest = convert(src, Path(a.to) if a.to else None, a.storage)
+    print(dest)
     return 0
 
 
 def cmd_grid(a) -> int:
-    from .runtime.output import output_paths, save_png
-    from .runtime.pipeline import Pipeline
-    from .train.grid import image_grid
+    from .eval.grid import draw_grid, recognition_summary
 
-    path = Path(a.prompts)
-    if not path.exists():
-        raise FlowflashError(f"prompts file not found: {path}")
-    prompts = [l.strip() for l in path.read_text().splitlines() if l.strip()]
-    if not prompts:
-        raise FlowflashError(f"prompts file is empty: {path}")
-    if a.score and not (Path(a.score) / "manifest.jsonl").exists():
-        raise FlowflashError(f"--score: no corpus at {a.score} (no manifest.jsonl); build it with: "
-                             f"flowflash data build --out {a.score}")
-    judge = None
-    if a.score:
-        from .eval.judge import Judge
-        judge = Judge.load()  # a missing judge fails before the grid is drawn
-    out = output_paths(a.output, 1)[0]
-    pipe = Pipeline.load(a.model)
-    t0 = time.perf_counter()
-    images = pipe.generate_seeded(prompts, [a.seed] * len(prompts), steps=a.steps, guidance=a.guidance)
-    pp = pipe.last_params
-    save_png(image_grid(images, a.cols), out, f"{len(prompts)} prompts from {path}\nSteps: {pp['steps']}, "
-             f"CFG scale: {pp['guidance']:g}, Seed: {a.seed}, Model hash: {pipe.hash}, Model: {pipe.name}")
-    print(out)
-    print(f"{len(prompts)} images in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    if a.score:
-        import json
-
-        import numpy as np
-        import torch
-
-        from .eval.run import score_singles
-
-        u8 = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
-        res = score_singles(u8.contiguous(), prompts, Path(a.score), judge)
-        res.update({"model": pipe.name, "model_hash": pipe.hash, "steps": pp["steps"], "guidance": pp["guidance"],
-                    "seed": a.seed, "prompts_file": str(path)})
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-        g, r = res["generated"], res["real"]
-        print(f"single-emoji recognition of {g['n']} prompts, generated (corpus images): caption top-1 among "
-              f"{g['pool']} {g['top1']:.3f} ({r['top1']:.3f}), top-5 {g['top5']:.3f} ({r['top5']:.3f}); concept "
-              f"top-1 among {g['groups']['n_groups']} {g['groups']['top1']:.3f} ({r['groups']['top1']:.3f}), "
-              f"top-5 {g['groups']['top5']:.3f} ({r['groups']['top5']:.3f}) -> {out.with_suffix('.json')}")
+    res = draw_grid(a.prompts, a.output, model=a.model, steps=a.steps, guidance=a.guidance, seed=a.seed,
+                    cols=a.cols, score=Path(a.score) if a.score else None)
+    print(res["path"])
+    print(f"{res['n_prompts']} images in {res['seconds']:.1f} s", file=sys.stderr)
+    if "scores" in res:
+        print(f"{recognition_summary(res['scores'])} -> {res['json']}")
     return 0
 
 
 def cmd_distill(a) -> int:
-    from .distill.base import DistillConfig
-    from .distill.trainer import distill
     from .train.common import load_config
+    from .train.configs import DistillConfig
+    from .train.run import distill, measure_variance
 
-    over = {"method": a.method, **({"out": a.out} if a.out else {}), **({"teacher": a.teacher} if a.teacher else {})}
+    over = {"method": a.method, **({"out": a.out} if a.out else {}), **({"teacher": a.teacher} if a.teacher else {}),
+            **({"student_steps": a.student_steps} if a.student_steps else {})}
     cfg = load_config(DistillConfig, a.config, over)
     if a.measure_variance:
         import json
-        from .distill.trainer import measure_variance
         res = measure_variance(cfg, a.measure_variance, a.variance_batch, from_checkpoint=a.from_checkpoint)
         print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
         return 0
@@ -301,51 +294,58 @@ def cmd_distill(a) -> int:
 
 
 def cmd_merge(a) -> int:
-    from .distill.merge import check_branches, merged
-    from .models.flow_model import load_model, save_model
+    from .eval.merge_sweep import merge_models
 
-    if (a.ratio is None) == (a.sweep is None):
-        raise FlowflashError("give exactly one of --ratio R or --sweep R1,R2,...")
-    if a.sweep is not None:
-        try:
-            ratios = [float(x) for x in a.sweep.split(",") if x.strip()]
-        except ValueError:
-            raise FlowflashError(f"--sweep takes comma-separated numbers, got {a.sweep!r}") from None
-        if not a.data:
-            raise FlowflashError("--sweep needs --data (the corpus whose training captions it samples)")
-    else:
-        ratios = [a.ratio]
-    if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
-        raise FlowflashError(f"merge ratios must lie in [0, 1], got {ratios}")
-    ma, mb = load_model(Path(a.a)), load_model(Path(a.b))
-    check_branches(ma, mb, a.a, a.b)
-    ratio = ratios[0]
-    if a.sweep is not None:
-        from .eval.merge_sweep import merge_sweep, write_sweep
-        res = merge_sweep(ma, mb, ratios, Path(a.data), a.sweep_prompts, names=(a.a, a.b))
-        if a.report:
-            write_sweep(res, Path(a.report))
-        ratio = res["best_ratio"]
-        print(f"best ratio {ratio:g} (CLIP-score analogue "
-              f"{max(r['clip_score'] for r in res['rows']):.2f} on {res['prompt_set']})")
-    save_model(merged(ma, mb, ratio), Path(a.output))
+    res = merge_models(a.a, a.b, a.output, ratio=a.ratio, sweep=a.sweep, data=Path(a.data) if a.data else None,
+                       n_prompts=a.sweep_prompts, report=Path(a.report) if a.report else None)
+    if res["sweep"] is not None:
+        sweep = res["sweep"]
+        print(f"best ratio {res['ratio']:g} (CLIP-score analogue "
+              f"{max(r['clip_score'] for r in sweep['rows']):.2f} on {sweep['prompt_set']})")
     print(a.output)
     return 0
 
 
 def cmd_judge(a) -> int:
-    from .eval import tasks
-    return tasks.judge(a)
+    if a.judge_cmd == "build":
+        from .eval.judge import JUDGE_DIR, build_judge
+        info = build_judge(Path(a.data))
+        print(f"judge built from {info['n_train_images']} training images, {info['n_crops']} crops -> {JUDGE_DIR}")
+        return 0
+    import json
+
+    from .eval.tasks import validate_judge
+    print(json.dumps(validate_judge(Path(a.data), a.prompts, Path(a.out)), indent=1))
+    return 0
 
 
 def cmd_eval(a) -> int:
-    from .eval import tasks
-    return tasks.evaluate(a)
+    from .eval.generate import Setting
+    from .eval.results import markdown_table
+    from .eval.tasks import evaluate
+
+    source = Path(a.images) if a.images else Setting(
+        name=f"{Path(a.model).name}-{a.steps or 'default'}", model=a.model, steps=a.steps, guidance=a.guidance,
+        drop=("minilm",) if a.no_minilm else ())
+    row = evaluate(source, Path(a.data), a.prompts, Path(a.out), seed=a.seed,
+                   save_images=Path(a.save_images) if a.save_images else None,
+                   cache=Path(a.cache) if a.cache else None)
+    print(markdown_table([row]))
+    return 0
 
 
 def cmd_bench(a) -> int:
-    from .eval import tasks
-    return tasks.bench(a)
+    from .eval.bench import parse_setting
+    from .eval.results import markdown_table
+    from .eval.tasks import bench
+
+    res = bench([parse_setting(s) for s in a.setting], a.prompt, Path(a.out), baseline=a.baseline, reps=a.reps,
+                memory=a.memory, quality=a.quality, data=Path(a.data) if a.data else None, prompts=a.prompts,
+                cache=Path(a.cache) if a.cache else None)
+    rows, base = res["rows"], res["baseline"]
+    print(markdown_table(rows, base))
+    print(f"speed-up vs {base}: " + ", ".join(f"{r['setting']} {r['speedup']:.1f}x" for r in rows))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train, "judge": cmd_judge,
                 "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid,
-                "distill": cmd_distill, "merge": cmd_merge}[a.cmd](a)
+                "distill": cmd_distill, "merge": cmd_merge, "convert": cmd_convert}[a.cmd](a)
     except FlowflashError as e:
         print(f"flowflash: error: {e}", file=sys.stderr)
         return 2

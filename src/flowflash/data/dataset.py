@@ -5,11 +5,10 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from ..errors import FlowflashError
+from ..images import read_images
 
 
 @dataclass
@@ -29,23 +28,13 @@ def read_manifest(root: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def to_unit(img: torch.Tensor) -> torch.Tensor:
-    """uint8 [0,255] -> float [-1,1]."""
-    return img.float() / 127.5 - 1
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
 def load_corpus(root: Path, split: str | None = "train", kinds: tuple[str, ...] | None = None) -> Corpus:
     root = Path(root)
     rows = [r for r in read_manifest(root) if (split is None or r["split"] == split)
             and (kinds is None or any(r["kind"].startswith(k) for k in kinds))]
     if not rows:
         raise FlowflashError(f"corpus {root} has no rows for split={split!r}")
-    arr = np.stack([np.asarray(Image.open(root / r["file"]).convert("RGB")) for r in rows])
-    return Corpus(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), [r["caption"] for r in rows], rows)
+    return Corpus(read_images(root / r["file"] for r in rows), [r["caption"] for r in rows], rows)
 
 
 CONCEPT_LISTS = Path(__file__).parent / "concepts"

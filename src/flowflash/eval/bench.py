@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import FlowflashError
-from .run import Setting
+from .generate import Setting
 
 KEYS = {"model", "steps", "guidance", "minilm", "precision"}
 
@@ -33,6 +33,8 @@ def parse_setting(spec: str) -> Setting:
         raise FlowflashError(f"setting {spec!r} has no name")
     if kw.get("precision", "fp32") not in ("fp32", "bf16"):
         raise FlowflashError(f"setting {name!r}: precision must be fp32 or bf16, got {kw['precision']!r}")
+    if not kw.pop("minilm", True):
+        kw["drop"] = ("minilm",)
     return Setting(name=name, **kw)
 
 
@@ -53,20 +55,17 @@ def own_peak_rss_mb() -> float:
 
 def pipe_key(s: Setting) -> tuple:
     """Settings that differ only in steps or guidance share one loaded Pipeline."""
-    return (s.model, s.minilm, s.precision)
+    return (s.model, s.drop, s.precision)
 
 
 def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: int = 1, batch: int = 1,
                   pipes: dict | None = None) -> dict:
     """Median per-phase seconds per image for each setting, repetitions interleaved across settings so that
     machine noise hits all of them alike. The loaded pipelines are left in `pipes` (by pipe_key) for reuse."""
-    from ..runtime.pipeline import Pipeline
-
     pipes = {} if pipes is None else pipes
     for s in settings:
-        key = pipe_key(s)
-        if key not in pipes:
-            pipes[key] = Pipeline.load(s.model, use_minilm=s.minilm, precision=s.precision)
+        if pipe_key(s) not in pipes:
+            pipes[pipe_key(s)] = s.load()
     runs: dict[str, list] = {s.name: [] for s in settings}
     total = (warmup + reps) * len(settings)
     with tqdm(total=total, desc="bench", leave=False) as bar:
@@ -74,12 +73,12 @@ def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: i
             for s in settings:
                 pipe = pipes[pipe_key(s)]
                 t0 = time.perf_counter()
-                pipe.generate_seeded([prompt] * batch, list(range(batch)), steps=s.steps, guidance=s.guidance)
+                gen = pipe.run([prompt] * batch, list(range(batch)), steps=s.steps, guidance=s.guidance)
                 wall = time.perf_counter() - t0
                 if r >= warmup:
-                    t = pipe.timings
+                    t = gen.timings
                     runs[s.name].append((t.text_s / batch, t.denoise_s / batch, t.decode_s / batch, wall / batch,
-                                         pipe.last_params["steps"], pipe.last_params["guidance"]))
+                                         gen.params.steps, gen.params.guidance))
                 bar.update(1)
     out = {}
     for s in settings:
@@ -102,10 +101,10 @@ def peak_rss_of(setting: Setting, prompt: str) -> float:
     # fork + exec, so a probe started from a big bench process would report the bench's size.
     code = ("import json,sys;from flowflash.eval.bench import own_peak_rss_mb;"
             "from flowflash.runtime.pipeline import Pipeline;"
-            "a=json.loads(sys.argv[1]);p=Pipeline.load(a['model'],use_minilm=a['minilm'],precision=a['precision']);"
+            "a=json.loads(sys.argv[1]);p=Pipeline.load(a['model'],drop=tuple(a['drop']),precision=a['precision']);"
             "p.generate(a['prompt'],steps=a['steps'],guidance=a['guidance']);"
             "print(own_peak_rss_mb())")
-    arg = json.dumps({"model": setting.model, "minilm": setting.minilm, "precision": setting.precision,
+    arg = json.dumps({"model": setting.model, "drop": list(setting.drop), "precision": setting.precision,
                       "prompt": prompt, "steps": setting.steps, "guidance": setting.guidance})
     proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
     if proc.returncode != 0:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from scipy import ndimage
 
-from ..data.build import COLORS
+from ..data.constants import COLORS
 
 _NAMES = list(COLORS)
 _RGB = np.array([COLORS[c] for c in _NAMES], dtype=np.float64)

@@ -1,5 +1,5 @@
 """The evaluation instruments bundled: frozen EfficientNet-Lite0 features, the image-text scorer, the
-crop classifier and the pixel checks. Built once from the training split (`flowflash eval build-judge`)."""
+crop classifier and the pixel checks. Built once from the training split (`flowflash judge build`)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..data.build import SCENE_OBJECTS
+from ..data.constants import SCENE_OBJECTS
 from ..data.dataset import load_corpus
 from ..errors import FlowflashError
 from ..models.text import MiniLMEncoder
@@ -75,7 +75,7 @@ class Judge:
         """The shipped judge, or FLOWFLASH_JUDGE_DIR, or `folder`."""
         folder = Path(folder or os.environ.get("FLOWFLASH_JUDGE_DIR") or JUDGE_DIR)
         if not (folder / "judge.json").exists():
-            raise FlowflashError(f"no evaluation judge at {folder}; build it with: flowflash eval build-judge --data DIR")
+            raise FlowflashError(f"no evaluation judge at {folder}; build it with: flowflash judge build --data DIR")
         info = json.loads((folder / "judge.json").read_text())
         scorer = Scorer()
         scorer.load_state_dict({k: v.float() for k, v in load_file(folder / "scorer.safetensors").items()})

@@ -1,19 +1,47 @@
-"""The eval/bench/judge verbs as Python functions (the CLI only parses arguments and calls these)."""
+"""The judge / eval / bench verbs as library functions: typed arguments in, result dicts out. They write
+the result files they are asked for and print nothing (the CLI prints)."""
 from __future__ import annotations
 
-import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import FlowflashError
-from .run import (DEFAULT_PROMPTS, Setting, generate_set, load_prompt_set, markdown_table, read_image_folder,
-                  real_images, score, write_results)
+from .generate import Setting, generate_set
+from .image_sets import read_image_folder, real_images, save_image_folder
+from .prompt_set import DEFAULT_PROMPTS, PromptSet, load_prompt_set
+from .results import write_results
+from .score import score
+
+if TYPE_CHECKING:  # the judge pulls EfficientNet and MiniLM: imported when first used
+    from .judge import Judge
+
+PromptSource = str | Path | None  # a packaged prompt-set name, a JSONL path, or None for eval_v1
 
 
-def validate_judge(data: Path, prompts: Path | None, out: Path) -> dict:
-    """The instruments on real held-out images: the numbers any generated result must be read against."""
+@dataclass
+class Reference:
+    """What every image set of one run is scored against, loaded once: the prompt set, the judge and
+    the features of the corpus's own held-out images."""
+    ps: PromptSet
+    judge: Judge
+    real_feats: torch.Tensor
+
+
+def load_reference(data: Path, prompts: PromptSource = None) -> Reference:
+    from .judge import Judge
+
+    ps = load_prompt_set(prompts or DEFAULT_PROMPTS)
+    judge = Judge.load()
+    return Reference(ps, judge, judge.features(real_images(data, ps)))
+
+
+def validate_judge(data: Path, prompts: PromptSource, out: Path) -> dict:
+    """The instruments on real held-out images: the numbers any generated result must be read against.
+    Writes OUT.json / OUT.md; returns the row."""
     from .judge import Judge
     from .metrics import frechet_distance
 
@@ -30,107 +58,91 @@ def validate_judge(data: Path, prompts: Path | None, out: Path) -> dict:
     shuffled = [ps.captions[i] for i in torch.randperm(len(real), generator=g)]
     res["clip_score_shuffled"] = judge.alignment(feats, shuffled, ps.captions)["clip_score"]
     res.update(judge.compositional(real, ps.rows))
-    results = {"prompt_set": ps.name, "prompt_set_sha": ps.sha, "rows": [res]}
-    write_results(results, out)
+    write_results({"prompt_set": ps.name, "prompt_set_sha": ps.sha, "rows": [res]}, out)
     return res
 
 
-def judge(a) -> int:
-    if a.judge_cmd == "build":
-        from .judge import JUDGE_DIR, build_judge
-        info = build_judge(Path(a.data))
-        print(f"judge built from {info['n_train_images']} training images, {info['n_crops']} crops -> {JUDGE_DIR}")
+def setting_columns(s: Setting) -> dict:
+    return {"model": s.model, "steps": s.steps, "guidance": s.guidance, "minilm": s.minilm}
+
+
+def setting_images(setting: Setting, ps: PromptSet, seed: int = 0, cache: Path | None = None,
+                   pipe=None) -> tuple[torch.Tensor, dict]:
+    """The setting's images and its timing columns; no timing columns for a set read from the cache."""
+    t0 = time.perf_counter()
+    images, timings = generate_set(setting, ps, seed=seed, cache=cache, pipe=pipe)
+    if timings is None:
+        return images, {}
+    return images, {**timings, "sec_per_image": (time.perf_counter() - t0) / len(images)}
+
+
+def evaluate(source: Setting | Path, data: Path, prompts: PromptSource = None, out: Path | None = None, *,
+             seed: int = 0, save_images: Path | None = None, cache: Path | None = None) -> dict:
+    """Score a setting's generated images, or a folder of images (00000.png, ... in prompt order), on
+    the prompt set. Writes OUT.json / OUT.md when `out` is given; returns the result row."""
+    ref = load_reference(data, prompts)  # a missing judge or corpus fails before any generation
+    if isinstance(source, Setting):
+        images, timing = setting_images(source, ref.ps, seed=seed, cache=cache)
+        name, columns = source.name, setting_columns(source)
     else:
-        res = validate_judge(Path(a.data), a.prompts, Path(a.out))
-        print(json.dumps(res, indent=1))
-    return 0
-
-
-def evaluate_setting(setting: Setting | None, data: Path, prompts: Path | None, out: Path | None,
-                     images: Path | None = None, seed: int = 0, save_images: Path | None = None,
-                     judge=None, real_feats=None, ref_feats: dict | None = None, cache: Path | None = None,
-                     pipe=None) -> dict:
-    from .judge import Judge
-
-    ps = load_prompt_set(prompts or DEFAULT_PROMPTS)
-    judge = judge or Judge.load()
-    if real_feats is None:
-        real_feats = judge.features(real_images(data, ps))
-    timings = None
-    if images is not None:
-        imgs = read_image_folder(images, len(ps.rows))
-        name = Path(images).name
-    else:
-        t0 = time.perf_counter()
-        imgs, timings = generate_set(setting, ps, seed=seed, cache=cache, pipe=pipe)
-        if not timings.pop("cached", False):
-            timings["sec_per_image"] = (time.perf_counter() - t0) / len(imgs)
-        name = setting.name
-    res, feats = score(imgs, ps, judge, real_feats, ref_feats)
-    res = {"setting": name, **({"model": setting.model, "steps": setting.steps, "guidance": setting.guidance,
-                                "minilm": setting.minilm} if setting else {}), **res, **(timings or {})}
+        images, timing = read_image_folder(source, len(ref.ps.rows)), {}
+        name, columns = Path(source).name, {}
+    res, _ = score(images, ref.ps, ref.judge, ref.real_feats)
+    row = {"setting": name, **columns, **res, **timing}
     if save_images:
-        from PIL import Image
-        Path(save_images).mkdir(parents=True, exist_ok=True)
-        for i, im in enumerate(imgs.permute(0, 2, 3, 1).numpy()):
-            Image.fromarray(im).save(Path(save_images) / f"{i:05d}.png")
+        save_image_folder(images, save_images)
     if out:
-        write_results({"prompt_set": ps.name, "prompt_set_sha": ps.sha, "seed": seed, "rows": [res]}, out)
-    res["_feats"] = feats
-    return res
+        write_results({"prompt_set": ref.ps.name, "prompt_set_sha": ref.ps.sha, "seed": seed, "rows": [row]}, out)
+    return row
 
 
-def evaluate(a) -> int:
-    setting = None if a.images else Setting(name=f"{Path(a.model).name}-{a.steps or 'default'}",
-                                            model=a.model, steps=a.steps, guidance=a.guidance,
-                                            minilm=not a.no_minilm)
-    res = evaluate_setting(setting, Path(a.data), a.prompts, Path(a.out), images=a.images, seed=a.seed,
-                           save_images=a.save_images, cache=a.cache)
-    res.pop("_feats")
-    print(markdown_table([res]))
-    return 0
+def check_bench(settings: list[Setting], baseline: str | None, quality: bool, data: Path | None) -> str:
+    """Every input problem before any work; returns the baseline's name."""
+    from ..runtime.pipeline import resolve_model
 
-
-def bench(a) -> int:
-    from .bench import parse_setting, peak_rss_mb, peak_rss_of, pipe_key, plot_bench, time_settings
-
-    settings = [parse_setting(s) for s in a.setting]
     names = [s.name for s in settings]
+    if not names:
+        raise FlowflashError("bench needs at least one setting")
     if len(set(names)) != len(names):
         raise FlowflashError(f"setting names must be unique: {names}")
-    baseline = a.baseline or names[0]
+    baseline = baseline or names[0]
     if baseline not in names:
         raise FlowflashError(f"baseline {baseline!r} is not one of the settings: {names}")
-    if a.quality and not a.data:
+    if quality and not data:
         raise FlowflashError("--quality needs --data (the corpus with the real held-out images)")
-    from ..runtime.pipeline import resolve_model
     for s in settings:
-        resolve_model(s.model)  # fail on an unknown model before any work
+        resolve_model(s.model)  # an unknown model fails here, not after minutes of timing
+    return baseline
+
+
+def bench(settings: list[Setting], prompt: str, out: Path, *, baseline: str | None = None, reps: int = 5,
+          memory: bool = False, quality: bool = False, data: Path | None = None, prompts: PromptSource = None,
+          cache: Path | None = None) -> dict:
+    """Speed of each setting (interleaved repetitions, medians, speed-up against the baseline), with
+    `memory` each one's peak RSS in a fresh process, with `quality` its scores on the prompt set.
+    Writes OUT.json, OUT.md and the plots next to OUT; returns the results (rows in setting order)."""
+    from .bench import peak_rss_mb, peak_rss_of, pipe_key, plot_bench, time_settings
+
+    baseline = check_bench(settings, baseline, quality, data)
     pipes: dict = {}  # loaded once, for timing and then for the quality set
-    speed = time_settings(settings, a.prompt, reps=a.reps, pipes=pipes)
-    rows = [{"setting": n, **speed[n]} for n in names]
-    if a.memory:
+    speed = time_settings(settings, prompt, reps=reps, pipes=pipes)
+    rows = [{"setting": s.name, **speed[s.name]} for s in settings]
+    if memory:
         for s, r in zip(settings, rows):
-            r["peak_rss_mb"] = peak_rss_of(s, a.prompt)
-    base = speed[baseline]["sec_per_image"]
+            r["peak_rss_mb"] = peak_rss_of(s, prompt)
     for r in rows:
-        r["speedup"] = base / r["sec_per_image"]
-    if a.quality:
-        from .judge import Judge
-        ps = load_prompt_set(a.prompts or DEFAULT_PROMPTS)
-        judge = Judge.load()
-        real_feats = judge.features(real_images(Path(a.data), ps))
-        feats = {}
+        r["speedup"] = speed[baseline]["sec_per_image"] / r["sec_per_image"]
+    if quality:
+        ref = load_reference(Path(data), prompts)
+        feats: dict[str, torch.Tensor] = {}
         for s, r in zip(settings, rows):
-            ref = {baseline: feats[baseline]} if baseline in feats else None
-            q = evaluate_setting(s, Path(a.data), a.prompts, None, judge=judge, real_feats=real_feats, ref_feats=ref,
-                                 cache=a.cache, pipe=pipes[pipe_key(s)])
-            feats[s.name] = q.pop("_feats")
-            r.update({k: v for k, v in q.items() if k not in ("sec_per_image", "text_s", "denoise_s", "decode_s")})
-    out = Path(a.out)
-    results = {"baseline": baseline, "bench_process_peak_rss_mb": peak_rss_mb(), "reps": a.reps, "prompt": a.prompt, "rows": rows}
+            images, _ = setting_images(s, ref.ps, cache=cache, pipe=pipes[pipe_key(s)])
+            # FD to the baseline's images too, once they exist (the baseline may come later)
+            refs = {baseline: feats[baseline]} if baseline in feats else None
+            res, feats[s.name] = score(images, ref.ps, ref.judge, ref.real_feats, refs)
+            r.update(res)  # steps/guidance stay the ones the timing run actually used
+    results = {"baseline": baseline, "bench_process_peak_rss_mb": peak_rss_mb(), "reps": reps, "prompt": prompt,
+               "rows": rows}
     write_results(results, out)
-    plot_bench(rows, baseline, out)
-    print(markdown_table(rows, baseline))
-    print(f"speed-up vs {baseline}: " + ", ".join(f"{r['setting']} {r['speedup']:.1f}x" for r in rows))
-    return 0
+    plot_bench(rows, baseline, Path(out))
+    return results

@@ -1,15 +1,14 @@
-"""The text-to-image flow model: SD3Transformer2DModel + the light text encoder, and its folder format.
+"""The emoji flow network (SD3Transformer2DModel + the light text encoder) and its model folder.
 
-A model folder holds `config.json` (this module's `ModelConfig`) and `model.safetensors`
-(fp16 or fp32; keys `transformer.*` and `light.*`), or, above `SHARD_BYTES`, the same tensors split over
-`model-00001-of-0000N.safetensors` files (so no committed file exceeds the repository's 20 MB limit). MiniLM is not stored: it comes from its package.
+A model folder holds `config.json` (this module's `ModelConfig`: the architecture, name and kind, and the
+sampling defaults apart from them) and the weights in the layout of `models/storage.py` (safetensors,
+sharded with a standard index; fp16, or int8 weight-only with per-output-channel scales). MiniLM is
+not stored: it comes from its package.
 """
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,9 +16,13 @@ import torch
 import torch.nn as nn
 
 from ..errors import FlowflashError
-from .text import LightEncoder, MiniLMEncoder, TextConditioner, WordTokenizer
+from ..sampling import v_from_x0
+from . import storage
+from .protocol import SamplingDefaults
+from .text import LightEncoder, MiniLMEncoder
 
-FORMAT = "flowflash-model-v1"
+FORMAT = "flowflash-model-v2"
+LEGACY_SAMPLING = {"shift": "shift", "default_steps": "steps", "default_guidance": "guidance", "schedule": "schedule"}
 
 
 @dataclass
@@ -35,11 +38,6 @@ class ModelConfig:
     light_max_tokens: int = 24
     minilm_max_tokens: int = 24
     vocab: list[str] = field(default_factory=list)
-    # sampling defaults recorded with the weights
-    shift: float = 1.5
-    default_steps: int = 50
-    default_guidance: float = 4.0
-    schedule: list[float] | None = None  # a distilled student's fixed timesteps (1 -> 0)
     # What the transformer outputs: "v" (velocity, SD3) or "x" (the clean image, converted to velocity).
     # x-prediction suits pixel space with large patches (192 values per token here): a clean image is
     # low-dimensional, noise is not (Li & He 2025, "Back to Basics: Let Denoising Generative Models Denoise").
@@ -47,6 +45,7 @@ class ModelConfig:
     t_min: float = 0.05  # x-prediction divides by t; clamp it so the last steps stay well-conditioned
     name: str = "model"
     kind: str = "teacher"
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def transformer_kwargs(self) -> dict:
         hidden = self.num_heads * self.head_dim
@@ -56,21 +55,41 @@ class ModelConfig:
                     caption_projection_dim=hidden, pooled_projection_dim=self.light_dim + MiniLMEncoder.dim,
                     pos_embed_max_size=self.image_size // self.patch_size, qk_norm="rms_norm")
 
+    def same_network(self, other: "ModelConfig") -> bool:
+        """Whether weights of one fit the other (what merging branches and warm starts need)."""
+        return self.transformer_kwargs() == other.transformer_kwargs() and self.vocab == other.vocab
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sampling"] = self.sampling.to_dict()
+        return {"format": FORMAT, **d}
+
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names - {"format"}
+        """Read config.json; the first format (sampling fields flat beside the architecture) still reads."""
+        d = dict(d)
+        d.pop("format", None)
+        legacy = {LEGACY_SAMPLING[k]: d.pop(k) for k in list(d) if k in LEGACY_SAMPLING}
+        sampling = d.pop("sampling", None) or {}
+        if legacy and sampling:
+            raise FlowflashError("config.json mixes the old flat sampling fields with a 'sampling' block")
+        sampling = {**legacy, **sampling}
+        names = {f.name for f in dataclasses.fields(cls)} - {"sampling"}
+        unknown = set(d) - names
         if unknown:
             raise FlowflashError(f"config.json has unknown fields: {sorted(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
+        s_names = {f.name for f in dataclasses.fields(SamplingDefaults)}
+        if set(sampling) - s_names:
+            raise FlowflashError(f"config.json's sampling block has unknown fields: {sorted(set(sampling) - s_names)}")
+        return cls(**d, sampling=SamplingDefaults(**sampling))
 
 
 class FlowModel(nn.Module):
-    """Velocity model v(x_t, t, text). Timestep input is t in [0, 1]; the transformer sees 1000 t."""
+    """Velocity network v(x_t, t, text). Timestep input is t in [0, 1]; the transformer sees 1000 t."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from diffusers import SD3Transformer2DModel
+        from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
         if cfg.prediction not in ("v", "x"):
             raise FlowflashError(f"prediction must be 'v' or 'x', got {cfg.prediction!r}")
@@ -83,121 +102,78 @@ class FlowModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         out = self.transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
                                timestep=t * 1000, return_dict=False)[0]
-        if self.cfg.prediction == "x":  # x_t = (1 - t) x0 + t eps  =>  v = (x_t - x0) / t
-            return (x - out) / t.clamp(min=self.cfg.t_min).view(-1, *([1] * (x.dim() - 1)))
+        if self.cfg.prediction == "x":
+            return v_from_x0(x, t.clamp(min=self.cfg.t_min), out)
         return out
 
+    def int8_keys(self) -> list[str]:
+        """The matrices stored as int8 weight-only: every linear layer's weight (the light encoder's fused
+        attention projection included). Embeddings, norms, biases and the patch convolution stay fp16."""
+        keys = []
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                keys.append(f"{name}.weight")
+            elif isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None:
+                keys.append(f"{name}.in_proj_weight")
+        return keys
 
-SHARD_BYTES = 18 * 1024 * 1024
+
+STORAGES = ("fp16", "int8")
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The folder's safetensors files: one model.safetensors, or every shard of a complete set."""
+def save_model(model: FlowModel, folder: Path, storage_kind: str = "fp16", extra_files: dict | None = None) -> Path:
+    """Write config.json and the weights as one folder, atomically. int8: weight-only, per output channel."""
+    if storage_kind not in STORAGES:
+        raise FlowflashError(f"storage must be one of {', '.join(STORAGES)}, got {storage_kind!r}")
+    files = {"config.json": json.dumps(model.cfg.to_dict(), indent=1), **(extra_files or {})}
+    storage.save_weights(model.state_dict(), Path(folder), dtype=torch.float16,
+                         int8_keys=model.int8_keys() if storage_kind == "int8" else (),
+                         extra_files=files)
+    return Path(folder)
+
+
+def read_config(folder: Path) -> ModelConfig:
     folder = Path(folder)
-    if (folder / "model.safetensors").exists():
-        return [folder / "model.safetensors"]
-    shards = sorted(folder.glob("model-*-of-*.safetensors"))
-    if shards:
-        n = int(shards[0].stem.rsplit("-of-", 1)[1])
-        want = [folder / f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-        missing = [p.name for p in want if not p.exists()]
-        if missing:
-            raise FlowflashError(f"{folder} lacks weight shards: {', '.join(missing)}")
-        return want
-    return []
-
-
-def state_dict_hash(folder: Path) -> str:
-    """Short sha256 over the weight files, for the PNG metadata."""
-    h = hashlib.sha256()
-    for path in weight_files(folder):
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()[:10]
-
-
-def _shards(sd: dict[str, torch.Tensor], limit: int) -> list[dict[str, torch.Tensor]]:
-    out, cur, size = [], {}, 0
-    for k, v in sd.items():
-        b = v.numel() * v.element_size()
-        if cur and size + b > limit:
-            out.append(cur)
-            cur, size = {}, 0
-        cur[k], size = v, size + b
-    return out + [cur]
-
-
-def save_model(model: FlowModel, folder: Path, dtype: torch.dtype = torch.float16, extra_files: dict | None = None):
-    """Write config.json + the weights (sharded above SHARD_BYTES) atomically: temp folder, then rename."""
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    sd = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    shards = _shards(sd, SHARD_BYTES)
-    for i, part in enumerate(shards, 1):
-        name = "model.safetensors" if len(shards) == 1 else f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(part, tmp / name, metadata={"format": FORMAT})
-    (tmp / "config.json").write_text(json.dumps({"format": FORMAT, **dataclasses.asdict(model.cfg)}, indent=1))
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    if folder.exists():
-        shutil.rmtree(folder)
-    tmp.rename(folder)
+    if not folder.is_dir():
+        raise FlowflashError(f"model folder not found: {folder}")
+    path = folder / "config.json"
+    if not path.exists():
+        raise FlowflashError(f"{folder} has no config.json")
+    try:
+        return ModelConfig.from_dict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, TypeError) as e:
+        raise FlowflashError(f"{path} is not a valid model config: {e}") from None
 
 
 def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
     """Load a model folder, with one clear error for each way it can be wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     folder = Path(folder)
-    if not folder.is_dir():
-        raise FlowflashError(f"model folder not found: {folder}")
-    cfg_path = folder / "config.json"
-    if not cfg_path.exists():
-        raise FlowflashError(f"{folder} has no config.json")
-    w_paths = weight_files(folder)
-    if not w_paths:
-        pickles = [p.name for p in folder.iterdir() if p.suffix in {".pt", ".pth", ".bin", ".ckpt", ".pkl"}]
-        if pickles:
-            raise FlowflashError(f"{folder} holds pickle weights ({', '.join(pickles)}); "
-                                 "flowflash loads only safetensors and never unpickles")
-        raise FlowflashError(f"{folder} has no model.safetensors")
-    try:
-        cfg = ModelConfig.from_dict(json.loads(cfg_path.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise FlowflashError(f"{cfg_path} is not a valid model config: {e}") from None
-    sd = {}
-    for w_path in w_paths:
-        try:
-            sd.update(load_file(w_path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise FlowflashError(f"{w_path} is truncated or corrupt: {e}") from None
+    cfg = read_config(folder)
+    sd = storage.load_weights(folder, dtype)
     try:
         # Built once, for real: the model that validates the shapes is the one that takes the weights.
         model = FlowModel(cfg)
+    except FlowflashError:
+        raise
     except Exception as e:  # diffusers raises assorted types for impossible shapes
-        raise FlowflashError(f"{cfg_path} describes an impossible model: {e}") from None
+        raise FlowflashError(f"{folder / 'config.json'} describes an impossible model: {e}") from None
     expected = model.state_dict()
     missing, extra = set(expected) - set(sd), set(sd) - set(expected)
-    bad = [k for k in set(expected) & set(sd) if expected[k].shape != sd[k].shape]
+    bad = sorted(k for k in set(expected) & set(sd) if expected[k].shape != sd[k].shape)
     if missing or extra or bad:
         detail = "; ".join(s for s in (
             f"missing {len(missing)} tensors (e.g. {sorted(missing)[0]})" if missing else "",
             f"{len(extra)} unexpected tensors (e.g. {sorted(extra)[0]})" if extra else "",
-            f"{len(bad)} shape mismatches (e.g. {sorted(bad)[0]}: config {tuple(expected[sorted(bad)[0]].shape)}"
-            f" vs weights {tuple(sd[sorted(bad)[0]].shape)})" if bad else "") if s)
+            f"{len(bad)} shape mismatches (e.g. {bad[0]}: config {tuple(expected[bad[0]].shape)}"
+            f" vs weights {tuple(sd[bad[0]].shape)})" if bad else "") if s)
         raise FlowflashError(f"config.json does not match the weights in {folder}: {detail}")
     # assign: the model that validated the shapes takes the loaded tensors as they are, no second copy.
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, assign=True)
+    model.load_state_dict(sd, assign=True)
     return model.eval().requires_grad_(False)
 
 
-def make_conditioner(model: FlowModel, with_minilm: bool = True) -> TextConditioner:
-    n = model.cfg.minilm_max_tokens
-    return TextConditioner(WordTokenizer(model.cfg.vocab), model.light,
-                           MiniLMEncoder(max_tokens=n) if with_minilm else None, n)
+def with_config(model: FlowModel, **changes) -> FlowModel:
+    """The same weights under a changed config (name, kind, sampling): what export and ship write."""
+    out = FlowModel(dataclasses.replace(model.cfg, **changes))
+    out.load_state_dict(model.state_dict())
+    return out.eval().requires_grad_(False)

@@ -3,15 +3,15 @@
 - `MiniLMEncoder`: the large pretrained encoder (all-MiniLM-L6-v2, frozen), droppable like T5.
   A ~60-line BERT forward over the packaged safetensors, so no hub code is involved at all.
 - `LightEncoder`: a small word-level encoder trained with the transformer, always present (CLIP's role).
-- `TextConditioner`: runs both, concatenates their token sequences for joint attention and their
-  pooled vectors for adaLN; either encoder can be nulled (zeros), as in training dropout.
+- `combine`: concatenates both encoders' token sequences for joint attention and their pooled vectors
+  for adaLN; either encoder can be nulled (zeros) per sample, as in training dropout.
+Encoders report how many prompts they truncated; the caller decides how to tell the user.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,10 +125,9 @@ class MiniLMEncoder(nn.Module):
         self.max_tokens = max_tokens
 
     @torch.no_grad()
-    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Token states (padding zeroed), the unit-length pooled vector, and how many prompts were cut."""
         encs = [e.ids for e in self.tokenizer.encode_batch(prompts)]
-        if any(len(e) > self.max_tokens for e in encs):
-            warnings.warn(f"prompt longer than {self.max_tokens} MiniLM tokens: truncated", stacklevel=3)
         ids = torch.zeros(len(prompts), self.max_tokens, dtype=torch.long)
         mask = torch.zeros(len(prompts), self.max_tokens, dtype=torch.bool)
         for i, e in enumerate(encs):
@@ -139,7 +138,12 @@ class MiniLMEncoder(nn.Module):
         m = mask[..., None].to(h.dtype)
         pooled = (h * m).sum(1) / m.sum(1).clamp(min=1)
         # Unit-length pooled vector, as the sentence-transformers pipeline returns it.
-        return h * m, F.normalize(pooled, dim=-1)  # padding zeroed so it carries no content
+        truncated = sum(len(e) > self.max_tokens for e in encs)
+        return h * m, F.normalize(pooled, dim=-1), truncated  # padding zeroed so it carries no content
+
+    def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, p, _ = self.encode(prompts)
+        return h, p
 
 
 _WORD = re.compile(r"[a-z0-9]+")
@@ -161,6 +165,17 @@ class WordTokenizer:
 
     def encode(self, prompt: str) -> list[int]:
         return [self.index.get(w, 1) for w in _WORD.findall(prompt.lower())]
+
+    def batch(self, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, int]:
+        """Padded ids (B, max_tokens) and how many prompts had more words than fit."""
+        ids = torch.zeros(len(prompts), max_tokens, dtype=torch.long)
+        truncated = 0
+        for i, p in enumerate(prompts):
+            e = self.encode(p)
+            truncated += len(e) > max_tokens
+            e = e[:max_tokens]
+            ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
+        return ids, truncated
 
 
 class LightEncoder(nn.Module):
@@ -186,42 +201,6 @@ class LightEncoder(nn.Module):
         x = self.norm(x) * mask[..., None]
         pooled = x.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
         return x, pooled
-
-
-class TextConditioner(nn.Module):
-    """Both encoders -> (encoder_hidden_states, pooled_projections) for SD3Transformer2DModel.
-
-    `use_light` / `use_minilm` are per-sample booleans; a False nulls that encoder's output (zeros),
-    which is exactly what training dropout shows the transformer, so dropping one is in-distribution.
-    """
-
-    def __init__(self, tokenizer: WordTokenizer, light: LightEncoder, minilm: MiniLMEncoder | None,
-                 minilm_max_tokens: int = 24):
-        super().__init__()
-        self.tokenizer, self.light, self.minilm = tokenizer, light, minilm
-        self.minilm_max_tokens = minilm.max_tokens if minilm is not None else minilm_max_tokens
-
-    def light_ids(self, prompts: list[str]) -> torch.Tensor:
-        n = self.light.max_tokens
-        ids = torch.zeros(len(prompts), n, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            e = self.tokenizer.encode(p)
-            if len(e) > n:
-                warnings.warn(f"prompt longer than {n} words: truncated", stacklevel=3)
-            e = e[:n]
-            ids[i, : len(e)] = torch.tensor(e, dtype=torch.long)
-        return ids
-
-    def encode_minilm(self, prompts: list[str], dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.minilm is None:
-            b, d = len(prompts), MiniLMEncoder.dim
-            return torch.zeros(b, self.minilm_max_tokens, d, dtype=dtype), torch.zeros(b, d, dtype=dtype)
-        h, p = self.minilm(prompts)
-        return h.to(dtype), p.to(dtype)
-
-    def combine(self, light_ids: torch.Tensor, mini_h: torch.Tensor, mini_p: torch.Tensor,
-                use_light: torch.Tensor, use_minilm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return combine(self.light, light_ids, mini_h, mini_p, use_light, use_minilm)
 
 
 def combine(light: LightEncoder, light_ids: torch.Tensor, mini_h: torch.Tensor, mini_p: torch.Tensor,

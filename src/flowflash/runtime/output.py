@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from ..errors import FlowflashError
+from ..fsutil import atomic_file
 
 
-def parameters_text(prompt: str, steps: int, guidance: float, seed: int, size: int, model: str, model_hash: str) -> str:
+def parameters_text(prompt: str, steps: int, guidance: float, seed: int, size: tuple[int, int], model: str,
+                    model_hash: str) -> str:
     return (f"{prompt}\nSteps: {steps}, Sampler: Euler (rectified flow), CFG scale: {guidance:g}, Seed: {seed}, "
-            f"Size: {size}x{size}, Model hash: {model_hash}, Model: {model}")
+            f"Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model}")
 
 
 def output_paths(out: str | None, n: int, default_stem: str = "flowflash") -> list[Path]:
@@ -44,18 +45,7 @@ def output_paths(out: str | None, n: int, default_stem: str = "flowflash") -> li
 
 def save_png(image: Image.Image, path: Path, parameters: str):
     """Write via a temp file in the same folder and rename, so no partial PNG is ever left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
     info.add_text("parameters", parameters)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a normal file's mode is what users expect
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(path) as f:
+        image.save(f, format="PNG", pnginfo=info)

@@ -1,17 +1,24 @@
-"""The Python API: `Pipeline.load(name_or_path).generate(prompt, ...) -> list[PIL.Image]`."""
+"""The Python API: `Pipeline.load(name_or_path).generate(prompt, ...) -> list[PIL.Image]`.
+
+The Pipeline is model-agnostic: it draws the noise, picks the timesteps, applies CFG and runs the
+sampler over any `TextToImageModel` (models/protocol.py). What a call used and how long it took come
+back explicitly as a `Generation` (`Pipeline.run`), and the last one stays readable as `pipe.last`.
+"""
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from ..data.dataset import to_uint8
 from ..errors import FlowflashError
-from ..models.flow_model import FlowModel, load_model, make_conditioner, state_dict_hash
-from ..sampling import cfg_velocity, sample, timesteps
+from ..images import u8_to_pil
+from ..models.protocol import SamplingDefaults, TextToImageModel, check_drop
+from ..models.storage import weights_hash
+from ..sampling import cfg_velocity, sample
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ALIASES = {"teacher": "emoji-teacher", "student": "emoji-student"}
@@ -28,8 +35,14 @@ def resolve_model(name_or_path: str | Path | None) -> Path:
     path = Path(name)
     if path.is_dir():
         return path
-    known = sorted(set(ALIASES) | {p.name for p in WEIGHTS.glob("*") if p.is_dir()})
+    known = sorted(set(ALIASES) | {p.name for p in WEIGHTS.glob("*") if p.is_dir() and p.name != "judge"})
     raise FlowflashError(f"unknown model {name!r}: not a folder, and not a shipped model ({', '.join(known)})")
+
+
+def validate_prompt(prompt: str) -> str:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise FlowflashError("prompt is empty")
+    return prompt.strip()
 
 
 @dataclass
@@ -43,97 +56,116 @@ class Timings:
         return self.text_s + self.denoise_s + self.decode_s
 
 
-def validate_prompt(prompt: str) -> str:
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise FlowflashError("prompt is empty")
-    return prompt.strip()
+@dataclass
+class GenerationParams:
+    steps: int
+    guidance: float
+    seeds: list[int]
+    size: tuple[int, int]  # (width, height)
+    timesteps: list[float]
+    dropped: tuple[str, ...] = ()
 
 
 @dataclass
+class Generation:
+    """One call's images, the parameters they were made with, its timings and its warnings."""
+    images: list[Image.Image]
+    params: GenerationParams
+    timings: Timings
+    warnings: list[str] = field(default_factory=list)
+
+
 class Pipeline:
-    model: FlowModel
-    path: Path
-    use_minilm: bool = True
-    timings: Timings = field(default_factory=Timings)
+    """Text-to-image over one loaded model. `pipe.last` is the Generation of the most recent call."""
+
+    def __init__(self, model: TextToImageModel, path: Path | None = None, drop=(), name: str | None = None):
+        self.model = model
+        self.path = path  # the model folder; None for a model that lives in memory only
+        self.name = name or model.name
+        self.drop = check_drop(drop, model.encoder_names)
+        self.last: Generation | None = None
+        self._hash: str | None = None if path is not None else "in-memory"
 
     @classmethod
-    def load(cls, name_or_path: str | Path | None = None, use_minilm: bool = True,
-             precision: str = "fp32") -> "Pipeline":
-        """precision: the transformer's compute dtype, fp32 or bf16 (the text encoders stay fp32)."""
+    def load(cls, name_or_path: str | Path | None = None, *, drop=(), precision: str = "fp32") -> "Pipeline":
+        """A shipped model's name or a model folder. drop: text encoders to leave out (e.g. ("minilm",));
+        precision: the transformer's compute dtype, fp32 or bf16 (text encoders stay fp32)."""
+        from ..models.emoji import EmojiModel
+
         if precision not in PRECISIONS:
             raise FlowflashError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        check_drop(drop, EmojiModel.encoder_names)  # a wrong name fails before any loading
         path = resolve_model(name_or_path)
-        model = load_model(path, PRECISIONS[precision])
-        pipe = cls(model, path, use_minilm)
-        pipe.cond = make_conditioner(model, with_minilm=use_minilm)
-        return pipe
+        return cls(EmojiModel.load(path, PRECISIONS[precision], drop), path, drop)
 
-    @property
-    def name(self) -> str:
-        return self.model.cfg.name
+    @classmethod
+    def from_flow_model(cls, net, name: str, *, minilm=None, drop=()) -> "Pipeline":
+        """An in-memory emoji FlowModel (e.g. a merge under evaluation), reusing a loaded MiniLM if given."""
+        from ..models.emoji import EmojiModel
+        from ..models.text import MiniLMEncoder
+
+        drop = check_drop(drop, EmojiModel.encoder_names)
+        if minilm is None and "minilm" not in drop:
+            minilm = MiniLMEncoder(max_tokens=net.cfg.minilm_max_tokens)
+        return cls(EmojiModel(net, minilm), None, drop, name)
 
     @property
     def hash(self) -> str:
-        if not hasattr(self, "_hash"):
-            self._hash = state_dict_hash(self.path)
+        """Short sha256 of the weight files (in PNG metadata and evaluation caches)."""
+        if self._hash is None:
+            self._hash = weights_hash(self.path)
         return self._hash
 
-    def schedule(self, steps: int | None) -> torch.Tensor:
-        cfg = self.model.cfg
-        if steps is None and cfg.schedule:
-            return torch.tensor(cfg.schedule, dtype=torch.float64)
-        return timesteps(steps or cfg.default_steps, cfg.shift)
+    @property
+    def sampling(self) -> SamplingDefaults:
+        return self.model.sampling
+
+    def timesteps(self, steps: int | None = None) -> torch.Tensor:
+        return self.sampling.timesteps(steps)
 
     def generate(self, prompt: str | list[str], steps: int | None = None, guidance: float | None = None,
-                 seed: int = 0, num_images: int = 1, size: int | None = None, progress=None) -> list[Image.Image]:
+                 seed: int = 0, num_images: int = 1, size: int | tuple[int, int] | None = None,
+                 progress=None) -> list[Image.Image]:
         """num_images per prompt; image k of each prompt uses seed + k, independent of batching."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not isinstance(num_images, int) or num_images < 1:
+        if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise FlowflashError(f"num_images must be a positive integer, got {num_images!r}")
-        if size is not None and size != self.model.cfg.image_size:
-            raise FlowflashError(f"this model makes {self.model.cfg.image_size}px images only, not {size}px")
-        return self.generate_seeded([p for p in prompts for _ in range(num_images)],
-                                    [seed + k for _ in prompts for k in range(num_images)], steps, guidance, progress)
+        seeds = [seed + k for _ in prompts for k in range(num_images)]
+        return self.run([p for p in prompts for _ in range(num_images)], seeds, steps, guidance, size,
+                        progress).images
 
     @torch.no_grad()
-    def generate_seeded(self, prompts: list[str], seeds: list[int], steps: int | None = None,
-                        guidance: float | None = None, progress=None) -> list[Image.Image]:
+    def run(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
+            size: int | tuple[int, int] | None = None, progress=None) -> Generation:
         """One image per (prompt, seed) pair; the noise of an image depends on its seed only."""
-        cfg = self.model.cfg
         prompts = [validate_prompt(p) for p in prompts]
+        if len(prompts) != len(seeds):
+            raise FlowflashError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise FlowflashError(f"steps must be a positive integer, got {steps!r}")
-        guidance = cfg.default_guidance if guidance is None else float(guidance)
+        guidance = self.sampling.guidance if guidance is None else float(guidance)
         if not guidance >= 0:
             raise FlowflashError(f"guidance must be >= 0, got {guidance}")
-        b = len(prompts)
-        t0 = time.perf_counter()
-        ids = self.cond.light_ids(prompts)
-        mh, mp = self.cond.encode_minilm(prompts)
-        on = torch.ones(b, dtype=torch.bool)
-        dtype = next(self.model.transformer.parameters()).dtype
-        ctx, pooled = self.cond.combine(ids, mh, mp, on, on & self.use_minilm)
+        wh = self.model.check_size(size)
         use_cfg = guidance != 1.0
-        if use_cfg:
-            off = torch.zeros(b, dtype=torch.bool)
-            uctx, upooled = self.cond.combine(ids, mh, mp, off, off)
-            ctx, pooled = torch.cat([ctx, uctx]), torch.cat([pooled, upooled])
-        ctx, pooled = ctx.to(dtype), pooled.to(dtype)
+        t0 = time.perf_counter()
+        cond = self.model.condition(prompts, self.drop, use_cfg)
         t1 = time.perf_counter()
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if not use_cfg:
-                return self.model(x, t, ctx, pooled)
-            vc, vu = self.model(torch.cat([x, x]), torch.cat([t, t]), ctx, pooled).chunk(2)
+                return self.model.velocity(x, t, cond)
+            vc, vu = self.model.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
             return cfg_velocity(vc, vu, guidance)
 
-        c, s = cfg.channels, cfg.image_size
-        noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(sd)) for sd in seeds]).to(dtype)
-        ts = self.schedule(steps)
-        x = sample(velocity, noise, ts, callback=progress)
+        ts = self.timesteps(steps)
+        x = sample(velocity, self.model.noise(seeds, wh), ts, callback=progress)
         t2 = time.perf_counter()
-        arr = to_uint8(x.float()).permute(0, 2, 3, 1).numpy()
-        images = [Image.fromarray(a) for a in arr]
-        self.timings = Timings(t1 - t0, t2 - t1, time.perf_counter() - t2)
-        self.last_params = dict(steps=len(ts) - 1, guidance=guidance, seeds=list(seeds), size=s)
-        return images
+        images = u8_to_pil(self.model.decode(x))
+        for note in dict.fromkeys(cond.warnings):
+            warnings.warn(note, stacklevel=3)
+        params = GenerationParams(len(ts) - 1, guidance, list(seeds), wh, [float(t) for t in ts],
+                                  tuple(sorted(self.drop)))
+        self.last = Generation(images, params, Timings(t1 - t0, t2 - t1, time.perf_counter() - t2),
+                               list(dict.fromkeys(cond.warnings)))
+        return self.last

@@ -1,4 +1,4 @@
-"""Shared training machinery: distributed set-up, EMA, atomic checkpoints, config files.
+"""Shared training machinery: config files, distributed set-up, EMA, atomic checkpoints.
 
 Checkpoints are safetensors (model, EMA, optimizer tensors, RNG states) plus a JSON file for
 everything else, so resuming never unpickles anything.
@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..errors import FlowflashError
+from ..fsutil import atomic_dir
 
 
 # ---------------------------------------------------------------- config files
@@ -66,13 +66,20 @@ def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     return x
 
 
-def sync_grads(module: torch.nn.Module):
-    """Average gradients across ranks (what DDP does), for methods that step several modules."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        for p in module.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= dist.get_world_size()
+def sync_grads(params: list[torch.nn.Parameter]):
+    """Average gradients across ranks (what DDP does), in one flattened all-reduce per call."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    i = 0
+    for g in grads:
+        g.copy_(flat[i: i + g.numel()].view_as(g))
+        i += g.numel()
 
 
 def barrier(d: Dist):
@@ -157,30 +164,21 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                     emas: dict[str, EMA], generators: dict[str, torch.Generator], state: dict):
-    """Write everything needed to resume into `folder`, atomically: a temp folder renamed into place."""
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    meta: dict[str, Any] = {"state": state, "optimizers": {}}
-    for name, m in modules.items():
-        save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
-    for name, e in emas.items():
-        save_file(e.shadow, tmp / f"{name}_ema.safetensors")
-    for name, o in optimizers.items():
-        t, m = optimizer_tensors(o)
-        save_file(t, tmp / f"{name}_optim.safetensors")
-        meta["optimizers"][name] = m
-    rng = {"torch": torch.get_rng_state()}
-    rng.update({f"gen.{k}": g.get_state() for k, g in generators.items()})
-    save_file(rng, tmp / "rng.safetensors")
-    (tmp / "state.json").write_text(json.dumps(meta, indent=1))
-    old = folder.with_name(folder.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write everything needed to resume into `folder`, atomically (a crash leaves the previous one)."""
+    with atomic_dir(folder) as tmp:
+        meta: dict[str, Any] = {"state": state, "optimizers": {}}
+        for name, m in modules.items():
+            save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+        for name, e in emas.items():
+            save_file(e.shadow, tmp / f"{name}_ema.safetensors")
+        for name, o in optimizers.items():
+            t, m = optimizer_tensors(o)
+            save_file(t, tmp / f"{name}_optim.safetensors")
+            meta["optimizers"][name] = m
+        rng = {"torch": torch.get_rng_state()}
+        rng.update({f"gen.{k}": g.get_state() for k, g in generators.items()})
+        save_file(rng, tmp / "rng.safetensors")
+        (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
 
 def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
@@ -205,10 +203,3 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     for k, g in generators.items():
         g.set_state(rng[f"gen.{k}"])
     return meta["state"]
-
-
-def check_finite(losses: dict[str, torch.Tensor], step: int, ckpt: Path):
-    for k, v in losses.items():
-        if not torch.isfinite(v).all():
-            raise FlowflashError(f"non-finite {k} loss at step {step}; stopped without writing a checkpoint. "
-                                 f"Last good checkpoint: {ckpt if Path(ckpt).exists() else 'none'}")

@@ -1,19 +1,9 @@
-"""Distillation losses as pure functions of tensors (no modules, no optimizers).
-
-Flow convention (SD3): x_t = (1 - t) x0 + t eps, v = eps - x0, x0 = x_t - t v.
-"""
+"""Training losses as pure functions of tensors (no modules, no optimizers, no flow algebra: that is
+in sampling/flow.py)."""
 from __future__ import annotations
 
 import torch.nn.functional as F
 from torch import Tensor
-
-
-def _bc(t: Tensor, x: Tensor) -> Tensor:
-    return t.view(-1, *([1] * (x.dim() - 1)))
-
-
-def x0_from_v(x_t: Tensor, t: Tensor, v: Tensor) -> Tensor:
-    return x_t - _bc(t, x_t) * v
 
 
 def flow_matching(v_pred: Tensor, v_target: Tensor) -> Tensor:

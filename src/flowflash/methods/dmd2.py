@@ -1,25 +1,29 @@
-"""Distribution matching on flows, the engine of `dmd2` and `flash` (which are presets of it).
+"""`dmd2`: distribution matching on flows (DMD2), and the engine `flash` extends.
 
-Generator step: at a student step i, the student's x0 estimate gets the DMD2 direction
-x0_fake - x0_real (real = teacher with CFG, fake = the critic), normalised per sample. Where that is
-evaluated is the switch `timestep_sharing`:
-  off (DMD2): re-noise x0_hat to a random t with fresh noise, x_t = (1 - t) x0_hat + t eps;
-  on (SD3.5-Flash): evaluate at the student's own trajectory: time t_i of its schedule and the state
-      x_{t_i} its own Euler steps reached from the noise; no fresh noise, no other times.
-In both cases the direction is applied to the student's output x0_hat (the generator output, as in
-DMD2). (Inferred: the paper's text was not available; an in-interval variant, x_{t'} = x_{t_i} +
-(t' - t_i) v for t' in [t_{i+1}, t_i], keeps the same x0_hat and is a one-line change here.)
-Critic step: flow matching on the student's final samples (fresh noise: that is how a marginal
-score is learned), plus the discriminator heads when the adversarial term is on.
+Student step: at a student step i, the student's x0 estimate gets the DMD2 direction x0_fake - x0_real
+(real = the teacher with CFG, fake = the critic), normalised per sample. DMD2 evaluates both scores on
+the student's x0 re-noised to a random t with fresh noise; `flash` (flash.py) evaluates them on the
+student's own trajectory instead (timestep sharing). The direction is applied to the student's output
+x0_hat (the generator output, as in DMD2). Critic step: flow matching on the student's final samples
+(fresh noise: that is how a marginal score is learned), plus the discriminator heads when the
+adversarial term is on.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn as nn
 
-from .base import Batch, Method, full_t, step_modules, velocity
-from .losses import (distribution_matching, dmd_direction, flow_matching, gan_discriminator, gan_generator,
-                     x0_from_v)
+from ..errors import FlowflashError
+from ..sampling import add_noise, velocity_target, x0_from_v
+from ..train.data import Batch
+from .base import StepOutput, full_t, velocity
+from .losses import distribution_matching, dmd_direction, flow_matching, gan_discriminator, gan_generator
+from .student import STUDENT_FIELDS, StudentMethod
+
+DM_FIELDS = STUDENT_FIELDS | {"lr_critic", "critic_ratio", "timestep_sharing", "t_match_min", "adversarial",
+                              "gan_weight", "gan_blocks", "head_reinit_p"}
 
 
 class Heads(nn.Module):
@@ -59,32 +63,41 @@ class FeatureTap:
         return f
 
 
-class DistributionMatching(Method):
-    name = "dm"
-    trainable = ("student", "critic", "heads")
+class DMD2(StudentMethod):
+    name = "dmd2"
+    uses = DM_FIELDS
 
     def __init__(self, cfg, teacher, student=None, critic=None):
         super().__init__(cfg, teacher, student)
-        import copy
+        self.sharing = self.timestep_sharing(cfg.timestep_sharing)
         self.critic = (critic if critic is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
         width = teacher.cfg.num_heads * teacher.cfg.head_dim
         self.heads = Heads(width, len(cfg.gan_blocks))
         self.tap = FeatureTap(self.critic, cfg.gan_blocks) if cfg.adversarial else None
+        self.networks.update(critic=self.critic, heads=self.heads)
         betas = (0.0, 0.99)  # DMD2: no first moment for the two-player updates
         self.optimizers["student"] = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, betas=betas)
+        # one optimizer for the critic and its heads: they are one player
         self.optimizers["critic"] = torch.optim.AdamW(list(self.critic.parameters()) + list(self.heads.parameters()),
                                                       lr=cfg.lr_critic, betas=betas)
         self.last_match_t: torch.Tensor | None = None  # for tests and diagnostics
         self.fresh_noise_draws = 0
 
+    def timestep_sharing(self, asked: bool | None) -> bool:
+        if asked:
+            raise FlowflashError("dmd2 matches on re-noised end-points; timestep sharing is method flash")
+        return False
+
     # ------------------------------------------------------------------ which step
     def is_student_step(self, step: int) -> bool:
         return step % (self.cfg.critic_ratio + 1) == self.cfg.critic_ratio
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, torch.Tensor]:
-        if self.cfg.adversarial and self.is_student_step(step):
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
+        if not self.is_student_step(step):
+            return self.critic_step(batch)
+        if self.cfg.adversarial:
             self.heads.maybe_reinit(self.cfg.head_reinit_p, self.gen)
-        return self.student_step(batch) if self.is_student_step(step) else self.critic_step(batch)
+        return self.student_step(batch)
 
     # ------------------------------------------------------------------ matching point
     def fresh(self, like: torch.Tensor) -> torch.Tensor:
@@ -92,27 +105,16 @@ class DistributionMatching(Method):
         return torch.randn(like.shape, generator=self.gen, dtype=like.dtype)
 
     def matching_point(self, x_i: torch.Tensor, x0_hat: torch.Tensor, i: int):
-        """(x_match, t_match): where the real and fake scores are evaluated (no gradient needed there)."""
-        if self.cfg.timestep_sharing:
-            t = full_t(x_i, self.schedule[i])
-            x = x_i
-        else:
-            u = torch.rand(x_i.shape[0], generator=self.gen, dtype=x_i.dtype)
-            t = self.cfg.t_match_min + u * (1 - 2 * self.cfg.t_match_min)
-            tb = t.view(-1, 1, 1, 1)
-            self._eps = self.fresh(x0_hat)
-            x = (1 - tb) * x0_hat.detach() + tb * self._eps
+        """(x_match, t_match): the student's x0 re-noised to a random t with fresh noise (no gradient there)."""
+        u = torch.rand(x_i.shape[0], generator=self.gen, dtype=x_i.dtype)
+        t = self.cfg.t_match_min + u * (1 - 2 * self.cfg.t_match_min)
+        self._eps = self.fresh(x0_hat)
         self.last_match_t = t.detach()
-        return x, t
+        return add_noise(x0_hat.detach(), self._eps, t), t
 
     def adversarial_point(self, x_i, v, x0_hat, t, i):
-        """Where the heads judge the student, with the gradient path kept: its next state along its own
-        velocity (timestep sharing), or its re-noised output with the matching noise (DMD2)."""
-        if self.cfg.timestep_sharing:
-            t_next = self.schedule[i + 1]
-            return x_i + (t_next - self.schedule[i]) * v, full_t(x_i, t_next)
-        tb = t.view(-1, 1, 1, 1)
-        return (1 - tb) * x0_hat + tb * self._eps, t
+        """Where the heads judge the student, gradient path kept: its output re-noised with the matching noise."""
+        return add_noise(x0_hat, self._eps, t), t
 
     # ------------------------------------------------------------------ the two players
     def dm_loss(self, b: Batch):
@@ -127,38 +129,35 @@ class DistributionMatching(Method):
         direction = dmd_direction(x0_hat.detach(), x0_real, x0_fake)
         return distribution_matching(x0_hat, direction), (x_i, v, x0_hat, t, i)
 
-    def student_step(self, b: Batch) -> dict[str, torch.Tensor]:
+    def student_step(self, b: Batch) -> StepOutput:
         dm, (x_i, v, x0_hat, t, i) = self.dm_loss(b)
-        losses = {"dm": dm}
+        logs = {"dm": dm.detach()}
         loss = dm
         if self.cfg.adversarial:
             x_adv, t_adv = self.adversarial_point(x_i, v, x0_hat, t, i)
             self.tap.take()  # drop the features of the matching pass above
-            self.critic.requires_grad_(False)
+            self.critic.requires_grad_(False)  # the critic is a fixed judge here: no graph through its weights
             velocity(self.critic, x_adv, t_adv, b)
-            losses["gan_g"] = gan_generator(self.heads(self.tap.take()))
+            gan_g = gan_generator(self.heads(self.tap.take()))
             self.critic.requires_grad_(True)
-            loss = loss + self.cfg.gan_weight * losses["gan_g"]
-        self._step("student", loss)
-        return {k: v.detach() for k, v in losses.items()}
+            logs["gan_g"] = gan_g.detach()
+            loss = loss + self.cfg.gan_weight * gan_g
+        return StepOutput(loss, ("student",), logs)
 
-    def critic_step(self, b: Batch) -> dict[str, torch.Tensor]:
+    def critic_step(self, b: Batch) -> StepOutput:
         with torch.no_grad():
             x0 = self.rollout(b, len(self.schedule) - 1)
         t = torch.rand(x0.shape[0], generator=self.gen).clamp(self.cfg.t_match_min, 1 - self.cfg.t_match_min)
         eps = torch.randn(x0.shape, generator=self.gen)
-        tb = t.view(-1, 1, 1, 1)
-        x_t = (1 - tb) * x0 + tb * eps
         if self.tap:
             self.tap.take()
-        losses = {"critic": flow_matching(velocity(self.critic, x_t, t, b), eps - x0)}
-        loss = losses["critic"]
+        critic = flow_matching(velocity(self.critic, add_noise(x0, eps, t), t, b), velocity_target(x0, eps))
+        logs, loss = {"critic": critic.detach()}, critic
         if self.cfg.adversarial:
             fake_logits = self.heads(self.tap.take())
             real = b.real if b.real is not None else x0
-            xr = (1 - tb) * real + tb * torch.randn(real.shape, generator=self.gen)
-            velocity(self.critic, xr, t, b)
-            losses["gan_d"] = gan_discriminator(self.heads(self.tap.take()), fake_logits)
-            loss = loss + self.cfg.gan_weight * losses["gan_d"]
-        step_modules(self.optimizers["critic"], [self.critic, self.heads], loss, self.cfg.grad_clip)  # one optimizer
-        return {k: v.detach() for k, v in losses.items()}
+            velocity(self.critic, add_noise(real, torch.randn(real.shape, generator=self.gen), t), t, b)
+            gan_d = gan_discriminator(self.heads(self.tap.take()), fake_logits)
+            logs["gan_d"] = gan_d.detach()
+            loss = loss + self.cfg.gan_weight * gan_d
+        return StepOutput(loss, ("critic",), logs)

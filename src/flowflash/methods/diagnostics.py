@@ -8,15 +8,15 @@ spread of those draws around their mean is the variance the issue asks to compar
 from __future__ import annotations
 
 import copy
-import dataclasses
 
 import torch
 
-from .base import Batch
-from .dmd import DistributionMatching
+from ..train.data import Batch
+from .dmd2 import DMD2
+from .flash import Flash
 
 
-def dm_gradient(method: DistributionMatching, b: Batch) -> torch.Tensor:
+def dm_gradient(method: DMD2, b: Batch) -> torch.Tensor:
     """One draw of the student's distribution-matching gradient, flattened (no optimizer step)."""
     loss, _ = method.dm_loss(b)
     params = [p for p in method.student.parameters() if p.requires_grad]
@@ -24,7 +24,7 @@ def dm_gradient(method: DistributionMatching, b: Batch) -> torch.Tensor:
     return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in zip(grads, params)])
 
 
-def gradient_variance(method: DistributionMatching, b: Batch, draws: int = 16, seed: int = 0) -> dict:
+def gradient_variance(method: DMD2, b: Batch, draws: int = 16, seed: int = 0) -> dict:
     """Total variance (trace of the covariance) of `draws` gradient draws, and relative to the squared norm
     of their mean, so that methods with different gradient scales compare."""
     if draws < 2:
@@ -36,15 +36,15 @@ def gradient_variance(method: DistributionMatching, b: Batch, draws: int = 16, s
     mean_sq = mean.pow(2).sum().item()
     return {"draws": draws, "total_variance": total_var, "mean_grad_sq_norm": mean_sq,
             "relative_variance": total_var / max(mean_sq, 1e-30),
-            "timestep_sharing": method.cfg.timestep_sharing}
+            "timestep_sharing": method.sharing}
 
 
-def compare_sharing(method: DistributionMatching, b: Batch, draws: int = 16, seed: int = 0) -> dict:
+def compare_sharing(method: Flash, b: Batch, draws: int = 16, seed: int = 0) -> dict:
     """The same roles and batch, matched with timestep sharing on and off."""
     out = {}
     for sharing in (True, False):
         m = copy.copy(method)  # shares the (unchanged) networks; only the switch differs
-        m.cfg = dataclasses.replace(method.cfg, timestep_sharing=sharing)
+        m.sharing = sharing
         m.gen = torch.Generator()
         out["sharing" if sharing else "renoise"] = gradient_variance(m, b, draws, seed)
     return out

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import FlowflashError
+from ..models.flow_model import FlowModel
+
 
 def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ratio: float) -> dict[str, torch.Tensor]:
     """ratio * a + (1 - ratio) * b for every floating tensor; both must hold the same keys and shapes."""
@@ -20,14 +23,12 @@ def interpolate(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], ratio: f
 
 def check_branches(a, b, name_a, name_b):
     """Only branches of one model merge: same transformer shape and vocabulary."""
-    from ..errors import FlowflashError
-    if a.cfg.transformer_kwargs() != b.cfg.transformer_kwargs() or a.cfg.vocab != b.cfg.vocab:
+    if not a.cfg.same_network(b.cfg):
         raise FlowflashError(f"{name_a} and {name_b} are different architectures; only branches of one model merge")
 
 
-def merged(a, b, ratio: float):
+def merged(a: FlowModel, b: FlowModel, ratio: float) -> FlowModel:
     """ratio * A + (1 - ratio) * B as a new model (A's config)."""
-    from ..models.flow_model import FlowModel
     m = FlowModel(a.cfg)
     m.load_state_dict(interpolate(a.state_dict(), b.state_dict(), ratio))
     return m.eval().requires_grad_(False)

@@ -1,0 +1,86 @@
+"""The contract every training method follows (NVlabs FastGen style).
+
+A method owns its networks (trainable roles by name), their optimizers and its own random generator.
+`train_step(batch, step)` computes the losses of one iteration and says which optimizer(s) step; it
+never calls backward or an optimizer itself. The loop (train/loop.py) owns everything else: backward,
+gradient sync across ranks, clipping, optimizer steps, EMA of the exported network (when its optimizer
+stepped), checkpoints, resume, the NaN stop, signals, logging and sample grids.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from ..errors import FlowflashError
+from ..models.flow_model import FlowModel
+from ..models.text import combine
+from ..sampling import cfg_velocity
+from ..train.data import Batch
+
+
+@dataclass
+class StepOutput:
+    loss: Tensor  # what backward runs on
+    step: tuple[str, ...]  # the optimizers that step on this iteration
+    logs: dict[str, Tensor] = field(default_factory=dict)  # detached terms, for the log and the NaN check
+
+
+class Method:
+    name: ClassVar[str] = "base"
+    # Config fields this method reads beyond the loop's; any other field set away from its default is refused.
+    uses: ClassVar[frozenset[str]] = frozenset()
+    ema_network: ClassVar[str] = "student"  # the network whose EMA is exported
+    export_dir: ClassVar[str] = "student"
+
+    def __init__(self, cfg, seed: int):
+        self.cfg = cfg
+        self.gen = torch.Generator().manual_seed(seed)
+        self.networks: dict[str, nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def train_step(self, batch: Batch, step: int) -> StepOutput:
+        raise NotImplementedError
+
+    def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
+        """The exported model folder's network, carrying `weights` (the EMA of `ema_network`)."""
+        raise NotImplementedError
+
+
+def refuse_unused(cfg, method: type[Method], loop_fields: set[str]):
+    """Flags a method ignores are an error, not silently dropped."""
+    defaults = type(cfg)()
+    unused = [f.name for f in dataclasses.fields(cfg) if f.name not in loop_fields | method.uses
+              and getattr(cfg, f.name) != getattr(defaults, f.name)]
+    if unused:
+        raise FlowflashError(f"method {method.name!r} does not use {', '.join(unused)}; remove "
+                             f"{'it' if len(unused) == 1 else 'them'} from the config")
+
+
+# ------------------------------------------------------------------ conditioning and velocity of a role
+def condition(model: FlowModel, b: Batch, use_light: Tensor | bool = True,
+              use_minilm: Tensor | bool | None = None) -> tuple[Tensor, Tensor]:
+    """(context, pooled) of `model`'s own light encoder (each role has its copy) and the batch's MiniLM states;
+    a False nulls that encoder (both False: the CFG null)."""
+    n = b.ids.shape[0]
+    as_mask = lambda m: m if torch.is_tensor(m) else torch.full((n,), bool(m), dtype=torch.bool)
+    use_minilm = use_light if use_minilm is None else use_minilm
+    return combine(model.light, b.ids, b.mini_h, b.mini_p, as_mask(use_light), as_mask(use_minilm))
+
+
+def velocity(model: FlowModel, x: Tensor, t: Tensor, b: Batch, guidance: float = 1.0) -> Tensor:
+    """v(x, t | text), with classifier-free guidance when guidance != 1 (one batched call)."""
+    ctx, pooled = condition(model, b, True)
+    if guidance == 1.0:
+        return model(x, t, ctx, pooled)
+    uctx, upooled = condition(model, b, False)
+    vc, vu = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, uctx]), torch.cat([pooled, upooled])).chunk(2)
+    return cfg_velocity(vc, vu, guidance)
+
+
+def full_t(x: Tensor, t: float) -> Tensor:
+    return torch.full((x.shape[0],), float(t), dtype=x.dtype, device=x.device)

@@ -1,0 +1,67 @@
+"""What the distillation methods share: the frozen teacher, the trainable student, the student's
+few-step schedule (and the split branch's part of it), the student's own rollout, and the export of a
+student model folder that records its schedule."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from ..models.flow_model import FlowModel
+from ..models.protocol import SamplingDefaults
+from ..sampling import sample, x0_from_v
+from ..train.data import Batch
+from .base import Method, full_t, velocity
+from .schedule import split_range, steps_in_range, student_schedule
+
+# Fields every distillation method reads (the loop's are allowed everywhere).
+STUDENT_FIELDS = frozenset({"method", "teacher", "init_student", "student_steps", "student_shift", "schedule",
+                            "split", "split_at", "guidance"})
+
+
+def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance: float = 1.0) -> FlowModel:
+    """A model with the teacher's architecture whose sampling defaults are the student's schedule (no CFG)."""
+    sampling = SamplingDefaults(steps=len(schedule) - 1, guidance=guidance, shift=teacher.cfg.sampling.shift,
+                                schedule=tuple(schedule))
+    return FlowModel(dataclasses.replace(teacher.cfg, kind="student", name=name, sampling=sampling))
+
+
+class StudentMethod(Method):
+    uses: ClassVar[frozenset[str]] = STUDENT_FIELDS
+
+    def __init__(self, cfg, teacher: FlowModel, student: FlowModel | None = None):
+        super().__init__(cfg, cfg.seed + 17)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = (student if student is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
+        shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
+        self.schedule = student_schedule(cfg.student_steps, shift, cfg.schedule)
+        lo, hi = split_range(cfg.split, cfg.split_at)
+        self.train_steps = steps_in_range(self.schedule, lo, hi)
+        self.networks = {"student": self.student}
+
+    def pick_step(self) -> int:
+        """A student step index i (restricted to the split's range)."""
+        j = int(torch.randint(len(self.train_steps), (1,), generator=self.gen))
+        return self.train_steps[j]
+
+    @torch.no_grad()
+    def rollout(self, b: Batch, upto: int) -> Tensor:
+        """The student's own state at t_upto, reached from the noise by its own Euler steps."""
+        ts = torch.tensor(self.schedule[: upto + 1], dtype=torch.float64)
+        return sample(lambda x, t: velocity(self.student, x, t, b), b.noise, ts)
+
+    def student_x0(self, b: Batch, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_{t_i}, v_student with grad, x0_hat with grad) at student step i."""
+        x = self.rollout(b, i)
+        t = full_t(x, self.schedule[i])
+        v = velocity(self.student, x, t, b)
+        return x, v, x0_from_v(x, t, v)
+
+    def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
+        m = student_model(self.teacher, self.schedule, Path(self.cfg.out).name)
+        m.load_state_dict({k: v.to(m.state_dict()[k].dtype) for k, v in weights.items()})
+        return m

@@ -1,0 +1,86 @@
+"""The emoji model behind the generation protocol: pixel space, two text encoders.
+
+`light` (word-level, trained with the transformer, CLIP's role) and `minilm` (frozen all-MiniLM-L6-v2,
+T5's role) are each droppable: a dropped encoder's output is nulled (zeros), which is exactly what the
+per-encoder dropout of training showed the transformer, so dropping one is in-distribution.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import FlowflashError
+from ..images import to_uint8, to_unit
+from .flow_model import FlowModel, load_model
+from .protocol import Conditioning, SamplingDefaults, check_drop
+from .text import MiniLMEncoder, WordTokenizer, combine
+
+
+class EmojiModel:
+    encoder_names = ("light", "minilm")
+
+    def __init__(self, net: FlowModel, minilm: MiniLMEncoder | None):
+        self.net, self.minilm = net, minilm
+        self.tokenizer = WordTokenizer(net.cfg.vocab)
+
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, drop=()) -> "EmojiModel":
+        drop = check_drop(drop, cls.encoder_names)
+        net = load_model(folder, dtype)
+        return cls(net, None if "minilm" in drop else MiniLMEncoder(max_tokens=net.cfg.minilm_max_tokens))
+
+    @property
+    def name(self) -> str:
+        return self.net.cfg.name
+
+    @property
+    def sampling(self) -> SamplingDefaults:
+        return self.net.cfg.sampling
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.net.transformer.parameters()).dtype
+
+    def check_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
+        s = self.net.cfg.image_size
+        wh = (s, s) if size is None else (size, size) if isinstance(size, int) else tuple(size)
+        if wh != (s, s):
+            raise FlowflashError(f"this model makes {s}x{s} images only, not {wh[0]}x{wh[1]}")
+        return wh
+
+    def condition(self, prompts: list[str], drop: frozenset[str], cfg: bool) -> Conditioning:
+        c, b = self.net.cfg, len(prompts)
+        ids, cut_light = self.tokenizer.batch(prompts, c.light_max_tokens)
+        notes = [f"prompt longer than {c.light_max_tokens} words: truncated"] if cut_light else []
+        if self.minilm is None or "minilm" in drop:
+            mh = torch.zeros(b, c.minilm_max_tokens, MiniLMEncoder.dim)
+            mp = torch.zeros(b, MiniLMEncoder.dim)
+        else:
+            mh, mp, cut_mini = self.minilm.encode(prompts)
+            mh, mp = mh.float(), mp.float()
+            if cut_mini:
+                notes.append(f"prompt longer than {c.minilm_max_tokens} MiniLM tokens: truncated")
+        on = torch.ones(b, dtype=torch.bool)
+        ctx, pooled = combine(self.net.light, ids, mh, mp, on & ("light" not in drop), on & ("minilm" not in drop))
+        if cfg:  # the unconditional rows: both encoders nulled, as caption dropout trained them
+            off = torch.zeros(b, dtype=torch.bool)
+            uctx, upooled = combine(self.net.light, ids, mh, mp, off, off)
+            ctx, pooled = torch.cat([ctx, uctx]), torch.cat([pooled, upooled])
+        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
+
+    def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        return self.net(x, t, cond.context, cond.pooled)
+
+    def noise(self, seeds: list[int], size: tuple[int, int]) -> Tensor:
+        """Each image's noise depends on its own seed only, whatever the batch."""
+        w, h = size
+        c = self.net.cfg.channels
+        return torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.dtype)
+
+    def decode(self, x: Tensor) -> Tensor:
+        return to_uint8(x.float())
+
+    def encode(self, images_u8: Tensor) -> Tensor:
+        return to_unit(images_u8).to(self.dtype)

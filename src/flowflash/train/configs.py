@@ -1,0 +1,70 @@
+"""The run configs: the loop's fields (LoopConfig) plus each kind of run's own. YAML files map 1:1 onto these."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .loop import LoopConfig
+
+
+@dataclass
+class TeacherConfig(LoopConfig):
+    """Method `rf`: a teacher trained from the corpus."""
+    out: str = "runs/teacher"
+    model: dict = field(default_factory=dict)  # ModelConfig fields (architecture; `sampling` holds the shift)
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup: int = 200
+    min_lr: float = 3e-5
+    ema: float = 0.999
+    log_every: int = 10
+    sample_every: int = 250
+    ckpt_every: int = 100
+    # Probability that a batch row is a single emoji rather than a scene; None samples rows uniformly.
+    # Singles are a quarter of the corpus but carry most of the identity a person checks.
+    p_single: float | None = None
+    # Curated concept list for the single-emoji rows (a list in data/concepts/ such as "core", or a
+    # file); None trains on every concept. Scenes are kept whole: their objects are all in "core".
+    concepts: str | None = None
+    weight_decay: float = 0.0
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    p_uncond: float = 0.1  # both encoders nulled: the CFG unconditional branch
+    p_drop_light: float = 0.15  # independent encoder dropout (SD3), so either can be nulled at inference
+    p_drop_minilm: float = 0.15
+    # Continue from a shipped model folder (its weights, a fresh optimizer): how a new session extends
+    # training when only the committed weights survived. Its config and vocabulary are kept.
+    init_from: str | None = None
+    sample_prompts: list = field(default_factory=lambda: [
+        "grinning face, twemoji style", "red apple, fluent flat style", "dog face, twemoji style",
+        "pizza, fluent flat style", "a frog to the left of a banana on a blue background, twemoji style",
+        "two penguin on a yellow background, fluent flat style", "cat face, fluent flat style",
+        "watermelon, twemoji style"])
+
+
+@dataclass
+class DistillConfig(LoopConfig):
+    """A few-step student from a teacher; `method` picks flash, dmd2, tg or naive."""
+    out: str = "runs/distill"
+    method: str = "flash"
+    teacher: str = "teacher"  # shipped name or model folder
+    init_student: str | None = None  # a model folder to start the student from (e.g. the TG stage)
+    student_steps: int = 4
+    student_shift: float | None = None  # default: the teacher's shift
+    schedule: list[float] | None = None  # explicit student times, 1 -> 0
+    lr: float = 2e-5
+    lr_critic: float = 4e-5
+    guidance: float = 4.0  # the real score (teacher) uses CFG at this scale
+    critic_ratio: int = 5  # critic updates per student update (DMD2: 5)
+    timestep_sharing: bool | None = None  # flash: on unless set false (the ablation); dmd2: always off
+    t_match_min: float = 0.02
+    adversarial: bool = True
+    gan_weight: float = 0.05
+    gan_blocks: list = field(default_factory=lambda: [2, 5])  # critic blocks whose features the heads read
+    head_reinit_p: float = 0.01
+    split: str | None = None  # split-timestep fine-tuning branch: low (t <= split_at) or high (t > split_at)
+    split_at: float = 0.5  # the boundary; a 2-step schedule (1, 0.6) needs one between its two times
+    tg_teacher_steps: int = 4  # teacher Euler steps per student interval for trajectory guidance
+    # tg only: a fixed pool of N (caption, noise) pairs whose teacher trajectories are computed once and
+    # reused every epoch (the teacher's CFG ODE is ~20x the cost of a student step); 0 = fresh each step
+    tg_pool: int = 0

@@ -1,0 +1,133 @@
+"""Training data for every method: the corpus's captions encoded once, and batches drawn from them.
+
+MiniLM is frozen, so each training caption is encoded once into a cache file in the run folder (rank 0
+writes it, the other ranks wait and read it). A `Batch` carries what any method may need: the encoded
+captions, the real images (rf's targets, the adversarial heads' real branch) and the starting noise.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm import tqdm
+
+from ..data.dataset import Corpus, load_corpus
+from ..errors import FlowflashError
+from ..images import to_unit
+from ..models.text import MiniLMEncoder, WordTokenizer
+from .common import Dist, barrier
+
+
+@dataclass
+class Batch:
+    ids: Tensor  # light-encoder token ids (B, L)
+    mini_h: Tensor  # MiniLM token states (B, Lm, 384)
+    mini_p: Tensor  # MiniLM pooled (B, 384)
+    noise: Tensor  # (B, C, H, W): the starting noise of a student rollout, or rf's eps
+    real: Tensor | None = None  # real images in [-1, 1]
+    key: Tensor | None = None  # positions in a fixed pool (tg_pool), else None
+
+    def rows(self, idx: Tensor) -> "Batch":
+        return replace(self, ids=self.ids[idx], mini_h=self.mini_h[idx], mini_p=self.mini_p[idx],
+                       noise=self.noise[idx], real=None if self.real is None else self.real[idx],
+                       key=None if self.key is None else self.key[idx])
+
+
+def minilm_cache(captions: list[str], out: Path, max_tokens: int) -> tuple[Tensor, Tensor]:
+    """MiniLM states of every caption, from `out`'s cache when it matches these captions."""
+    path = out / f"minilm_cache_{max_tokens}.safetensors"
+    # hashlib, not hash(): str hashes are salted per process and ranks must agree.
+    key = int.from_bytes(hashlib.sha256("\n".join(captions).encode()).digest()[:4], "big")
+    if path.exists():
+        d = load_file(path)
+        if d["key"].item() == key and d["h"].shape[0] == len(captions):
+            return d["h"].float(), d["p"].float()
+    enc = MiniLMEncoder(max_tokens=max_tokens)
+    hs, ps = [], []
+    for i in tqdm(range(0, len(captions), 256), desc="encode captions", leave=False):
+        h, p = enc(captions[i: i + 256])
+        hs.append(h.half()), ps.append(p.half())
+    h, p = torch.cat(hs), torch.cat(ps)
+    save_file({"h": h, "p": p, "key": torch.tensor(key)}, path)
+    return h.float(), p.float()
+
+
+@dataclass
+class CaptionBank:
+    """The training split with its captions encoded for both text encoders."""
+    corpus: Corpus
+    ids: Tensor
+    mini_h: Tensor
+    mini_p: Tensor
+
+    @classmethod
+    def build(cls, data: Path, vocab: list[str], light_max_tokens: int, minilm_max_tokens: int, out: Path,
+              d: Dist, image_size: int | None = None) -> "CaptionBank":
+        corpus = load_corpus(Path(data), "train")
+        if image_size is not None and corpus.images.shape[-1] != image_size:
+            raise FlowflashError(f"corpus images are {corpus.images.shape[-1]}px but the model makes "
+                                 f"{image_size}px: model and data do not match")
+        ids, _ = WordTokenizer(vocab).batch(corpus.captions, light_max_tokens)
+        if d.main:  # one writer; the others read what it wrote
+            mini_h, mini_p = minilm_cache(corpus.captions, out, minilm_max_tokens)
+        barrier(d)
+        if not d.main:
+            mini_h, mini_p = minilm_cache(corpus.captions, out, minilm_max_tokens)
+        return cls(corpus, ids, mini_h, mini_p)
+
+    def __len__(self) -> int:
+        return len(self.corpus)
+
+    def batch(self, idx: Tensor, noise: Tensor, key: Tensor | None = None) -> Batch:
+        return Batch(self.ids[idx], self.mini_h[idx], self.mini_p[idx], noise,
+                     to_unit(self.corpus.images[idx]), key)
+
+    def single_rows(self, keep: set[str] | None = None) -> Tensor:
+        return torch.tensor([i for i, r in enumerate(self.corpus.rows) if r["kind"] == "single"
+                             and (keep is None or r["concepts"][0] in keep)], dtype=torch.long)
+
+    def scene_rows(self) -> Tensor:
+        return torch.tensor([i for i, r in enumerate(self.corpus.rows) if r["kind"] != "single"], dtype=torch.long)
+
+
+def draw_rows(b: int, singles: Tensor, scenes: Tensor, p_single: float | None, gen: torch.Generator) -> Tensor:
+    """b row indices: a single emoji with probability p_single, else a scene; None draws from both pools
+    uniformly (rows in manifest order when nothing is filtered out)."""
+    if p_single is None or len(singles) == 0 or len(scenes) == 0:
+        pool = torch.cat([singles, scenes])
+        return pool[torch.randint(len(pool), (b,), generator=gen)]
+    pick_single = torch.rand(b, generator=gen) < p_single
+    s = singles[torch.randint(len(singles), (b,), generator=gen)]
+    c = scenes[torch.randint(len(scenes), (b,), generator=gen)]
+    return torch.where(pick_single, s, c)
+
+
+class RowSampler:
+    """Fresh rows and fresh noise every batch."""
+
+    def __init__(self, bank: CaptionBank, singles: Tensor, scenes: Tensor, p_single: float | None = None):
+        self.bank, self.singles, self.scenes, self.p_single = bank, singles, scenes, p_single
+
+    def __call__(self, n: int, gen: torch.Generator) -> Batch:
+        idx = draw_rows(n, self.singles, self.scenes, self.p_single, gen)
+        shape = (n, *self.bank.corpus.images.shape[1:])
+        return self.bank.batch(idx, torch.randn(shape, generator=gen))
+
+
+class PoolSampler:
+    """n entries of a fixed pool of (caption, noise) pairs, drawn once from `seed`: the same pool on every
+    rank and after a resume, so work cached per entry (the teacher's trajectories) stays valid."""
+
+    def __init__(self, bank: CaptionBank, size: int, seed: int):
+        g = torch.Generator().manual_seed(seed)
+        self.bank = bank
+        self.idx = torch.randint(len(bank), (size,), generator=g)
+        self.noise = torch.randn((size, *bank.corpus.images.shape[1:]), generator=g)
+
+    def __call__(self, n: int, gen: torch.Generator) -> Batch:
+        key = torch.randint(len(self.idx), (n,), generator=gen)
+        return self.bank.batch(self.idx[key], self.noise[key], key)

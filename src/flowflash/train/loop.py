@@ -1,0 +1,175 @@
+"""The one training loop, for teacher training (`rf`) and every distillation method.
+
+The method computes losses and names the optimizers to step (methods/base.py); this loop does the rest:
+learning-rate schedule, backward, gradient sync across ranks, clipping, optimizer steps, EMA of the
+exported network, the NaN stop, checkpoints and resume, Ctrl-C/SIGTERM, the progress bar, log.jsonl,
+exports and sample grids.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from ..errors import FlowflashError
+from ..methods.base import Method, StepOutput
+from .common import EMA, Dist, GracefulStop, all_reduce_mean, barrier, load_checkpoint, save_checkpoint, sync_grads
+from .data import Batch
+
+Sampler = Callable[[int, torch.Generator], Batch]
+
+
+@dataclass
+class LoopConfig:
+    """What the loop reads; teacher and distillation configs extend it with their method's fields."""
+    data: str = "data/emoji64"
+    out: str = "runs/run"
+    steps: int = 1000
+    batch_size: int = 16  # global, split across ranks
+    lr: float = 1e-4
+    warmup: int = 0  # linear warm-up steps (0: none)
+    # Cosine decay from lr to min_lr over [decay_start, steps]; None keeps lr constant after warm-up.
+    decay_start: int | None = None
+    min_lr: float = 0.0
+    ema: float = 0.99
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 200
+    ckpt_every: int = 50
+
+
+LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
+
+
+def lr_factor(cfg: LoopConfig, step: int) -> float:
+    """Warm-up then optional cosine decay, as a factor of each optimizer's base learning rate."""
+    warm = min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else 1.0
+    if cfg.decay_start is None or step < cfg.decay_start:
+        return warm
+    frac = min(1.0, (step - cfg.decay_start) / max(1, cfg.steps - cfg.decay_start))
+    floor = cfg.min_lr / cfg.lr
+    return floor + (warm - floor) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def check_finite(out: StepOutput, step: int, ckpt: Path):
+    for k, v in {**out.logs, "total": out.loss}.items():  # name the first bad term
+        if not torch.isfinite(v).all():
+            raise FlowflashError(f"non-finite {k} loss at step {step}; stopped without writing a checkpoint. "
+                                 f"Last good checkpoint: {ckpt if Path(ckpt).exists() else 'none'}")
+
+
+def apply_step(method: Method, out: StepOutput, grad_clip: float) -> dict[str, float]:
+    """Backward, then for each named optimizer: average its gradients across ranks, clip, step. Gradients
+    are cleared before and after, so a network that took part in the loss but was not stepped keeps none."""
+    unknown = [n for n in out.step if n not in method.optimizers]
+    if unknown:
+        raise ValueError(f"{method.name} asked to step unknown optimizer(s) {unknown}")
+    for opt in method.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    norms = {}
+    for name in out.step:
+        opt = method.optimizers[name]
+        params = [p for g in opt.param_groups for p in g["params"]]
+        sync_grads(params)
+        norms[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        opt.step()
+    for opt in method.optimizers.values():
+        opt.zero_grad(set_to_none=True)
+    return norms
+
+
+def run_step(method: Method, batch: Batch, step: int, grad_clip: float = 1.0) -> StepOutput:
+    """One iteration without the loop's bookkeeping (tests and diagnostics)."""
+    out = method.train_step(batch, step)
+    apply_step(method, out, grad_clip)
+    return out
+
+
+class JsonlLog:
+    """log.jsonl of the main rank, closed on exit."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.f = open(path, "a") if enabled else None
+
+    def write(self, row: dict):
+        if self.f:
+            self.f.write(json.dumps(row) + "\n")
+            self.f.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.f:
+            self.f.close()
+        return False
+
+
+def export(method: Method, ema: EMA, folder: Path) -> Path:
+    from ..models.flow_model import save_model
+    return save_model(method.export_model(ema.shadow), folder)
+
+
+def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resume: bool = False,
+               max_steps: int | None = None, ema_warmup: bool = True,
+               sample: Callable[[Path, Path], None] | None = None) -> Path:
+    """Run `method` from step 0 (or the checkpoint) to cfg.steps; returns the exported model folder.
+    `sample(model_folder, png_path)` draws a grid from an export every `sample_every` steps."""
+    out = Path(cfg.out)
+    for opt in method.optimizers.values():
+        for g in opt.param_groups:
+            g.setdefault("base_lr", g["lr"])
+    net = method.networks[method.ema_network]
+    ema = EMA(net, cfg.ema, warmup=ema_warmup)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
+    method.gen.manual_seed(cfg.seed * 1000 + 17 + d.rank)
+    ckpt = out / "checkpoint"
+    emas, gens = {method.ema_network: ema}, {"data": gen, "method": method.gen}
+    step = 0
+    if resume:
+        step = load_checkpoint(ckpt, method.networks, method.optimizers, emas, gens)["step"]
+    ema_opt = next(n for n, o in method.optimizers.items()
+                   if any(p is q for g in o.param_groups for p in g["params"] for q in net.parameters()))
+    local_b = cfg.batch_size // d.world
+    end = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
+    bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=method.name, dynamic_ncols=True)
+    t0, seen = time.time(), 0
+    with GracefulStop(d.world == 1) as stop, JsonlLog(out / "log.jsonl", d.main) as log:
+        while step < end and not stop.requested:
+            f = lr_factor(cfg, step)
+            for opt in method.optimizers.values():
+                for g in opt.param_groups:
+                    g["lr"] = g["base_lr"] * f
+            res = method.train_step(draw(local_b, gen), step)
+            check_finite(res, step, ckpt)
+            norms = apply_step(method, res, cfg.grad_clip)
+            if ema_opt in res.step:  # an average of the network's updates, not of the steps it sat out
+                ema.update(net, step)
+            step += 1
+            seen += cfg.batch_size
+            vals = {k: all_reduce_mean(v.detach(), d).item() for k, v in res.logs.items()}
+            if d.main:
+                rate = seen / (time.time() - t0)
+                bar.set_postfix({**{k: f"{v:.4f}" for k, v in vals.items()}, "img_s": f"{rate:.1f}"})
+                bar.update(1)
+                if step % cfg.log_every == 0:
+                    log.write({"step": step, **vals, **norms, "img_s": rate, "time": time.time()})
+            if step % cfg.ckpt_every == 0 or step == end or stop.requested:
+                if d.main:
+                    save_checkpoint(ckpt, method.networks, method.optimizers, emas, gens, {"step": step})
+                barrier(d)
+            if d.main and sample is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
+                sample(export(method, ema, out / method.export_dir), out / f"samples/step{step:06d}.png")
+    bar.close()
+    if d.main:
+        export(method, ema, out / method.export_dir)
+    return out / method.export_dir

@@ -1,0 +1,148 @@
+"""Entry points: build a run's networks, method and data from its config, then hand them to the loop.
+
+`train_teacher` (method rf) and `distill` (flash, dmd2, tg, naive) differ only in what they build;
+`measure_variance` is the distribution-matching diagnostic on the same set-up.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..data.dataset import load_concept_list
+from ..errors import FlowflashError
+from ..images import image_grid
+from ..models.flow_model import FlowModel, ModelConfig, load_model, save_model
+from ..models.text import WordTokenizer
+from ..methods import DISTILL_METHODS, Method
+from ..methods.base import refuse_unused
+from ..runtime.pipeline import resolve_model
+from .common import EMA, Dist, init_dist, load_checkpoint
+from .configs import DistillConfig, TeacherConfig
+from .data import CaptionBank, PoolSampler, RowSampler
+from .loop import LOOP_FIELDS, train_loop
+
+DISTILL_SAMPLE_PROMPTS = ["grinning face, twemoji style", "red apple, fluent flat style"]
+
+
+def sample_grid(model_dir: Path, prompts: list[str], path: Path, steps: int | None = None,
+                guidance: float | None = None, seed: int = 0):
+    """One image per prompt from an exported model, as a grid PNG (training progress at a glance)."""
+    from ..runtime.pipeline import Pipeline
+
+    images = Pipeline.load(model_dir).generate(prompts, steps=steps, guidance=guidance, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, cols=min(8, len(images))).save(path)
+
+
+def write_config(cfg, d: Dist):
+    if d.main:
+        (Path(cfg.out) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+
+# ------------------------------------------------------------------ teacher (rf)
+def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+    from ..methods.rf import RectifiedFlow
+
+    d = init_dist()
+    # A bad list name fails here, before the run folder, model and caption cache are made.
+    keep = load_concept_list(cfg.concepts) if cfg.concepts else None
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:  # on --resume the checkpoint then overwrites these weights
+        model = load_model(Path(cfg.init_from))
+    else:
+        from ..data.dataset import load_corpus
+        vocab = WordTokenizer.build(load_corpus(Path(cfg.data), "train").captions).vocab
+        model = FlowModel(ModelConfig.from_dict({**cfg.model, "vocab": vocab}))
+    mcfg = model.cfg
+    bank = CaptionBank.build(Path(cfg.data), mcfg.vocab, mcfg.light_max_tokens, mcfg.minilm_max_tokens, out, d,
+                             mcfg.image_size)
+    singles = bank.single_rows(keep)
+    if keep is not None and len(singles) == 0:
+        raise FlowflashError(f"concept list {cfg.concepts!r} matches no single emoji in {cfg.data}")
+    write_config(cfg, d)
+    method = RectifiedFlow(cfg, model)
+    draw = RowSampler(bank, singles, bank.scene_rows(), cfg.p_single)
+    sample = lambda folder, png: sample_grid(folder, cfg.sample_prompts, png, steps=28, guidance=4.0)
+    return train_loop(method, draw, cfg, d, resume=resume, max_steps=max_steps, sample=sample)
+
+
+# ------------------------------------------------------------------ distillation
+@dataclass
+class DistillSetup:
+    method: Method
+    bank: CaptionBank | None  # None for `naive`, which trains nothing
+
+
+def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
+    """Roles, method and the encoded training captions: what training and diagnostics both need."""
+    if cfg.method not in DISTILL_METHODS:
+        raise FlowflashError(f"unknown method {cfg.method!r}; known: {', '.join(DISTILL_METHODS)}")
+    method_cls = DISTILL_METHODS[cfg.method]
+    refuse_unused(cfg, method_cls, LOOP_FIELDS)
+    teacher_dir = resolve_model(cfg.teacher)  # a wrong teacher fails before the run folder exists
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    teacher = load_model(teacher_dir)
+    student = None
+    if cfg.init_student:
+        student = load_model(Path(cfg.init_student))
+        if not student.cfg.same_network(teacher.cfg):
+            raise FlowflashError(f"init_student {cfg.init_student} does not match the teacher's architecture/vocabulary")
+    method = method_cls(cfg, teacher, student)
+    if not method.optimizers:
+        return DistillSetup(method, None)
+    c = teacher.cfg
+    bank = CaptionBank.build(Path(cfg.data), c.vocab, c.light_max_tokens, c.minilm_max_tokens, out, d, c.image_size)
+    return DistillSetup(method, bank)
+
+
+def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+    d = init_dist()
+    su = distill_setup(cfg, d)
+    write_config(cfg, d)
+    out = Path(cfg.out)
+    if su.bank is None:  # naive: export and stop
+        if d.main:
+            save_model(su.method.export_model(), out / "student")
+        return out / "student"
+    if cfg.tg_pool:  # the same pool on every rank and after resume
+        draw = PoolSampler(su.bank, cfg.tg_pool, cfg.seed * 1000 + 5)
+    else:
+        all_rows = torch.arange(len(su.bank))
+        draw = RowSampler(su.bank, all_rows, all_rows[:0])
+    sample = lambda folder, png: sample_grid(folder, DISTILL_SAMPLE_PROMPTS, png)
+    # a split branch's EMA stays anchored to the common start (no warm-up)
+    return train_loop(su.method, draw, cfg, d, resume=resume, max_steps=max_steps, ema_warmup=cfg.split is None,
+                      sample=sample)
+
+
+def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, seed: int = 0,
+                     from_checkpoint: bool = False) -> dict:
+    """Variance of the DM gradient on one fixed batch, timestep sharing vs re-noising, for the roles of
+    `cfg` (its student init and a critic from the teacher, or the run's last checkpoint)."""
+    from ..methods.diagnostics import compare_sharing
+    from ..methods.dmd2 import DMD2
+
+    if cfg.method not in ("flash", "dmd2"):
+        raise FlowflashError(f"method {cfg.method!r} has no distribution-matching gradient; use flash or dmd2")
+    # Both arms are measured on one method object whose sharing switch is flipped: build it as flash.
+    su = distill_setup(dataclasses.replace(cfg, method="flash", timestep_sharing=None), init_dist())
+    assert isinstance(su.method, DMD2)
+    if from_checkpoint:
+        ema = EMA(su.method.student, cfg.ema)
+        load_checkpoint(Path(cfg.out) / "checkpoint", su.method.networks, {}, {"student": ema}, {})
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(su.bank), (batch_size,), generator=gen)
+    b = su.bank.batch(idx, torch.randn((batch_size, *su.bank.corpus.images.shape[1:]), generator=gen))
+    res = compare_sharing(su.method, b, draws, seed)
+    res["ratio_renoise_over_sharing"] = (res["renoise"]["relative_variance"]
+                                         / max(res["sharing"]["relative_variance"], 1e-30))
+    res.update(batch_size=batch_size, seed=seed, config=dataclasses.asdict(cfg))
+    return res
