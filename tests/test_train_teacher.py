@@ -221,3 +221,16 @@ def test_p_single_draws_singles_at_the_asked_rate():
     assert 0.46 < frac < 0.54
     uniform = draw_rows(4000, singles, scenes, None, torch.Generator().manual_seed(0))
     assert 0.07 < (uniform < 10).float().mean().item() < 0.13
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_a_missing_gpu_is_named(tiny_corpus, tmp_path):
+    train_teacher(cfg(tiny_corpus, tmp_path / "bf16", steps=2, precision="bf16"))
+    w = final_weights(tmp_path / "bf16")
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in w.values() if v.is_floating_point())
+    log = [json.loads(l) for l in (tmp_path / "bf16" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(r["flow"] > 0 for r in log)
+    with pytest.raises(FlowflashError, match="precision must be one of fp32, bf16"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "p", steps=1, precision="fp8"))
+    if not torch.cuda.is_available():
+        with pytest.raises(FlowflashError, match="sees no CUDA GPU"):
+            train_teacher(cfg(tiny_corpus, tmp_path / "g", steps=1, device="cuda"))

@@ -39,9 +39,25 @@ class Method:
 
     def __init__(self, cfg, seed: int):
         self.cfg = cfg
-        self.gen = torch.Generator().manual_seed(seed)
+        self.gen = torch.Generator().manual_seed(seed)  # on the CPU: draws are then moved, so runs match across devices
+        self.device = torch.device("cpu")
         self.networks: dict[str, nn.Module] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+
+    def to(self, device: torch.device | str) -> "Method":
+        """Move every network the method holds (frozen ones too). Parameters keep their identity, so the
+        optimizers built on them stay valid; call before loading a checkpoint."""
+        self.device = torch.device(device)
+        for value in vars(self).values():
+            if isinstance(value, nn.Module):
+                value.to(self.device)
+        return self
+
+    def rand(self, *shape: int) -> Tensor:
+        return torch.rand(shape, generator=self.gen).to(self.device)
+
+    def randn(self, *shape: int) -> Tensor:
+        return torch.randn(shape, generator=self.gen).to(self.device)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError
@@ -67,7 +83,7 @@ def condition(model: FlowModel, b: Batch, use_light: Tensor | bool = True,
     """(context, pooled) of `model`'s own light encoder (each role has its copy) and the batch's MiniLM states;
     a False nulls that encoder (both False: the CFG null)."""
     n = b.ids.shape[0]
-    as_mask = lambda m: m if torch.is_tensor(m) else torch.full((n,), bool(m), dtype=torch.bool)
+    as_mask = lambda m: m if torch.is_tensor(m) else torch.full((n,), bool(m), dtype=torch.bool, device=b.ids.device)
     use_minilm = use_light if use_minilm is None else use_minilm
     return combine(model.light, b.ids, b.mini_h, b.mini_p, as_mask(use_light), as_mask(use_minilm))
 

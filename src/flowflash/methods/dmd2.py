@@ -102,11 +102,11 @@ class DMD2(StudentMethod):
     # ------------------------------------------------------------------ matching point
     def fresh(self, like: torch.Tensor) -> torch.Tensor:
         self.fresh_noise_draws += 1
-        return torch.randn(like.shape, generator=self.gen, dtype=like.dtype)
+        return self.randn(*like.shape).to(like.dtype)
 
     def matching_point(self, x_i: torch.Tensor, x0_hat: torch.Tensor, i: int):
         """(x_match, t_match): the student's x0 re-noised to a random t with fresh noise (no gradient there)."""
-        u = torch.rand(x_i.shape[0], generator=self.gen, dtype=x_i.dtype)
+        u = self.rand(x_i.shape[0]).to(x_i.dtype)
         t = self.cfg.t_match_min + u * (1 - 2 * self.cfg.t_match_min)
         self._eps = self.fresh(x0_hat)
         self.last_match_t = t.detach()
@@ -147,8 +147,8 @@ class DMD2(StudentMethod):
     def critic_step(self, b: Batch) -> StepOutput:
         with torch.no_grad():
             x0 = self.rollout(b, len(self.schedule) - 1)
-        t = torch.rand(x0.shape[0], generator=self.gen).clamp(self.cfg.t_match_min, 1 - self.cfg.t_match_min)
-        eps = torch.randn(x0.shape, generator=self.gen)
+        t = self.rand(x0.shape[0]).clamp(self.cfg.t_match_min, 1 - self.cfg.t_match_min)
+        eps = self.randn(*x0.shape)
         if self.tap:
             self.tap.take()
         critic = flow_matching(velocity(self.critic, add_noise(x0, eps, t), t, b), velocity_target(x0, eps))
@@ -156,7 +156,7 @@ class DMD2(StudentMethod):
         if self.cfg.adversarial:
             fake_logits = self.heads(self.tap.take())
             real = b.real if b.real is not None else x0
-            velocity(self.critic, add_noise(real, torch.randn(real.shape, generator=self.gen), t), t, b)
+            velocity(self.critic, add_noise(real, self.randn(*real.shape), t), t, b)
             gan_d = gan_discriminator(self.heads(self.tap.take()), fake_logits)
             logs["gan_d"] = gan_d.detach()
             loss = loss + self.cfg.gan_weight * gan_d

@@ -34,14 +34,14 @@ class RectifiedFlow(Method):
 
     def encoder_masks(self, b: int) -> tuple[Tensor, Tensor]:
         """Per sample: is the light encoder / MiniLM kept? Both off is the CFG null."""
-        u = torch.rand(b, 3, generator=self.gen)
+        u = self.rand(b, 3)
         uncond = u[:, 0] < self.cfg.p_uncond
         return ~uncond & (u[:, 1] >= self.cfg.p_drop_light), ~uncond & (u[:, 2] >= self.cfg.p_drop_minilm)
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         b = batch.real.shape[0]
         t = time_shift(logit_normal_t(b, self.cfg.logit_mean, self.cfg.logit_std, self.gen),
-                       self.model.cfg.sampling.shift)
+                       self.model.cfg.sampling.shift).to(self.device)
         use_light, use_minilm = self.encoder_masks(b)
         ctx, pooled = condition(self.model, batch, use_light, use_minilm)
         loss = flow_matching_loss(self.model, batch.real, t, batch.noise, ctx, pooled)

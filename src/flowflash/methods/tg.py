@@ -27,7 +27,7 @@ class TrajectoryGuidance(StudentMethod):
         if b.key is None:
             return self.integrate(b)
         if self.bank is None:
-            self.bank = torch.zeros(self.cfg.tg_pool, len(self.schedule), *b.noise.shape[1:])
+            self.bank = torch.zeros(self.cfg.tg_pool, len(self.schedule), *b.noise.shape[1:], device=b.noise.device)
             self.banked = torch.zeros(self.cfg.tg_pool, dtype=torch.bool)
         missing = [k for k in b.key.unique().tolist() if not self.banked[k]]
         if missing:

@@ -48,12 +48,16 @@ class Dist:
         return self.rank == 0
 
 
-def init_dist() -> Dist:
-    """torchrun sets WORLD_SIZE/RANK; on CPU we use gloo. Single process needs nothing."""
+def init_dist(device: str = "cpu") -> Dist:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: gloo on CPU, NCCL with one GPU per process. A single
+    process needs nothing."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.device(device).type == "cuda"
+    if cuda and world > 1:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
-    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if world > 1 and not cuda:
         torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     return Dist(int(os.environ.get("RANK", "0")), world)
 
@@ -147,7 +151,7 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     for idx, st in sd["state"].items():
         for name, val in st.items():
             if torch.is_tensor(val):
-                tensors[f"{idx}.{name}"] = val.contiguous()
+                tensors[f"{idx}.{name}"] = val.cpu().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = val
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -168,9 +172,9 @@ def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     with atomic_dir(folder) as tmp:
         meta: dict[str, Any] = {"state": state, "optimizers": {}}
         for name, m in modules.items():
-            save_file({k: v.detach().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
+            save_file({k: v.detach().cpu().contiguous() for k, v in m.state_dict().items()}, tmp / f"{name}.safetensors")
         for name, e in emas.items():
-            save_file(e.shadow, tmp / f"{name}_ema.safetensors")
+            save_file({k: v.cpu() for k, v in e.shadow.items()}, tmp / f"{name}_ema.safetensors")
         for name, o in optimizers.items():
             t, m = optimizer_tensors(o)
             save_file(t, tmp / f"{name}_optim.safetensors")
@@ -194,8 +198,8 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     meta = json.loads((folder / "state.json").read_text())
     for name, m in modules.items():
         m.load_state_dict(load_file(folder / f"{name}.safetensors"))
-    for name, e in emas.items():
-        e.shadow = load_file(folder / f"{name}_ema.safetensors")
+    for name, e in emas.items():  # the average lives where its network does
+        e.shadow = {k: v.to(e.shadow[k].device) for k, v in load_file(folder / f"{name}_ema.safetensors").items()}
     for name, o in optimizers.items():
         load_optimizer_tensors(o, load_file(folder / f"{name}_optim.safetensors"), meta["optimizers"][name])
     rng = load_file(folder / "rng.safetensors")

@@ -31,6 +31,11 @@ class Batch:
     real: Tensor | None = None  # real images in [-1, 1]
     key: Tensor | None = None  # positions in a fixed pool (tg_pool), else None
 
+    def to(self, device: torch.device | str) -> "Batch":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        return Batch(move(self.ids), move(self.mini_h), move(self.mini_p), move(self.noise), move(self.real),
+                     move(self.key))
+
     def rows(self, idx: Tensor) -> "Batch":
         return replace(self, ids=self.ids[idx], mini_h=self.mini_h[idx], mini_p=self.mini_p[idx],
                        noise=self.noise[idx], real=None if self.real is None else self.real[idx],

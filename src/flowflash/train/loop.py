@@ -44,8 +44,11 @@ class LoopConfig:
     log_every: int = 10
     sample_every: int = 200
     ckpt_every: int = 50
+    device: str = "cpu"  # "cuda" (one GPU per process under torchrun)
+    precision: str = "fp32"  # "bf16": autocast to bf16 on the device, fp32 master weights and optimizer state
 
 
+PRECISIONS = ("fp32", "bf16")
 LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
 
@@ -125,6 +128,13 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     """Run `method` from step 0 (or the checkpoint) to cfg.steps; returns the exported model folder.
     `sample(model_folder, png_path)` draws a grid from an export every `sample_every` steps."""
     out = Path(cfg.out)
+    if cfg.precision not in PRECISIONS:
+        raise FlowflashError(f"precision must be one of {', '.join(PRECISIONS)}, got {cfg.precision!r}")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlowflashError("device 'cuda' asked for, but this torch sees no CUDA GPU")
+    method.to(device)  # before the checkpoint, so optimizer state lands next to its parameters
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     for opt in method.optimizers.values():
         for g in opt.param_groups:
             g.setdefault("base_lr", g["lr"])
@@ -149,7 +159,8 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
             for opt in method.optimizers.values():
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * f
-            res = method.train_step(draw(local_b, gen), step)
+            with autocast:
+                res = method.train_step(draw(local_b, gen).to(device), step)
             check_finite(res, step, ckpt)
             norms = apply_step(method, res, cfg.grad_clip)
             if ema_opt in res.step:  # an average of the network's updates, not of the steps it sat out

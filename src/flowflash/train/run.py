@@ -47,7 +47,7 @@ def write_config(cfg, d: Dist):
 def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | None = None) -> Path:
     from ..methods.rf import RectifiedFlow
 
-    d = init_dist()
+    d = init_dist(cfg.device)
     # A bad list name fails here, before the run folder, model and caption cache are made.
     keep = load_concept_list(cfg.concepts) if cfg.concepts else None
     out = Path(cfg.out)
@@ -104,7 +104,7 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
 
 
 def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:
-    d = init_dist()
+    d = init_dist(cfg.device)
     su = distill_setup(cfg, d)
     write_config(cfg, d)
     out = Path(cfg.out)
