@@ -30,11 +30,9 @@ def teacher_dir(tmp_path, tiny_corpus):
 
 def cfg(teacher_dir, corpus, out, method, **kw):
     base = dict(teacher=str(teacher_dir), data=str(corpus), out=str(out), method=method, student_steps=2,
-                steps=4, batch_size=2, ckpt_every=2, sample_every=1000, log_every=1, lr=1e-3)
-    if method != "naive":
-        base.update(guidance=2.0)
+                steps=4, batch_size=2, ckpt_every=2, sample_every=1000, log_every=1, lr=1e-3, guidance=2.0)
     if method in ("flash", "dmd2"):  # only what the method reads: others are refused
-        base.update(critic_ratio=1, gan_blocks=[0], lr_critic=1e-3)
+        base.update(critic_ratio=1, lr_critic=1e-3, **({"gan_blocks": [0]} if kw.get("adversarial", True) else {}))
     base.update(kw)
     return DistillConfig(**base)
 
@@ -142,7 +140,7 @@ def test_resume_reproduces_the_same_next_losses(teacher_dir, tmp_path, tiny_corp
 
 
 def test_naive_exports_the_teacher_with_the_schedule(teacher_dir, tmp_path, tiny_corpus):
-    out = distill(cfg(teacher_dir, tiny_corpus, tmp_path / "naive", "naive"))
+    out = distill(DistillConfig(method="naive", teacher=str(teacher_dir), out=str(tmp_path / "naive"), student_steps=2))
     s, t = load_model(out), load_model(teacher_dir)
     assert s.cfg.sampling.schedule == (1.0, 0.5, 0.0) and s.cfg.sampling.guidance == t.cfg.sampling.guidance
     assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), t.state_dict().values()))
@@ -211,7 +209,15 @@ def test_flags_a_method_ignores_are_refused(teacher_dir, tmp_path, tiny_corpus):
     with pytest.raises(FlowflashError, match="method 'tg' does not use lr_critic, critic_ratio"):
         distill(cfg(teacher_dir, tiny_corpus, tmp_path / "t", "tg", lr_critic=1.0, critic_ratio=2))
     with pytest.raises(FlowflashError, match="method 'naive' does not use guidance"):
-        distill(cfg(teacher_dir, tiny_corpus, tmp_path / "n", "naive", guidance=3.0))
+        distill(DistillConfig(method="naive", teacher=str(teacher_dir), out=str(tmp_path / "n"), guidance=3.0))
+    with pytest.raises(FlowflashError, match="does not use student_steps when an explicit schedule is given"):
+        distill(cfg(teacher_dir, tiny_corpus, tmp_path / "s", "tg", schedule=[1.0, 0.4, 0.0], student_steps=3))
+    with pytest.raises(FlowflashError, match="does not use split_at without a split branch"):
+        distill(cfg(teacher_dir, tiny_corpus, tmp_path / "s", "tg", split_at=0.3))
+    with pytest.raises(FlowflashError, match="does not use gan_weight with adversarial: false"):
+        distill(cfg(teacher_dir, tiny_corpus, tmp_path / "s", "flash", adversarial=False, gan_weight=0.5))
+    with pytest.raises(FlowflashError, match="'naive' does not use data, steps, batch_size"):
+        distill(cfg(teacher_dir, tiny_corpus, tmp_path / "s", "naive"))  # cfg sets lr: naive trains nothing
     with pytest.raises(FlowflashError, match="timestep sharing is method flash"):
         make("dmd2", teacher_dir, tmp_path, tiny_corpus, timestep_sharing=True)
     assert not make("dmd2", teacher_dir, tmp_path, tiny_corpus)[0].sharing
@@ -222,16 +228,17 @@ def test_flags_a_method_ignores_are_refused(teacher_dir, tmp_path, tiny_corpus):
 
 def test_ema_averages_only_the_students_own_updates(teacher_dir, tmp_path, tiny_corpus):
     from safetensors.torch import load_file
-    # critic_ratio 1: step 0 steps the critic, step 1 the student. After step 0 the student's EMA must
-    # still be its start (the teacher's weights), after step 1 it must have moved.
+    # critic_ratio 1: steps 0 and 2 step the critic, steps 1 and 3 the student. The student's EMA must move
+    # on step 1 and stay put on step 2 (a critic step), although the loop's step count went on.
     c = cfg(teacher_dir, tiny_corpus, tmp_path / "e", "dmd2", ckpt_every=1, ema=0.5)
-    distill(c, max_steps=1)
-    teacher = load_model(teacher_dir).state_dict()
-    ema = load_file(tmp_path / "e" / "checkpoint" / "student_ema.safetensors")
-    assert all(torch.equal(ema[k], teacher[k]) for k in teacher)
-    distill(c, resume=True, max_steps=1)
-    ema = load_file(tmp_path / "e" / "checkpoint" / "student_ema.safetensors")
-    assert any(not torch.equal(ema[k], teacher[k]) for k in teacher)
+    ema_after = []
+    for k in range(3):
+        distill(c, resume=k > 0, max_steps=1)
+        ema_after.append(load_file(tmp_path / "e" / "checkpoint" / "student_ema.safetensors"))
+    moved = lambda a, b: any(not torch.equal(a[k], b[k]) for k in a)
+    assert not moved(ema_after[0], load_model(teacher_dir).state_dict())  # step 0: critic only
+    assert moved(ema_after[1], ema_after[0])  # step 1: the student stepped
+    assert not moved(ema_after[2], ema_after[1])  # step 2: critic only again
 
 
 def test_ship_student_writes_card_and_refuses_a_teacher(teacher_dir, tmp_path, tiny_corpus, capsys):
@@ -316,8 +323,7 @@ def test_cli_teacher_and_out_override_the_config(teacher_dir, tmp_path, tiny_cor
     from flowflash.cli import main
 
     conf = tmp_path / "c.yaml"
-    conf.write_text(f"teacher: /no/such/teacher\ndata: {tiny_corpus}\nout: {tmp_path / 'cfg-out'}\nstudent_steps: 2\n"
-                    "steps: 1\nbatch_size: 2\n")
+    conf.write_text(f"teacher: /no/such/teacher\nout: {tmp_path / 'cfg-out'}\nstudent_steps: 2\n")
     code = main(["distill", "--method", "naive", "--config", str(conf)])
     assert code == 2 and "unknown model '/no/such/teacher'" in capsys.readouterr().err
     code = main(["distill", "--method", "naive", "--config", str(conf), "--teacher", str(teacher_dir),

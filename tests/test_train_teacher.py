@@ -104,13 +104,15 @@ def test_torchrun_two_processes(tiny_corpus, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     state = json.loads((tmp_path / "ddp/checkpoint/state.json").read_text())
     assert state["state"]["step"] == 4
+    rng = load_file(tmp_path / "ddp/checkpoint/rng.safetensors")  # each rank resumes its own data stream
+    assert not torch.equal(rng["gen.data.rank0"], rng["gen.data.rank1"])
 
 
 def test_init_from_a_model_folder_starts_from_its_weights(tiny_corpus, tmp_path):
     from flowflash.models.flow_model import load_model
     train_teacher(cfg(tiny_corpus, tmp_path / "first", steps=2))
     shipped = tmp_path / "first" / "ema_model"
-    c = cfg(tiny_corpus, tmp_path / "second", steps=1, lr=0.0, init_from=str(shipped))
+    c = cfg(tiny_corpus, tmp_path / "second", steps=1, lr=0.0, model={}, init_from=str(shipped))
     train_teacher(c)  # lr 0: weights must stay exactly the shipped ones
     a, b = load_model(shipped).state_dict(), load_model(tmp_path / "second" / "ema_model").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -234,3 +236,13 @@ def test_bf16_autocast_keeps_fp32_master_weights_and_a_missing_gpu_is_named(tiny
     if not torch.cuda.is_available():
         with pytest.raises(FlowflashError, match="sees no CUDA GPU"):
             train_teacher(cfg(tiny_corpus, tmp_path / "g", steps=1, device="cuda"))
+
+
+def test_resume_takes_a_changed_lr_and_init_from_refuses_a_model_block(tiny_corpus, tmp_path):
+    train_teacher(cfg(tiny_corpus, tmp_path / "r", lr=1e-3, warmup=1), max_steps=2)
+    train_teacher(cfg(tiny_corpus, tmp_path / "r", lr=5e-4, warmup=1), resume=True)
+    log = [json.loads(l) for l in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r["lr_model"] for r in log] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])  # the phase's own rate
+    train_teacher(cfg(tiny_corpus, tmp_path / "first", steps=1))
+    with pytest.raises(FlowflashError, match="init_from keeps the architecture"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "x", init_from=str(tmp_path / "first" / "ema_model")))

@@ -34,6 +34,7 @@ class Method:
     name: ClassVar[str] = "base"
     # Config fields this method reads beyond the loop's; any other field set away from its default is refused.
     uses: ClassVar[frozenset[str]] = frozenset()
+    loop_fields: ClassVar[frozenset[str] | None] = None  # the loop's fields it takes (None: all of them)
     ema_network: ClassVar[str] = "student"  # the network whose EMA is exported
     export_dir: ClassVar[str] = "student"
 
@@ -59,6 +60,11 @@ class Method:
     def randn(self, *shape: int) -> Tensor:
         return torch.randn(shape, generator=self.gen).to(self.device)
 
+    @classmethod
+    def check_config(cls, cfg, loop_fields: set[str]):
+        """Refuse, before anything is built, a config that sets what this method would ignore."""
+        refuse_unused(cfg, cls, loop_fields if cls.loop_fields is None else set(cls.loop_fields))
+
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError
 
@@ -67,14 +73,22 @@ class Method:
         raise NotImplementedError
 
 
-def refuse_unused(cfg, method: type[Method], loop_fields: set[str]):
-    """Flags a method ignores are an error, not silently dropped."""
+def set_fields(cfg, names) -> list[str]:
+    """Which of `names` the config sets away from its default."""
     defaults = type(cfg)()
-    unused = [f.name for f in dataclasses.fields(cfg) if f.name not in loop_fields | method.uses
-              and getattr(cfg, f.name) != getattr(defaults, f.name)]
-    if unused:
-        raise FlowflashError(f"method {method.name!r} does not use {', '.join(unused)}; remove "
-                             f"{'it' if len(unused) == 1 else 'them'} from the config")
+    return [f.name for f in dataclasses.fields(cfg) if f.name in names and getattr(cfg, f.name) != getattr(defaults, f.name)]
+
+
+def refuse_unused(cfg, method: type[Method], loop_fields: set[str], why: str = ""):
+    """Flags a method ignores are an error, not silently dropped."""
+    unused = set_fields(cfg, {f.name for f in dataclasses.fields(cfg)} - loop_fields - method.uses)
+    refuse(method, unused, why)
+
+
+def refuse(method: type[Method], fields: list[str], why: str = ""):
+    if fields:
+        raise FlowflashError(f"method {method.name!r} does not use {', '.join(fields)}{why}; remove "
+                             f"{'it' if len(fields) == 1 else 'them'} from the config")
 
 
 # ------------------------------------------------------------------ conditioning and velocity of a role

@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import FlowflashError
 from ..sampling import add_noise, velocity_target, x0_from_v
 from ..train.data import Batch
-from .base import StepOutput, full_t, velocity
+from .base import StepOutput, full_t, refuse, set_fields, velocity
 from .losses import distribution_matching, dmd_direction, flow_matching, gan_discriminator, gan_generator
 from .student import STUDENT_FIELDS, StudentMethod
 
@@ -82,6 +82,12 @@ class DMD2(StudentMethod):
                                                       lr=cfg.lr_critic, betas=betas)
         self.last_match_t: torch.Tensor | None = None  # for tests and diagnostics
         self.fresh_noise_draws = 0
+
+    @classmethod
+    def check_config(cls, cfg, loop_fields: set[str]):
+        super().check_config(cfg, loop_fields)
+        if not cfg.adversarial:
+            refuse(cls, set_fields(cfg, {"gan_weight", "gan_blocks", "head_reinit_p"}), " with adversarial: false")
 
     def timestep_sharing(self, asked: bool | None) -> bool:
         if asked:

@@ -6,7 +6,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..models.flow_model import FlowModel
-from .base import Method
+from .base import Method, refuse, set_fields
 from .schedule import student_schedule
 from .student import student_model
 
@@ -14,6 +14,13 @@ from .student import student_model
 class Naive(Method):
     name = "naive"
     uses = frozenset({"method", "teacher", "student_steps", "student_shift", "schedule"})
+    loop_fields = frozenset({"out"})  # it never runs the loop
+
+    @classmethod
+    def check_config(cls, cfg, loop_fields: set[str]):
+        super().check_config(cfg, loop_fields)
+        if cfg.schedule is not None:
+            refuse(cls, set_fields(cfg, {"student_steps", "student_shift"}), " when an explicit schedule is given")
 
     def __init__(self, cfg, teacher: FlowModel, student=None):
         super().__init__(cfg, cfg.seed)

@@ -15,7 +15,7 @@ from ..models.flow_model import FlowModel
 from ..models.protocol import SamplingDefaults
 from ..sampling import sample, x0_from_v
 from ..train.data import Batch
-from .base import Method, full_t, velocity
+from .base import Method, full_t, refuse, set_fields, velocity
 from .schedule import split_range, steps_in_range, student_schedule
 
 # Fields every distillation method reads (the loop's are allowed everywhere).
@@ -42,6 +42,14 @@ class StudentMethod(Method):
         lo, hi = split_range(cfg.split, cfg.split_at)
         self.train_steps = steps_in_range(self.schedule, lo, hi)
         self.networks = {"student": self.student}
+
+    @classmethod
+    def check_config(cls, cfg, loop_fields: set[str]):
+        super().check_config(cfg, loop_fields)
+        if cfg.schedule is not None:
+            refuse(cls, set_fields(cfg, {"student_steps", "student_shift"}), " when an explicit schedule is given")
+        if cfg.split is None:
+            refuse(cls, set_fields(cfg, {"split_at"}), " without a split branch")
 
     def pick_step(self) -> int:
         """A student step index i (restricted to the split's range)."""

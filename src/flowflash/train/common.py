@@ -167,8 +167,9 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
 
 # ---------------------------------------------------------------- checkpoints
 def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    emas: dict[str, EMA], generators: dict[str, torch.Generator], state: dict):
-    """Write everything needed to resume into `folder`, atomically (a crash leaves the previous one)."""
+                    emas: dict[str, EMA], rng: dict[str, torch.Tensor], state: dict):
+    """Write everything needed to resume into `folder`, atomically (a crash leaves the previous one).
+    `rng`: named generator states (every rank's, see `rank_states`)."""
     with atomic_dir(folder) as tmp:
         meta: dict[str, Any] = {"state": state, "optimizers": {}}
         for name, m in modules.items():
@@ -179,14 +180,28 @@ def save_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
             t, m = optimizer_tensors(o)
             save_file(t, tmp / f"{name}_optim.safetensors")
             meta["optimizers"][name] = m
-        rng = {"torch": torch.get_rng_state()}
-        rng.update({f"gen.{k}": g.get_state() for k, g in generators.items()})
-        save_file(rng, tmp / "rng.safetensors")
+        save_file({"torch": torch.get_rng_state(), **{f"gen.{k}": v for k, v in rng.items()}}, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta, indent=1))
 
 
+def rank_states(generators: dict[str, torch.Generator], d: Dist, device: torch.device) -> dict[str, torch.Tensor]:
+    """Every rank's generator states, gathered for rank 0 to write, so that after a resume each rank goes
+    on with its own stream (not rank 0's). Collective: all ranks call it."""
+    out = {}
+    for name, g in generators.items():
+        s = g.get_state()
+        if d.world == 1:
+            out[f"{name}.rank0"] = s
+            continue
+        via = device if device.type == "cuda" else torch.device("cpu")  # NCCL gathers GPU tensors only
+        parts = [torch.empty_like(s, device=via) for _ in range(d.world)]
+        dist.all_gather(parts, s.to(via))
+        out.update({f"{name}.rank{r}": p.cpu() for r, p in enumerate(parts)})
+    return out
+
+
 def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
-                    emas: dict[str, EMA], generators: dict[str, torch.Generator]) -> dict:
+                    emas: dict[str, EMA], generators: dict[str, torch.Generator], rank: int = 0) -> dict:
     folder = Path(folder)
     if not (folder / "state.json").exists():
         # A crash between the two renames leaves only the previous checkpoint under .old.
@@ -205,5 +220,10 @@ def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizer
     rng = load_file(folder / "rng.safetensors")
     torch.set_rng_state(rng["torch"])
     for k, g in generators.items():
-        g.set_state(rng[f"gen.{k}"])
+        key = next((n for n in (f"gen.{k}.rank{rank}", f"gen.{k}") if n in rng), None)
+        if key is None:
+            raise FlowflashError(f"{folder} holds no state of the {k!r} generator for rank {rank} (written by an "
+                                 "older flowflash or another number of processes); start a new run instead, e.g. "
+                                 "from its exported model")
+        g.set_state(rng[key])
     return meta["state"]

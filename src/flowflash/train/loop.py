@@ -20,7 +20,8 @@ from tqdm import tqdm
 
 from ..errors import FlowflashError
 from ..methods.base import Method, StepOutput
-from .common import EMA, Dist, GracefulStop, all_reduce_mean, barrier, load_checkpoint, save_checkpoint, sync_grads
+from .common import (EMA, Dist, GracefulStop, all_reduce_mean, barrier, load_checkpoint, rank_states,
+                     save_checkpoint, sync_grads)
 from .data import Batch
 
 Sampler = Callable[[int, torch.Generator], Batch]
@@ -58,7 +59,7 @@ def lr_factor(cfg: LoopConfig, step: int) -> float:
     if cfg.decay_start is None or step < cfg.decay_start:
         return warm
     frac = min(1.0, (step - cfg.decay_start) / max(1, cfg.steps - cfg.decay_start))
-    floor = cfg.min_lr / cfg.lr
+    floor = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
     return floor + (warm - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
@@ -135,9 +136,8 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
         raise FlowflashError("device 'cuda' asked for, but this torch sees no CUDA GPU")
     method.to(device)  # before the checkpoint, so optimizer state lands next to its parameters
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    for opt in method.optimizers.values():
-        for g in opt.param_groups:
-            g.setdefault("base_lr", g["lr"])
+    # Each group's base rate as the config sets it now: a resume with a changed lr takes the new one.
+    base_lrs = [[g["lr"] for g in opt.param_groups] for opt in method.optimizers.values()]
     net = method.networks[method.ema_network]
     ema = EMA(net, cfg.ema, warmup=ema_warmup)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
@@ -146,7 +146,10 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     emas, gens = {method.ema_network: ema}, {"data": gen, "method": method.gen}
     step = 0
     if resume:
-        step = load_checkpoint(ckpt, method.networks, method.optimizers, emas, gens)["step"]
+        step = load_checkpoint(ckpt, method.networks, method.optimizers, emas, gens, d.rank)["step"]
+    for opt, lrs in zip(method.optimizers.values(), base_lrs):
+        for g, lr in zip(opt.param_groups, lrs):
+            g["base_lr"] = lr
     ema_opt = next(n for n, o in method.optimizers.items()
                    if any(p is q for g in o.param_groups for p in g["params"] for q in net.parameters()))
     local_b = cfg.batch_size // d.world
@@ -173,10 +176,12 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
                 bar.set_postfix({**{k: f"{v:.4f}" for k, v in vals.items()}, "img_s": f"{rate:.1f}"})
                 bar.update(1)
                 if step % cfg.log_every == 0:
-                    log.write({"step": step, **vals, **norms, "img_s": rate, "time": time.time()})
+                    lrs = {f"lr_{n}": o.param_groups[0]["lr"] for n, o in method.optimizers.items()}
+                    log.write({"step": step, **vals, **norms, **lrs, "img_s": rate, "time": time.time()})
             if step % cfg.ckpt_every == 0 or step == end or stop.requested:
+                rng = rank_states(gens, d, device)
                 if d.main:
-                    save_checkpoint(ckpt, method.networks, method.optimizers, emas, gens, {"step": step})
+                    save_checkpoint(ckpt, method.networks, method.optimizers, emas, rng, {"step": step})
                 barrier(d)
             if d.main and sample is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
                 sample(export(method, ema, out / method.export_dir), out / f"samples/step{step:06d}.png")

@@ -18,7 +18,6 @@ from ..images import image_grid
 from ..models.flow_model import FlowModel, ModelConfig, load_model, save_model
 from ..models.text import WordTokenizer
 from ..methods import DISTILL_METHODS, Method
-from ..methods.base import refuse_unused
 from ..runtime.pipeline import resolve_model
 from .common import EMA, Dist, init_dist, load_checkpoint
 from .configs import DistillConfig, TeacherConfig
@@ -48,6 +47,9 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     from ..methods.rf import RectifiedFlow
 
     d = init_dist(cfg.device)
+    if cfg.init_from and cfg.model:
+        raise FlowflashError("init_from keeps the architecture of the model it starts from; remove model: "
+                             "from the config")
     # A bad list name fails here, before the run folder, model and caption cache are made.
     keep = load_concept_list(cfg.concepts) if cfg.concepts else None
     out = Path(cfg.out)
@@ -84,7 +86,7 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
     if cfg.method not in DISTILL_METHODS:
         raise FlowflashError(f"unknown method {cfg.method!r}; known: {', '.join(DISTILL_METHODS)}")
     method_cls = DISTILL_METHODS[cfg.method]
-    refuse_unused(cfg, method_cls, LOOP_FIELDS)
+    method_cls.check_config(cfg, LOOP_FIELDS)
     teacher_dir = resolve_model(cfg.teacher)  # a wrong teacher fails before the run folder exists
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +139,7 @@ def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, s
     assert isinstance(su.method, DMD2)
     if from_checkpoint:
         ema = EMA(su.method.student, cfg.ema)
-        load_checkpoint(Path(cfg.out) / "checkpoint", su.method.networks, {}, {"student": ema}, {})
+        load_checkpoint(Path(cfg.out) / "checkpoint", su.method.networks, {}, {"student": ema}, {})  # weights only
     gen = torch.Generator().manual_seed(seed)
     idx = torch.randint(len(su.bank), (batch_size,), generator=gen)
     b = su.bank.batch(idx, torch.randn((batch_size, *su.bank.corpus.images.shape[1:]), generator=gen))
