@@ -137,15 +137,33 @@ def test_first_format_folder_converts_once_and_generates_the_same(tmp_path):
     keys = sorted(sd)
     for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:]), 1):
         save_file({k: sd[k] for k in part}, old / f"model-{i:05d}-of-00002.safetensors")
-    (old / "README.md").write_text("# old\n- **Storage**: fp16.\n")
+    (old / "README.md").write_text("# old\n\nA model.\n\n- **Kind**: teacher.\n")  # a card with no Storage line yet
     with pytest.raises(FlowflashError, match="pre-index shard layout"):
         load_model(old)
     assert main(["convert", str(old), "--storage", "fp16", "--to", str(tmp_path / "fp16")]) == 0
     assert main(["convert", str(old), "--to", str(tmp_path / "int8")]) == 0
     new = json.loads((tmp_path / "fp16" / "config.json").read_text())
     assert new["format"] == "flowflash-model-v2" and new["sampling"]["steps"] == 3 and "default_steps" not in new
-    assert "int8 weight-only" in (tmp_path / "int8" / "README.md").read_text()
+    card = (tmp_path / "int8" / "README.md").read_text()
+    assert card.startswith("# old\n\nA model.\n\n- **Storage**: int8 weight-only") and "- **Kind**: teacher." in card
     ref = np.asarray(Pipeline.load(old).generate("a red apple", seed=1)[0], dtype=int)
     same = np.asarray(Pipeline.load(tmp_path / "fp16").generate("a red apple", seed=1)[0], dtype=int)
     close = np.asarray(Pipeline.load(tmp_path / "int8").generate("a red apple", seed=1)[0], dtype=int)
     assert (ref == same).all() and np.abs(ref - close).mean() < 8
+
+
+@pytest.mark.parametrize("sampling, needle", [
+    ({"steps": 0}, "steps must be a positive integer"),
+    ({"guidance": -1}, "guidance must be a number >= 0"),
+    ({"shift": 0}, "shift must be a number > 0"),
+    ({"schedule": ["x", 0]}, "sampling schedule runs from"),
+    ({"schedule": [0.5, 0.7, 0.0]}, "sampling schedule runs from"),
+    ({"schedule": [1.0, 0.5]}, "sampling schedule runs from"),
+    ({"warp": 2}, "unknown fields"),
+])
+def test_a_bad_sampling_block_is_one_clear_error(tiny_model_dir, sampling, needle):
+    cfg = json.loads((tiny_model_dir / "config.json").read_text())
+    cfg["sampling"].update(sampling)
+    (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlowflashError, match=needle):
+        load_model(tiny_model_dir)

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from flowflash.sampling import (add_noise, cfg_velocity, dynamic_shift_mu, euler_step, exponential_shift,
-                                noise_from_v, sample, shift_from_scheduler_config, subdivide, time_shift, timesteps,
-                                v_from_x0, velocity_target, x0_from_v)
+                                guided_velocity, noise_from_v, sample, shift_from_scheduler_config, subdivide,
+                                time_shift, timesteps, v_from_x0, velocity_target, x0_from_v)
 
 
 def test_time_shift_identity_and_direction():
@@ -45,17 +45,36 @@ def test_conversions_are_mutually_inverse_on_the_path():
     assert torch.equal(add_noise(x0, eps, 0.0), x0) and torch.equal(add_noise(x0, eps, 1.0), eps)
 
 
-def test_dynamic_shift_matches_the_static_shift_it_implies():
+def test_dynamic_shift_agrees_with_diffusers():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
     t = torch.linspace(0.05, 0.95, 7, dtype=torch.float64)
-    mu = dynamic_shift_mu(1024)
-    assert mu == pytest.approx(0.5 + (1.15 - 0.5) * (1024 - 256) / (4096 - 256))
-    assert torch.allclose(exponential_shift(t, mu), time_shift(t, torch.tensor(mu).exp().item()))
-    assert shift_from_scheduler_config({"shift": 3.0}) == 3.0
+    for n in (256, 1024, 4096):
+        assert dynamic_shift_mu(n) == pytest.approx(calculate_shift(n))  # diffusers' mu for n image tokens
     dyn = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
            "base_shift": 0.5, "max_shift": 1.15}
-    assert shift_from_scheduler_config(dyn, 4096) == pytest.approx(torch.tensor(1.15).exp().item())
+    for kind in ("exponential", "linear"):
+        sched = FlowMatchEulerDiscreteScheduler(**dyn, time_shift_type=kind)
+        mu = calculate_shift(1024)
+        ours = time_shift(t, shift_from_scheduler_config({**sched.config}, 1024))
+        assert torch.allclose(ours, torch.as_tensor(sched.time_shift(mu, 1.0, t.numpy()), dtype=torch.float64))
+    assert torch.allclose(exponential_shift(t, 0.7), time_shift(t, torch.tensor(0.7).exp().item()))
+    assert shift_from_scheduler_config(dict(FlowMatchEulerDiscreteScheduler(shift=3.0).config)) == 3.0
     with pytest.raises(ValueError, match="image_seq_len"):
         shift_from_scheduler_config(dyn)
+    with pytest.raises(ValueError, match="only the shifted uniform schedule"):
+        shift_from_scheduler_config({"shift": 3.0, "shift_terminal": 0.02})
+
+
+def test_guided_velocity_is_one_batched_call_with_the_cfg_formula():
+    calls = []
+
+    def both(x, t):
+        calls.append(x.shape[0])
+        return torch.cat([torch.full_like(x[:1], 2.0), torch.full_like(x[1:], 1.0)])  # cond rows, then uncond
+    out = guided_velocity(both, torch.zeros(1, 3), torch.zeros(1), 3.0)
+    assert calls == [2] and torch.equal(out, torch.full((1, 3), 4.0))
 
 
 def test_subdivide_splits_an_interval_evenly():

@@ -19,7 +19,7 @@ from torch import Tensor
 from ..errors import FlowflashError
 from ..models.flow_model import FlowModel
 from ..models.text import combine
-from ..sampling import cfg_velocity
+from ..sampling import guided_velocity
 from ..train.data import Batch
 
 
@@ -108,8 +108,8 @@ def velocity(model: FlowModel, x: Tensor, t: Tensor, b: Batch, guidance: float =
     if guidance == 1.0:
         return model(x, t, ctx, pooled)
     uctx, upooled = condition(model, b, False)
-    vc, vu = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([ctx, uctx]), torch.cat([pooled, upooled])).chunk(2)
-    return cfg_velocity(vc, vu, guidance)
+    ctx, pooled = torch.cat([ctx, uctx]), torch.cat([pooled, upooled])
+    return guided_velocity(lambda x_, t_: model(x_, t_, ctx, pooled), x, t, guidance)
 
 
 def full_t(x: Tensor, t: float) -> Tensor:

@@ -24,8 +24,21 @@ class SamplingDefaults:
     schedule: tuple[float, ...] | None = None  # a distilled student's fixed times, 1 -> 0
 
     def __post_init__(self):
+        """Checked here, so a bad config.json is one clear error, not a failure at the first call."""
+        num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1):
+            raise FlowflashError(f"sampling steps must be a positive integer, got {self.steps!r}")
+        if not (num(self.guidance) and self.guidance >= 0):
+            raise FlowflashError(f"sampling guidance must be a number >= 0, got {self.guidance!r}")
+        if not (num(self.shift) and self.shift > 0):
+            raise FlowflashError(f"sampling shift must be a number > 0, got {self.shift!r}")
         if self.schedule is not None:
-            object.__setattr__(self, "schedule", tuple(float(t) for t in self.schedule))
+            s = list(self.schedule)
+            if (len(s) < 2 or not all(num(t) for t in s) or s[-1] != 0 or not 0 < s[0] <= 1
+                    or any(a <= b for a, b in zip(s, s[1:]))):
+                raise FlowflashError(f"a sampling schedule runs from a time in (0, 1] down to 0, strictly "
+                                     f"decreasing; got {self.schedule!r}")
+            object.__setattr__(self, "schedule", tuple(float(t) for t in s))
 
     def timesteps(self, steps: int | None = None) -> Tensor:
         """The times to sample at: the fixed schedule when no step count is asked, else shifted uniform."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Iterable
@@ -119,6 +120,10 @@ def save_weights(state_dict: dict[str, Tensor], folder: Path, *, dtype: torch.dt
                                                   metadata=dict(meta))  # it adds to the dict it is given
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)
+            umask = os.umask(0)
+            os.umask(umask)
+            for f in tmp.iterdir():  # the hub writes its shards 0600; a model folder is meant to be read
+                f.chmod(0o666 & ~umask)
     except OSError as e:
         raise FlowflashError(f"could not write weights to {folder}: {e}") from None
     return weight_files(folder)

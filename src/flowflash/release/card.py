@@ -173,6 +173,14 @@ def convert(src: Path, dest: Path | None = None, storage_kind: str = "int8") -> 
     keep = {p.name: p.read_text() for p in src.iterdir() if p.suffix == ".md"}
     save_model(model, dest, storage_kind, extra_files=keep)
     card = dest / "README.md"
-    if card.exists() and STORAGE_LINE.search(card.read_text()):
-        card.write_text(STORAGE_LINE.sub(f"- **Storage**: {storage_text(dest)}.", card.read_text()))
+    if card.exists():
+        card.write_text(with_storage_line(card.read_text(), f"- **Storage**: {storage_text(dest)}."))
     return dest
+
+
+def with_storage_line(card: str, line: str) -> str:
+    """The card with its Storage bullet replaced, or added as the first bullet of a card that has none."""
+    if STORAGE_LINE.search(card):
+        return STORAGE_LINE.sub(line, card)
+    first = re.search(r"^- \*\*", card, re.M)
+    return card[:first.start()] + line + "\n" + card[first.start():] if first else card.rstrip("\n") + "\n\n" + line + "\n"

@@ -1,7 +1,7 @@
 """The Python API: `Pipeline.load(name_or_path).generate(prompt, ...) -> list[PIL.Image]`.
 
-The Pipeline is model-agnostic: it draws the noise, picks the timesteps, applies CFG and runs the
-sampler over any `TextToImageModel` (models/protocol.py). What a call used and how long it took come
+The Pipeline is model-agnostic: it asks the model for the noise of each seed, picks the timesteps,
+applies CFG and runs the sampler over any `TextToImageModel` (models/protocol.py). What a call used and how long it took come
 back explicitly as a `Generation` (`Pipeline.run`), and the last one stays readable as `pipe.last`.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..errors import FlowflashError
 from ..images import u8_to_pil
 from ..models.protocol import SamplingDefaults, TextToImageModel, check_drop
 from ..models.storage import weights_hash
-from ..sampling import cfg_velocity, sample
+from ..sampling import guided_velocity, sample
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ALIASES = {"teacher": "emoji-teacher", "student": "emoji-student"}
@@ -153,10 +153,8 @@ class Pipeline:
         t1 = time.perf_counter()
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not use_cfg:
-                return self.model.velocity(x, t, cond)
-            vc, vu = self.model.velocity(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
-            return cfg_velocity(vc, vu, guidance)
+            v = lambda x_, t_: self.model.velocity(x_, t_, cond)
+            return guided_velocity(v, x, t, guidance) if use_cfg else v(x, t)
 
         ts = self.timesteps(steps)
         x = sample(velocity, self.model.noise(seeds, wh), ts, callback=progress)

@@ -49,6 +49,13 @@ def cfg_velocity(v_cond: Tensor, v_uncond: Tensor, guidance: float) -> Tensor:
     return v_uncond + guidance * (v_cond - v_uncond)
 
 
+def guided_velocity(both: Velocity, x: Tensor, t: Tensor, guidance: float) -> Tensor:
+    """CFG in one batched call: `both` sees [x, x] and returns the conditional rows first, then the
+    unconditional ones (its conditioning is stacked that way)."""
+    v_cond, v_uncond = both(torch.cat([x, x]), torch.cat([t, t])).chunk(2)
+    return cfg_velocity(v_cond, v_uncond, guidance)
+
+
 # ------------------------------------------------------------------ timesteps
 def time_shift(t: Tensor, shift: float) -> Tensor:
     """SD3's resolution shift: spends more steps at high noise when shift > 1."""
@@ -69,13 +76,22 @@ def exponential_shift(t: Tensor, mu: float, sigma: float = 1.0) -> Tensor:
 
 def shift_from_scheduler_config(config: dict, image_seq_len: int | None = None) -> float:
     """The static shift a diffusers FlowMatchEulerDiscreteScheduler config asks for, at this many image tokens
-    when it uses dynamic shifting (then it must be given)."""
+    when it uses dynamic shifting (then it must be given). Both of diffusers' forms of the dynamic shift,
+    exp(mu) / (exp(mu) + (1/t - 1)) and mu / (mu + (1/t - 1)), are `time_shift` at one static value."""
+    if config.get("shift_terminal") or config.get("stochastic_sampling") or any(
+            config.get(k) for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")):
+        raise ValueError("this scheduler config stretches or redraws its sigmas; only the shifted uniform "
+                         "schedule is supported")
     if config.get("use_dynamic_shifting"):
         if image_seq_len is None:
             raise ValueError("this scheduler shifts by resolution: pass image_seq_len")
-        return math.exp(dynamic_shift_mu(image_seq_len, config.get("base_image_seq_len", 256),
-                                         config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
-                                         config.get("max_shift", 1.15)))
+        mu = dynamic_shift_mu(image_seq_len, config.get("base_image_seq_len", 256),
+                              config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
+                              config.get("max_shift", 1.15))
+        kind = config.get("time_shift_type", "exponential")
+        if kind not in ("exponential", "linear"):
+            raise ValueError(f"unknown time_shift_type {kind!r}")
+        return math.exp(mu) if kind == "exponential" else mu
     return float(config.get("shift", 1.0))
 
 

@@ -43,7 +43,7 @@ class LoopConfig:
     grad_clip: float = 1.0
     seed: int = 0
     log_every: int = 10
-    sample_every: int = 200
+    sample_every: int = 200  # 0: no sample grids (e.g. where MiniLM is not installed)
     ckpt_every: int = 50
     device: str = "cpu"  # "cuda" (one GPU per process under torchrun)
     precision: str = "fp32"  # "bf16": autocast to bf16 on the device, fp32 master weights and optimizer state
@@ -183,7 +183,8 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
                 if d.main:
                     save_checkpoint(ckpt, method.networks, method.optimizers, emas, rng, {"step": step})
                 barrier(d)
-            if d.main and sample is not None and (step % cfg.sample_every == 0 or step == cfg.steps):
+            if d.main and sample is not None and cfg.sample_every > 0 and (step % cfg.sample_every == 0
+                                                                           or step == cfg.steps):
                 sample(export(method, ema, out / method.export_dir), out / f"samples/step{step:06d}.png")
     bar.close()
     if d.main:
