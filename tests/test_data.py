@@ -26,10 +26,13 @@ def test_corpus_layout_and_captions(tiny_corpus):
 def test_corpus_is_deterministic(tiny_corpus, tmp_path):
     cache = write_fake_npm_cache(tmp_path / "cache")
     build_corpus(tmp_path / "again", size=16, cache=cache, n_scenes=40)
-    assert (tmp_path / "again" / "manifest.jsonl").read_text() == (tiny_corpus / "manifest.jsonl").read_text()
-    for f in ["images/twemoji-red-apple.png", "images/scene-00003.png"]:
-        if (tiny_corpus / f).exists():
-            assert (tmp_path / "again" / f).read_bytes() == (tiny_corpus / f).read_bytes()
+    manifest = (tiny_corpus / "manifest.jsonl").read_text()
+    assert (tmp_path / "again" / "manifest.jsonl").read_text() == manifest
+    files = [json.loads(l)["file"] for l in manifest.splitlines()]
+    assert any(f.startswith("images/scene-") for f in files) and "images/twemoji-red-apple.png" in files
+    for f in files:  # every image, byte for byte
+        assert (tmp_path / "again" / f).read_bytes() == (tiny_corpus / f).read_bytes()
+    assert not (tmp_path / "again.tmp").exists()  # built beside, then renamed into place
 
 
 def test_heldout_split_is_disjoint_from_train(tmp_path):

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import FlowflashError
+from ..fsutil import atomic_dir
 from .constants import COLORS, DEFAULT_CATEGORIES, EXCLUDE_WORDS, SCENE_OBJECTS
 
 
@@ -56,11 +57,8 @@ def fetch_npm_package(package: str, version: str, cache: Path) -> Path:
         raise FlowflashError(f"could not fetch {package}@{version} with npm: "
                              f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'unknown error'}")
     tgz = cache / proc.stdout.strip().splitlines()[-1]
-    tmp = dest.with_suffix(".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with tarfile.open(tgz) as tf:
+    with atomic_dir(dest) as tmp, tarfile.open(tgz) as tf:
         tf.extractall(tmp, filter="data")
-    tmp.rename(dest)
     return dest / "package"
 
 
@@ -119,8 +117,14 @@ def build_corpus(out: Path, size: int = 64, seed: int = 0, cache: Path | None = 
     if not concepts:
         raise FlowflashError(f"no emoji found in categories {categories}")
 
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_dir(out) as tmp:  # a half-built corpus is never left under `out`
+        return render_corpus(tmp, sets, concepts, categories, size, seed, n_scenes, heldout_frac)
+
+
+
+def render_corpus(tmp: Path, sets: dict, concepts: list[str], categories: tuple[str, ...], size: int, seed: int,
+                  n_scenes: int, heldout_frac: float) -> dict:
+    """Render the singles and the scenes into `tmp` with their manifest, ATTRIBUTION and meta."""
     (tmp / "images").mkdir(parents=True)
     rows = []
     sprite_px = size * 7 // 8
@@ -195,9 +199,6 @@ def build_corpus(out: Path, size: int = 64, seed: int = 0, cache: Path | None = 
                 sources={k: f"{s.package}@{s.version} ({s.license})" for k, s in SOURCES.items()},
                 scene_objects=objs, colors=list(COLORS))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     return meta
 
 

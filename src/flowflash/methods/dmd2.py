@@ -18,7 +18,7 @@ import torch.nn as nn
 from ..errors import FlowflashError
 from ..sampling import add_noise, velocity_target, x0_from_v
 from ..train.data import Batch
-from .base import StepOutput, full_t, refuse, set_fields, velocity
+from .base import StepOutput, refuse, set_fields, velocity
 from .losses import distribution_matching, dmd_direction, flow_matching, gan_discriminator, gan_generator
 from .student import STUDENT_FIELDS, StudentMethod
 
