@@ -60,11 +60,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--size", type=size_arg, default=None, help="image size, N or WxH px (default: the model's)")
     g.add_argument("--model", default=None, help="shipped model name (student: the default, 4 steps, no CFG; "
-                   "teacher: 50 steps, CFG 4) or a model folder")
+                   "teacher: 50 steps, CFG 4), a model folder, a diffusers StableDiffusion3Pipeline folder, or a "
+                   "single .safetensors transformer checkpoint (with --config)")
+    g.add_argument("--config", default=None, metavar="FOLDER",
+                   help="a local diffusers SD3 folder giving the configs (and other components) of a single-file --model")
+    g.add_argument("--negative-prompt", default=None, help="what the unconditional CFG branch encodes (with CFG)")
+    g.add_argument("--init-image", default=None, metavar="FILE", help="img2img: start from this image")
+    g.add_argument("--strength", type=float, default=0.8,
+                   help="img2img: how far into the schedule to start, in (0, 1] (1 = from pure noise)")
     g.add_argument("--drop", action="append", default=[], metavar="ENCODER",
-                   help="leave out this text encoder (light or minilm); repeatable")
+                   help="leave out this text encoder (emoji: light, minilm; SD3: t5, clip_g, clip_l); repeatable")
     g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (same as --drop minilm)")
-    g.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="transformer compute dtype")
+    g.add_argument("--max-sequence-length", type=positive_int, default=256, help="T5 tokens (SD3; diffusers' 256)")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="denoiser dtype (default fp32)")
+    g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help=argparse.SUPPRESS)  # old name
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
 
     d = sub.add_parser("data", help="corpus tools")
@@ -135,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--from-checkpoint", action="store_true",
                     help="with --measure-variance: the roles of the run's last checkpoint, not the initial ones")
 
+    ex = sub.add_parser("export", help="write a model whose teacher was an SD3 pipeline as a plain diffusers folder")
+    ex.add_argument("model", help="a model folder (a diffusers SD3 folder, e.g. a distilled student)")
+    ex.add_argument("--to", required=True)
+
     cv = sub.add_parser("convert", help="rewrite a model folder in the current layout with the given weight storage")
     cv.add_argument("model", help="shipped model name or model folder")
     cv.add_argument("--storage", choices=["int8", "fp16"], default="int8")
@@ -186,19 +201,24 @@ def cmd_generate(a) -> int:
     from .runtime.pipeline import Pipeline, validate_prompt
 
     prompt = validate_prompt(a.prompt)
+    if a.init_image is not None and not 0 < a.strength <= 1:
+        raise FlowflashError(f"--strength must lie in (0, 1], got {a.strength}")
     paths = output_paths(a.output, a.num_images)
     t0 = time.perf_counter()
     drop = set(a.drop) | ({"minilm"} if a.no_minilm else set())
-    pipe = Pipeline.load(a.model, drop=drop, precision=a.precision)
+    pipe = Pipeline.load(a.model, drop=drop, dtype=a.dtype or a.precision or "fp32", device=a.device,
+                         config=a.config, max_sequence_length=a.max_sequence_length, compile=a.compile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the Generation lists them; printed once below
         gen = pipe.run([prompt] * a.num_images, [a.seed + k for k in range(a.num_images)], steps=a.steps,
-                       guidance=a.guidance, size=a.size)
+                       guidance=a.guidance, size=a.size, negative_prompt=a.negative_prompt,
+                       init_image=a.init_image, strength=a.strength)
     if gen.warnings:  # one line, however many encoders cut it
         print(f"warning: {'; '.join(gen.warnings)}", file=sys.stderr)
     pp = gen.params
     for img, path, seed in zip(gen.images, paths, pp.seeds):
-        save_png(img, path, parameters_text(prompt, pp.steps, pp.guidance, seed, pp.size, pipe.name, pipe.hash))
+        save_png(img, path, parameters_text(prompt, pp.steps, pp.guidance, seed, pp.size, pipe.name, pipe.hash,
+                                            negative=pp.negative_prompt, strength=pp.strength))
     dt = time.perf_counter() - t0
     for path in paths:
         print(path)
@@ -239,6 +259,14 @@ def cmd_train(a) -> int:
     from .train.run import train_teacher
 
     print(train_teacher(load_config(TeacherConfig, a.config), resume=a.resume, max_steps=a.max_steps))
+    return 0
+
+
+def cmd_export(a) -> int:
+    from .release.export import export
+    from .runtime.pipeline import resolve_model
+
+    print(export(resolve_model(a.model), Path(a.to)))
     return 0
 
 
@@ -341,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train, "judge": cmd_judge,
                 "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid,
-                "distill": cmd_distill, "merge": cmd_merge, "convert": cmd_convert}[a.cmd](a)
+                "distill": cmd_distill, "merge": cmd_merge, "convert": cmd_convert, "export": cmd_export}[a.cmd](a)
     except FlowflashError as e:
         print(f"flowflash: error: {e}", file=sys.stderr)
         return 2

@@ -43,6 +43,17 @@ class EmojiModel:
     def dtype(self) -> torch.dtype:
         return next(self.net.transformer.parameters()).dtype
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def to(self, device: torch.device | str) -> "EmojiModel":
+        self.net.to(device)  # MiniLM stays on the CPU: it encodes a few prompts per call
+        return self
+
+    def timesteps(self, steps: int | None, size: tuple[int, int] | None = None) -> Tensor:
+        return self.sampling.timesteps(steps)
+
     def check_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
         s = self.net.cfg.image_size
         wh = (s, s) if size is None else (size, size) if isinstance(size, int) else tuple(size)
@@ -50,7 +61,25 @@ class EmojiModel:
             raise FlowflashError(f"this model makes {s}x{s} images only, not {wh[0]}x{wh[1]}")
         return wh
 
-    def condition(self, prompts: list[str], drop: frozenset[str], cfg: bool) -> Conditioning:
+    def condition(self, prompts: list[str], drop: frozenset[str], cfg: bool,
+                  negative: list[str] | None = None) -> Conditioning:
+        ids, mh, mp, notes = self._encode(prompts, drop)
+        dev, b = self.device, len(prompts)
+        on = torch.ones(b, dtype=torch.bool, device=dev)
+        ctx, pooled = combine(self.net.light, ids, mh, mp, on & ("light" not in drop), on & ("minilm" not in drop))
+        if cfg:
+            if negative is None:  # the null: both encoders zeroed, as caption dropout trained it
+                off = torch.zeros(b, dtype=torch.bool, device=dev)
+                uctx, upooled = combine(self.net.light, ids, mh, mp, off, off)
+            else:  # a negative prompt's own encoding in the unconditional rows
+                nids, nmh, nmp, _ = self._encode(negative, drop)
+                uctx, upooled = combine(self.net.light, nids, nmh, nmp, on & ("light" not in drop),
+                                        on & ("minilm" not in drop))
+            ctx, pooled = torch.cat([ctx, uctx]), torch.cat([pooled, upooled])
+        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
+
+    def _encode(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+        """Light-encoder ids and MiniLM states (zeros when MiniLM is dropped), on the model's device."""
         c, b = self.net.cfg, len(prompts)
         ids, cut_light = self.tokenizer.batch(prompts, c.light_max_tokens)
         notes = [f"prompt longer than {c.light_max_tokens} words: truncated"] if cut_light else []
@@ -62,13 +91,8 @@ class EmojiModel:
             mh, mp = mh.float(), mp.float()
             if cut_mini:
                 notes.append(f"prompt longer than {c.minilm_max_tokens} MiniLM tokens: truncated")
-        on = torch.ones(b, dtype=torch.bool)
-        ctx, pooled = combine(self.net.light, ids, mh, mp, on & ("light" not in drop), on & ("minilm" not in drop))
-        if cfg:  # the unconditional rows: both encoders nulled, as caption dropout trained them
-            off = torch.zeros(b, dtype=torch.bool)
-            uctx, upooled = combine(self.net.light, ids, mh, mp, off, off)
-            ctx, pooled = torch.cat([ctx, uctx]), torch.cat([pooled, upooled])
-        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
+        dev = self.device
+        return ids.to(dev), mh.to(dev), mp.to(dev), notes
 
     def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         return self.net(x, t, cond.context, cond.pooled)
@@ -77,10 +101,11 @@ class EmojiModel:
         """Each image's noise depends on its own seed only, whatever the batch."""
         w, h = size
         c = self.net.cfg.channels
-        return torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(s)) for s in seeds]).to(self.dtype)
+        return torch.stack([torch.randn(c, h, w, generator=torch.Generator().manual_seed(s))
+                            for s in seeds]).to(self.device, self.dtype)
 
     def decode(self, x: Tensor) -> Tensor:
-        return to_uint8(x.float())
+        return to_uint8(x.float()).cpu()
 
     def encode(self, images_u8: Tensor) -> Tensor:
-        return to_unit(images_u8).to(self.dtype)
+        return to_unit(images_u8).to(self.device, self.dtype)

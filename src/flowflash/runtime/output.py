@@ -12,9 +12,12 @@ from ..fsutil import atomic_file
 
 
 def parameters_text(prompt: str, steps: int, guidance: float, seed: int, size: tuple[int, int], model: str,
-                    model_hash: str) -> str:
-    return (f"{prompt}\nSteps: {steps}, Sampler: Euler (rectified flow), CFG scale: {guidance:g}, Seed: {seed}, "
-            f"Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model}")
+                    model_hash: str, negative: str | None = None, strength: float | None = None) -> str:
+    """A1111's layout: prompt, optional 'Negative prompt:' line, then the settings line."""
+    neg = f"\nNegative prompt: {negative}" if negative else ""
+    extra = f", Denoising strength: {strength:g}" if strength is not None else ""
+    return (f"{prompt}{neg}\nSteps: {steps}, Sampler: Euler (rectified flow), CFG scale: {guidance:g}, Seed: {seed}, "
+            f"Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model}{extra}")
 
 
 def output_paths(out: str | None, n: int, default_stem: str = "flowflash") -> list[Path]:

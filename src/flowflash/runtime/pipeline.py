@@ -15,19 +15,20 @@ import torch
 from PIL import Image
 
 from ..errors import FlowflashError
-from ..images import u8_to_pil
+from ..images import pil_to_u8, u8_to_pil
 from ..models.protocol import SamplingDefaults, TextToImageModel, check_drop
 from ..models.storage import weights_hash
-from ..sampling import guided_velocity, sample
+from ..sampling import add_noise, guided_velocity, sample
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ALIASES = {"teacher": "emoji-teacher", "student": "emoji-student"}
 DEFAULT_MODEL = "student"  # the 4-step CFG-free distilled student; the teacher stays `--model teacher`
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def resolve_model(name_or_path: str | Path | None) -> Path:
-    """A shipped model's name (or alias), or a folder path."""
+    """A shipped model's name (or alias), or a folder path (a flowflash model or a diffusers SD3 pipeline)."""
     name = str(name_or_path or DEFAULT_MODEL)
     shipped = WEIGHTS / ALIASES.get(name, name)
     if "/" not in name and shipped.is_dir():
@@ -37,6 +38,30 @@ def resolve_model(name_or_path: str | Path | None) -> Path:
         return path
     known = sorted(set(ALIASES) | {p.name for p in WEIGHTS.glob("*") if p.is_dir() and p.name != "judge"})
     raise FlowflashError(f"unknown model {name!r}: not a folder, and not a shipped model ({', '.join(known)})")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device not in DEVICES:
+        raise FlowflashError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else
+                            "mps" if torch.backends.mps.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FlowflashError("device 'cuda' asked for, but this torch sees no CUDA GPU")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise FlowflashError("device 'mps' asked for, but this torch has no Apple GPU backend here")
+    return torch.device(device)
+
+
+def load_image(image) -> Image.Image:
+    """An init image: a PIL image or a path to one."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError) as e:
+        raise FlowflashError(f"cannot read the init image {image}: {e}") from None
 
 
 def validate_prompt(prompt: str) -> str:
@@ -62,8 +87,10 @@ class GenerationParams:
     guidance: float
     seeds: list[int]
     size: tuple[int, int]  # (width, height)
-    timesteps: list[float]
+    timesteps: list[float]  # the times actually integrated (img2img: from its starting point)
     dropped: tuple[str, ...] = ()
+    negative_prompt: str | None = None
+    strength: float | None = None  # img2img only
 
 
 @dataclass
@@ -87,16 +114,40 @@ class Pipeline:
         self._hash: str | None = None if path is not None else "in-memory"
 
     @classmethod
-    def load(cls, name_or_path: str | Path | None = None, *, drop=(), precision: str = "fp32") -> "Pipeline":
-        """A shipped model's name or a model folder. drop: text encoders to leave out (e.g. ("minilm",));
-        precision: the transformer's compute dtype, fp32 or bf16 (text encoders stay fp32)."""
+    def load(cls, name_or_path: str | Path | None = None, *, drop=(), dtype: str = "fp32", device: str = "cpu",
+             config: str | Path | None = None, max_sequence_length: int = 256, compile: bool = False,
+             precision: str | None = None) -> "Pipeline":
+        """A shipped model's name, a flowflash model folder, a diffusers StableDiffusion3Pipeline folder, or a
+        single .safetensors transformer checkpoint with `config` naming a local diffusers folder.
+        drop: text encoders to leave out (emoji: light, minilm; SD3: clip_l, clip_g, t5), never loaded.
+        dtype: fp32, bf16 or fp16 for the denoiser (`precision` is its old name). compile: torch.compile the
+        transformer (pays off over repeated calls in one process)."""
         from ..models.emoji import EmojiModel
+        from ..models.sd3 import SD3Model, is_diffusers_folder
 
-        if precision not in PRECISIONS:
-            raise FlowflashError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        check_drop(drop, EmojiModel.encoder_names)  # a wrong name fails before any loading
-        path = resolve_model(name_or_path)
-        return cls(EmojiModel.load(path, PRECISIONS[precision], drop), path, drop)
+        dtype = precision or dtype
+        if dtype not in DTYPES:
+            raise FlowflashError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dev = resolve_device(device)
+        if config is not None or str(name_or_path or "").endswith(".safetensors"):
+            if config is None:
+                raise FlowflashError(f"{name_or_path} is a single checkpoint file: name a local diffusers folder "
+                                     "for its configs with --config FOLDER (Python: config=)")
+            folder = resolve_model(config)
+            model = SD3Model.load(folder, DTYPES[dtype], drop, max_sequence_length, transformer_file=Path(name_or_path))
+            path = Path(name_or_path)
+        else:
+            path = resolve_model(name_or_path)
+            if is_diffusers_folder(path):
+                model = SD3Model.load(path, DTYPES[dtype], drop, max_sequence_length)
+            else:
+                check_drop(drop, EmojiModel.encoder_names)  # a wrong name fails before any loading
+                model = EmojiModel.load(path, DTYPES[dtype], drop)
+        model.to(dev)
+        if compile:
+            net = model.transformer if hasattr(model, "transformer") else model.net.transformer
+            net.compile()
+        return cls(model, path, drop)
 
     @classmethod
     def from_flow_model(cls, net, name: str, *, minilm=None, drop=()) -> "Pipeline":
@@ -113,30 +164,36 @@ class Pipeline:
     def hash(self) -> str:
         """Short sha256 of the weight files (in PNG metadata and evaluation caches)."""
         if self._hash is None:
-            self._hash = weights_hash(self.path)
+            own = getattr(self.model, "weights_id", None)  # models whose files are not a flowflash folder
+            self._hash = own(self.path) if own else weights_hash(self.path)
         return self._hash
 
     @property
     def sampling(self) -> SamplingDefaults:
         return self.model.sampling
 
-    def timesteps(self, steps: int | None = None) -> torch.Tensor:
-        return self.sampling.timesteps(steps)
+    def timesteps(self, steps: int | None = None, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        return self.model.timesteps(steps, self.model.check_size(size))
 
     def generate(self, prompt: str | list[str], steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, num_images: int = 1, size: int | tuple[int, int] | None = None,
+                 negative_prompt: str | None = None, init_image=None, strength: float = 0.8,
                  progress=None) -> list[Image.Image]:
-        """num_images per prompt; image k of each prompt uses seed + k, independent of batching."""
+        """num_images per prompt; image k of each prompt uses seed + k, independent of batching.
+        guidance <= 1 turns classifier-free guidance off (as diffusers). init_image (a PIL image or a path)
+        with strength in (0, 1]: img2img, starting that far into the schedule from the noised image."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise FlowflashError(f"num_images must be a positive integer, got {num_images!r}")
         seeds = [seed + k for _ in prompts for k in range(num_images)]
         return self.run([p for p in prompts for _ in range(num_images)], seeds, steps, guidance, size,
-                        progress).images
+                        negative_prompt=negative_prompt, init_image=init_image, strength=strength,
+                        progress=progress).images
 
     @torch.no_grad()
     def run(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
-            size: int | tuple[int, int] | None = None, progress=None) -> Generation:
+            size: int | tuple[int, int] | None = None, *, negative_prompt: str | None = None, init_image=None,
+            strength: float = 0.8, progress=None) -> Generation:
         """One image per (prompt, seed) pair; the noise of an image depends on its seed only."""
         prompts = [validate_prompt(p) for p in prompts]
         if len(prompts) != len(seeds):
@@ -146,24 +203,43 @@ class Pipeline:
         guidance = self.sampling.guidance if guidance is None else float(guidance)
         if not guidance >= 0:
             raise FlowflashError(f"guidance must be >= 0, got {guidance}")
+        init = None
+        if init_image is not None:
+            if not 0 < strength <= 1:
+                raise FlowflashError(f"strength must lie in (0, 1], got {strength}")
+            init = load_image(init_image)
+            if size is None and hasattr(self.model, "multiple"):  # an SD3 model: the image's own size, rounded down
+                m = self.model.multiple
+                size = (max(m, init.width // m * m), max(m, init.height // m * m))
         wh = self.model.check_size(size)
-        use_cfg = guidance != 1.0
+        use_cfg = guidance > 1.0
         t0 = time.perf_counter()
-        cond = self.model.condition(prompts, self.drop, use_cfg)
+        negative = None if negative_prompt is None else [negative_prompt] * len(prompts)
+        cond = self.model.condition(prompts, self.drop, use_cfg, negative)
         t1 = time.perf_counter()
 
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             v = lambda x_, t_: self.model.velocity(x_, t_, cond)
             return guided_velocity(v, x, t, guidance) if use_cfg else v(x, t)
 
-        ts = self.timesteps(steps)
-        x = sample(velocity, self.model.noise(seeds, wh), ts, callback=progress)
+        ts = self.model.timesteps(steps, wh)
+        n_steps = len(ts) - 1
+        x = self.model.noise(seeds, wh)
+        if init is not None:  # img2img: start at the schedule's point that `strength` names, from the noised image
+            start = int(max(n_steps - min(n_steps * strength, n_steps), 0))
+            ts = ts[start:]
+            if len(ts) < 2:
+                raise FlowflashError(f"strength {strength} leaves no step of {n_steps}: raise it or the steps")
+            x0 = self.model.encode(pil_to_u8([init.resize(wh, Image.LANCZOS)]).expand(len(seeds), -1, -1, -1))
+            x = add_noise(x0, x, float(ts[0]))
+        x = sample(velocity, x, ts, callback=progress)
         t2 = time.perf_counter()
         images = u8_to_pil(self.model.decode(x))
         for note in dict.fromkeys(cond.warnings):
             warnings.warn(note, stacklevel=3)
-        params = GenerationParams(len(ts) - 1, guidance, list(seeds), wh, [float(t) for t in ts],
-                                  tuple(sorted(self.drop)))
+        params = GenerationParams(n_steps, guidance, list(seeds), wh, [float(t) for t in ts],
+                                  tuple(sorted(self.drop)), negative_prompt,
+                                  strength if init is not None else None)
         self.last = Generation(images, params, Timings(t1 - t0, t2 - t1, time.perf_counter() - t2),
                                list(dict.fromkeys(cond.warnings)))
         return self.last

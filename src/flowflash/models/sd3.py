@@ -1,0 +1,304 @@
+"""A diffusers StableDiffusion3Pipeline folder behind the generation protocol (SD3 Medium, SD3.5 Medium/Large).
+
+Every step mirrors `StableDiffusion3Pipeline.__call__` so that the same seed gives the same image: the prompt
+encoding (CLIP-L and CLIP-G penultimate states side by side, zero-padded to T5's width, then T5's sequence;
+pooled = both CLIPs' projections), latents drawn in one `randn` from a CPU generator of the seed, the
+scheduler's own sigmas (its shift, or its dynamic shift for this image size), and the VAE's scaling and
+shift. Components load from local paths only. A dropped encoder is never read from disk; its embedding is
+zeros, as diffusers does for a pipeline without T5.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import FlowflashError
+from .protocol import Conditioning, SamplingDefaults, check_drop
+
+PIPELINE_CLASS = "StableDiffusion3Pipeline"
+ENCODERS = {"clip_l": ("text_encoder", "tokenizer"), "clip_g": ("text_encoder_2", "tokenizer_2"),
+            "t5": ("text_encoder_3", "tokenizer_3")}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SETTINGS = "flowflash.json"  # optional: a distilled student's sampling defaults beside the diffusers files
+
+
+def quiet_loaders():
+    """diffusers and transformers print progress bars and advice while loading; a CLI prints its own lines."""
+    import diffusers
+    import transformers
+
+    for lib in (diffusers, transformers):
+        lib.utils.logging.set_verbosity_error()
+        lib.utils.logging.disable_progress_bar()
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return (Path(path) / "model_index.json").exists()
+
+
+def read_index(folder: Path) -> dict:
+    try:
+        index = json.loads((folder / "model_index.json").read_text())
+    except json.JSONDecodeError as e:
+        raise FlowflashError(f"{folder / 'model_index.json'} is not valid JSON: {e}") from None
+    cls = index.get("_class_name")
+    if cls != PIPELINE_CLASS:
+        raise FlowflashError(f"{folder} holds a {cls} pipeline; flowflash runs {PIPELINE_CLASS} folders "
+                             "(SD3 Medium, SD3.5 Medium/Large) and its own model folders")
+    return index
+
+
+def refuse_pickles(folder: Path, component: str):
+    """Weights of a component must be safetensors: a folder with only .bin/.pt/.ckpt is refused by name."""
+    sub = folder / component
+    if sub.is_dir() and not list(sub.glob("*.safetensors")):
+        pickles = sorted(p.name for p in sub.iterdir() if p.suffix in {".bin", ".pt", ".pth", ".ckpt", ".pkl"})
+        if pickles:
+            raise FlowflashError(f"{sub} holds pickle weights ({', '.join(pickles)}); flowflash loads only "
+                                 "safetensors and never unpickles")
+
+
+def load_component(cls, folder: Path, name: str, dtype: torch.dtype | None = None):
+    refuse_pickles(folder, name)
+    if not (folder / name).is_dir():
+        raise FlowflashError(f"{folder} lacks the {name}/ component")
+    # networks: safetensors only, in the asked dtype; tokenizers take neither argument
+    kw = {"torch_dtype": dtype, "use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
+    if kw and cls.__module__.startswith("diffusers"):
+        kw["low_cpu_mem_usage"] = False  # the default asks for accelerate (and says so); plain loading is fine
+    try:
+        return cls.from_pretrained(folder, subfolder=name, local_files_only=True, **kw)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise FlowflashError(f"cannot load {folder / name}: {str(e).splitlines()[0]}") from None
+
+
+class SD3Model:
+    encoder_names = tuple(ENCODERS)
+
+    def __init__(self, transformer, vae, scheduler, encoders: dict, name: str, sampling: SamplingDefaults,
+                 max_sequence_length: int = 256, clip_widths: dict[str, tuple[int, int]] | None = None):
+        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
+        self.clip_widths = clip_widths or {}  # name -> (hidden size, projection size)
+        self._sigmas: dict[tuple[int, int, int], Tensor] = {}
+        self.encoders = encoders  # name -> (text model, tokenizer); dropped encoders are absent
+        self.name, self.sampling = name, sampling
+        self.max_sequence_length = max_sequence_length
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.multiple = self.vae_scale * transformer.config.patch_size
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, drop=(), max_sequence_length: int = 256,
+             transformer_file: Path | None = None) -> "SD3Model":
+        """A diffusers folder; `transformer_file`: a single-file checkpoint whose configs come from `folder`."""
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
+
+        quiet_loaders()
+        folder = Path(folder)
+        drop = check_drop(drop, cls.encoder_names)
+        index = read_index(folder)
+        if "t5" not in drop and not (index.get("text_encoder_3") or [None])[0]:
+            raise FlowflashError(f"{folder} has no T5 text encoder (text_encoder_3); load it with --drop t5 "
+                                 "(Python: drop=['t5'])")
+        if max_sequence_length < 1 or max_sequence_length > 512:
+            raise FlowflashError(f"max_sequence_length must lie in 1..512, got {max_sequence_length}")
+        if transformer_file is not None:
+            transformer = load_single_file(Path(transformer_file), folder, dtype)
+        else:
+            transformer = load_component(SD3Transformer2DModel, folder, "transformer", dtype)
+        vae = load_component(AutoencoderKL, folder, "vae", dtype)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
+                                                                    local_files_only=True)
+        classes = {"clip_l": (CLIPTextModelWithProjection, CLIPTokenizer),
+                   "clip_g": (CLIPTextModelWithProjection, CLIPTokenizer), "t5": (T5EncoderModel, T5TokenizerFast)}
+        encoders = {}
+        for name, (model_dir, tok_dir) in ENCODERS.items():
+            if name in drop:
+                continue  # never read from disk
+            model_cls, tok_cls = classes[name]
+            encoders[name] = (load_component(model_cls, folder, model_dir, dtype).eval(),
+                              load_component(tok_cls, folder, tok_dir))
+        sampling = SamplingDefaults(steps=28, guidance=7.0, shift=float(scheduler.config.get("shift", 1.0)))
+        if (folder / SETTINGS).exists():  # a flowflash student: its own steps and guidance
+            s = json.loads((folder / SETTINGS).read_text()).get("sampling", {})
+            sampling = SamplingDefaults(steps=s.get("steps", 28), guidance=s.get("guidance", 7.0),
+                                        shift=sampling.shift)
+        widths = {}
+        for name in ("clip_l", "clip_g"):
+            cfg_path = folder / ENCODERS[name][0] / "config.json"
+            if not cfg_path.exists():
+                raise FlowflashError(f"{folder} lacks the {ENCODERS[name][0]}/ component")
+            c = json.loads(cfg_path.read_text())
+            widths[name] = (c["hidden_size"], c["projection_dim"])
+        model = cls(transformer.eval(), vae.eval(), scheduler, encoders, folder.name, sampling, max_sequence_length,
+                    widths)
+        for m in (transformer, vae, *(e for e, _ in encoders.values())):
+            m.requires_grad_(False)
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    def weights_id(self, path: Path) -> str:
+        """A short id of the transformer weights for PNG metadata, cheap on multi-GB files: sha256 over the
+        transformer config, each weight file's name and size, and its first MiB."""
+        import hashlib
+        path = Path(path)
+        files = [path] if path.is_file() else sorted((path / "transformer").glob("*.safetensors"))
+        h = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
+        for f in files:
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+        return h.hexdigest()[:10]
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def to(self, device: torch.device | str) -> "SD3Model":
+        for m in (self.transformer, self.vae, *(e for e, _ in self.encoders.values())):
+            m.to(device)
+        return self
+
+    # ------------------------------------------------------------------ sizes and schedule
+    def default_size(self) -> tuple[int, int]:
+        s = self.transformer.config.sample_size * self.vae_scale
+        return s, s
+
+    def check_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
+        w, h = self.default_size() if size is None else (size, size) if isinstance(size, int) else tuple(size)
+        if w % self.multiple or h % self.multiple or w < self.multiple or h < self.multiple:
+            raise FlowflashError(f"size {w}x{h} is not a positive multiple of {self.multiple} "
+                                 f"(VAE factor {self.vae_scale} x patch {self.transformer.config.patch_size})")
+        return w, h
+
+    def timesteps(self, steps: int | None, size: tuple[int, int] | None = None) -> Tensor:
+        """The scheduler's own sigmas (N + 1, ending at 0) for N steps at this size, as diffusers computes them."""
+        import copy
+
+        from ..sampling import dynamic_shift_mu
+
+        steps = steps or self.sampling.steps
+        w, h = size or self.default_size()
+        key = (steps, w, h)
+        if key in self._sigmas:  # computed once per (steps, size): a reused Pipeline skips the scheduler
+            return self._sigmas[key]
+        sched = copy.deepcopy(self.scheduler)  # set_timesteps mutates; keep the loaded one pristine
+        kw = {}
+        if sched.config.get("use_dynamic_shifting"):
+            p = self.transformer.config.patch_size
+            seq = (h // self.vae_scale // p) * (w // self.vae_scale // p)
+            c = sched.config
+            kw["mu"] = dynamic_shift_mu(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                        c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        sched.set_timesteps(steps, **kw)
+        self._sigmas[key] = sched.sigmas.to(torch.float64)
+        return self._sigmas[key]
+
+    # ------------------------------------------------------------------ text
+    def _clip(self, name: str, prompts: list[str]) -> tuple[Tensor, Tensor, bool]:
+        model, tok = self.encoders[name]
+        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
+        out = model(ids.to(self.device), output_hidden_states=True)
+        return out.hidden_states[-2], out[0], full.shape[-1] > ids.shape[-1]
+
+    def _t5(self, prompts: list[str]) -> tuple[Tensor, bool]:
+        model, tok = self.encoders["t5"]
+        n = self.max_sequence_length
+        ids = tok(prompts, padding="max_length", max_length=n, truncation=True, add_special_tokens=True,
+                  return_tensors="pt").input_ids
+        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
+        return model(ids.to(self.device))[0], full.shape[-1] > ids.shape[-1]
+
+    def encode_text(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, list[str]]:
+        """(context, pooled, warnings) as StableDiffusion3Pipeline.encode_prompt makes them."""
+        b, notes = len(prompts), []
+        clip_states, pooled = [], []
+        for name in ("clip_l", "clip_g"):
+            if name in drop or name not in self.encoders:  # zeros, the shape the dropped CLIP would have
+                clip_states.append(None)
+                pooled.append(torch.zeros(b, self._clip_width(name, pooled=True), device=self.device, dtype=self.dtype))
+                continue
+            h, p, cut = self._clip(name, prompts)
+            clip_states.append(h)
+            pooled.append(p)
+            if cut:
+                notes.append(f"prompt longer than {self.encoders[name][1].model_max_length} {name} tokens: truncated")
+        ref = next((h for h in clip_states if h is not None), None)
+        seq = ref.shape[1] if ref is not None else 77
+        widths = [self._clip_width(n) for n in ("clip_l", "clip_g")]
+        clip_states = [h if h is not None else torch.zeros(b, seq, w, device=self.device, dtype=self.dtype)
+                       for h, w in zip(clip_states, widths)]
+        clip = torch.cat(clip_states, dim=-1)
+        if "t5" in drop or "t5" not in self.encoders:
+            t5 = torch.zeros(b, self.max_sequence_length, self.transformer.config.joint_attention_dim,
+                             device=self.device, dtype=self.dtype)
+        else:
+            t5, cut = self._t5(prompts)
+            if cut:
+                notes.append(f"prompt longer than {self.max_sequence_length} T5 tokens: truncated")
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), notes
+
+    def _clip_width(self, name: str, pooled: bool = False) -> int:
+        """Width of a CLIP's token states (or of its projection), known from its config even when dropped."""
+        hidden, projection = self.clip_widths[name]
+        return projection if pooled else hidden
+
+    @torch.no_grad()
+    def condition(self, prompts: list[str], drop: frozenset[str], cfg: bool,
+                  negative: list[str] | None = None) -> Conditioning:
+        ctx, pooled, notes = self.encode_text(prompts, drop)
+        if cfg:  # the unconditional rows encode the negative prompt ("" by default), as diffusers does
+            nctx, npooled, _ = self.encode_text(negative or [""] * len(prompts), drop)
+            ctx, pooled = torch.cat([ctx, nctx]), torch.cat([pooled, npooled])
+        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
+
+    # ------------------------------------------------------------------ denoising and images
+    def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
+        return self.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.context,
+                                pooled_projections=cond.pooled, return_dict=False)[0]
+
+    def noise(self, seeds: list[int], size: tuple[int, int]) -> Tensor:
+        """One latent per seed, drawn as diffusers' prepare_latents draws a batch of one from a CPU generator."""
+        w, h = size
+        shape = (1, self.transformer.config.in_channels, h // self.vae_scale, w // self.vae_scale)
+        return torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(s), dtype=self.dtype)
+                          for s in seeds]).to(self.device)
+
+    @torch.no_grad()
+    def decode(self, x: Tensor) -> Tensor:
+        c = self.vae.config
+        image = self.vae.decode(x / c.scaling_factor + c.shift_factor, return_dict=False)[0]
+        # diffusers' postprocess: [-1, 1] -> [0, 1] -> x 255, rounded
+        return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+    @torch.no_grad()
+    def encode(self, images_u8: Tensor) -> Tensor:
+        """Images -> latents: the VAE posterior's mean (deterministic), scaled and shifted as SD3 trains."""
+        c = self.vae.config
+        x = (images_u8.float() / 127.5 - 1).to(self.device, self.dtype)
+        return (self.vae.encode(x).latent_dist.mode() - c.shift_factor) * c.scaling_factor
+
+
+def load_single_file(path: Path, config: Path, dtype: torch.dtype):
+    """An SD3 transformer from one .safetensors file (original or diffusers keys), configs from a local folder."""
+    from diffusers import SD3Transformer2DModel
+
+    if path.suffix != ".safetensors":
+        raise FlowflashError(f"{path}: single-file checkpoints must be .safetensors (flowflash never unpickles)")
+    if not path.exists():
+        raise FlowflashError(f"checkpoint not found: {path}")
+    try:
+        return SD3Transformer2DModel.from_single_file(str(path), config=str(config), subfolder="transformer",
+                                                      local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, KeyError, EnvironmentError) as e:
+        raise FlowflashError(f"cannot load {path} with the configs of {config}: {str(e).splitlines()[0]}") from None

@@ -1,0 +1,179 @@
+"""SD3/SD3.5 pipelines from a local diffusers folder (the project's own tiny fixture): same image as diffusers
+for the same seed, encoders dropped, sizes, negative prompts, img2img, single files and bad input."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from flowflash.cli import main
+from flowflash.errors import FlowflashError
+from flowflash.runtime.pipeline import Pipeline
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    from flowflash.testing.sd3_fixture import write_tiny_sd3
+    return write_tiny_sd3(tmp_path_factory.mktemp("sd3") / "tiny-sd3.5", "sd3.5-medium")
+
+
+@pytest.fixture(scope="module")
+def reference(sd3):
+    from diffusers import StableDiffusion3Pipeline
+    return StableDiffusion3Pipeline.from_pretrained(sd3, local_files_only=True)
+
+
+def diffusers_image(ref, seed, **kw):
+    out = ref(generator=torch.Generator().manual_seed(seed), output_type="np", **kw).images[0]
+    return (out * 255).round().astype(np.uint8)
+
+
+def mad(a, b) -> float:
+    return float(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).mean())
+
+
+@pytest.mark.parametrize("steps, guidance", [(4, 1.0), (28, 5.0)])
+def test_same_seed_same_image_as_diffusers(sd3, reference, steps, guidance):
+    pipe = Pipeline.load(sd3)
+    for seed in (0, 7):
+        ours = pipe.generate("a red apple on a table", steps=steps, guidance=guidance, seed=seed, size=64)[0]
+        theirs = diffusers_image(reference, seed, prompt="a red apple on a table", num_inference_steps=steps,
+                                 guidance_scale=guidance, height=64, width=64)
+        assert mad(ours, theirs) <= 1.0  # at most 1/255 on average (fp32, CPU)
+    assert pipe.last.params.timesteps[0] == 1.0 and pipe.last.params.timesteps[-1] == 0.0
+
+
+def test_non_square_size_and_negative_prompt_match_diffusers(sd3, reference):
+    pipe = Pipeline.load(sd3)
+    ours = pipe.generate("a dog", steps=3, guidance=4.0, seed=2, size=(64, 32), negative_prompt="blurry")[0]
+    theirs = diffusers_image(reference, 2, prompt="a dog", num_inference_steps=3, guidance_scale=4.0, height=32,
+                             width=64, negative_prompt="blurry")
+    assert ours.size == (64, 32) and mad(ours, theirs) <= 1.0
+    plain = pipe.generate("a dog", steps=3, guidance=4.0, seed=2, size=(64, 32))[0]
+    assert mad(ours, plain) > 0  # the negative prompt is used
+
+
+def test_dropping_t5_never_loads_it_and_matches_diffusers_without_it(sd3):
+    from diffusers import StableDiffusion3Pipeline
+    pipe = Pipeline.load(sd3, drop=["t5"])
+    assert set(pipe.model.encoders) == {"clip_l", "clip_g"}
+    ref = StableDiffusion3Pipeline.from_pretrained(sd3, text_encoder_3=None, tokenizer_3=None, local_files_only=True)
+    ours = pipe.generate("a cat", steps=4, guidance=1.0, seed=1, size=64)[0]
+    assert mad(ours, diffusers_image(ref, 1, prompt="a cat", num_inference_steps=4, guidance_scale=1.0,
+                                     height=64, width=64)) <= 1.0
+    full = Pipeline.load(sd3).generate("a cat", steps=4, guidance=1.0, seed=1, size=64)[0]
+    assert mad(ours, full) > 0
+    clip = Pipeline.load(sd3, drop=["clip_g"]).generate("a cat", steps=4, guidance=1.0, seed=1, size=64)[0]
+    assert mad(clip, full) > 0 and clip.size == (64, 64)
+
+
+def test_a_folder_without_t5_needs_drop_t5(tmp_path):
+    from flowflash.testing.sd3_fixture import write_tiny_sd3
+    folder = write_tiny_sd3(tmp_path / "no-t5", with_t5=False)
+    with pytest.raises(FlowflashError, match="has no T5 text encoder.*--drop t5"):
+        Pipeline.load(folder)
+    assert Pipeline.load(folder, drop=["t5"]).generate("x", steps=2, size=32)[0].size == (32, 32)
+
+
+def test_img2img_starts_from_the_image(sd3):
+    pipe = Pipeline.load(sd3)
+    init = pipe.generate("a red apple", steps=4, guidance=1.0, seed=0, size=64)[0]
+    txt = pipe.generate("a blue car", steps=4, guidance=1.0, seed=5, size=64)[0]
+    low = pipe.generate("a blue car", steps=4, guidance=1.0, seed=5, init_image=init, strength=0.5)[0]
+    full = pipe.generate("a blue car", steps=4, guidance=1.0, seed=5, init_image=init, strength=1.0)[0]
+    assert low.size == (64, 64) and pipe.last.params.strength == 1.0
+    assert mad(low, init) < mad(txt, init)  # half-way from the image stays nearer to it than a fresh draw
+    assert mad(full, txt) <= 1.0  # strength 1 starts from pure noise: txt2img
+    with pytest.raises(FlowflashError, match="strength must lie in"):
+        pipe.generate("x", init_image=init, strength=0.0)
+
+
+def test_emoji_img2img_and_negative_prompt(tiny_model_dir):
+    pipe = Pipeline.load(tiny_model_dir)
+    init = pipe.generate("a red apple", steps=4, seed=0)[0]
+    low = pipe.generate("dog face", steps=4, seed=3, init_image=init, strength=0.25)[0]
+    fresh = pipe.generate("dog face", steps=4, seed=3)[0]
+    assert pipe.last.params.steps == 4 and mad(low, init) < mad(fresh, init)
+    neg = pipe.generate("dog face", steps=4, guidance=3.0, seed=3, negative_prompt="apple")[0]
+    null = pipe.generate("dog face", steps=4, guidance=3.0, seed=3)[0]
+    assert mad(neg, null) > 0
+    # guidance <= 1 turns CFG off, as diffusers
+    one = pipe.generate("dog face", steps=4, guidance=1.0, seed=3)[0]
+    half = pipe.generate("dog face", steps=4, guidance=0.5, seed=3)[0]
+    assert mad(one, half) == 0
+
+
+def test_single_file_with_config_gives_the_same_image(sd3, tmp_path):
+    from flowflash.testing.sd3_fixture import write_single_file
+    ckpt = write_single_file(sd3, tmp_path / "tiny.safetensors")
+    a = Pipeline.load(sd3).generate("a red apple", steps=2, seed=4, size=32)[0]
+    b = Pipeline.load(ckpt, config=sd3).generate("a red apple", steps=2, seed=4, size=32)[0]
+    assert mad(a, b) == 0
+    with pytest.raises(FlowflashError, match="single checkpoint file: name a local diffusers folder"):
+        Pipeline.load(ckpt)
+
+
+def test_cli_generate_and_its_one_line_errors(sd3, tmp_path, capsys):
+    out = tmp_path / "a.png"
+    assert main(["generate", "a red apple", "--model", str(sd3), "--size", "64x32", "--steps", "2",
+                 "--negative-prompt", "blurry", "--guidance", "3", "-o", str(out)]) == 0
+    from PIL import Image
+    im = Image.open(out)
+    assert im.size == (64, 32) and "Negative prompt: blurry" in im.info["parameters"]
+    init = tmp_path / "init.png"
+    im.save(init)
+    assert main(["generate", "a cat", "--model", str(sd3), "--init-image", str(init), "--strength", "0.6",
+                 "--steps", "4", "-o", str(tmp_path / "b.png")]) == 0
+    assert "Denoising strength: 0.6" in Image.open(tmp_path / "b.png").info["parameters"]
+    capsys.readouterr()
+    bad = tmp_path / "bad"
+    shutil.copytree(sd3, bad)
+    cases = [(["--size", "40"], "not a positive multiple of 16"),
+             (["--init-image", str(tmp_path / "missing.png")], "cannot read the init image"),
+             (["--init-image", str(init), "--strength", "0"], "strength must lie in (0, 1]"),
+             (["--device", "cuda"], "sees no CUDA GPU") if not torch.cuda.is_available() else (["--size", "40"], "multiple"),
+             (["--drop", "minilm"], "cannot drop minilm"),
+             (["--model", str(tmp_path / "x.safetensors")], "single checkpoint file")]
+    for extra, needle in cases:
+        argv = ["generate", "x", "--model", str(sd3), "-o", str(tmp_path / "c.png"), *extra]
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, (extra, err)
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_folder_errors_name_the_problem(sd3, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(sd3, bad)
+    index = json.loads((bad / "model_index.json").read_text())
+    (bad / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(FlowflashError, match="holds a FluxPipeline pipeline"):
+        Pipeline.load(bad)
+    (bad / "model_index.json").write_text(json.dumps(index))
+    shutil.rmtree(bad / "vae")
+    with pytest.raises(FlowflashError, match="lacks the vae/ component"):
+        Pipeline.load(bad)
+    shutil.copytree(sd3 / "vae", bad / "vae")
+    for f in (bad / "transformer").glob("*.safetensors"):
+        f.unlink()
+    torch.save({}, bad / "transformer" / "diffusion_pytorch_model.bin")
+    with pytest.raises(FlowflashError, match="holds pickle weights"):
+        Pipeline.load(bad)
+
+
+def test_export_runs_in_vanilla_diffusers_with_the_models_steps(sd3, tmp_path, capsys, tiny_model_dir):
+    from diffusers import StableDiffusion3Pipeline
+    student = tmp_path / "student"
+    shutil.copytree(sd3, student)
+    (student / "flowflash.json").write_text(json.dumps({"sampling": {"steps": 4, "guidance": 1.0}}))
+    ours = Pipeline.load(student).generate("a red apple", seed=6, size=64)[0]  # the student's own defaults
+    assert main(["export", str(student), "--to", str(tmp_path / "exported")]) == 0
+    out = tmp_path / "exported"
+    assert not (out / "flowflash.json").exists() and "num_inference_steps=4" in (out / "README.md").read_text()
+    ref = StableDiffusion3Pipeline.from_pretrained(out, local_files_only=True)
+    theirs = diffusers_image(ref, 6, prompt="a red apple", num_inference_steps=4, guidance_scale=1.0, height=64, width=64)
+    assert mad(ours, theirs) <= 1.0
+    capsys.readouterr()
+    assert main(["export", str(tiny_model_dir), "--to", str(tmp_path / "e2")]) == 2
+    assert "pixel-space flowflash model" in capsys.readouterr().err and not (tmp_path / "e2").exists()
