@@ -79,3 +79,15 @@ def test_guided_velocity_is_one_batched_call_with_the_cfg_formula():
 
 def test_subdivide_splits_an_interval_evenly():
     assert subdivide(0.8, 0.6, 4).tolist() == pytest.approx([0.8, 0.75, 0.7, 0.65, 0.6])
+
+
+def test_the_model_sees_an_fp32_time_when_the_state_is_bf16():
+    seen = []
+
+    def velocity(x, t):
+        seen.append(t.dtype)
+        return torch.zeros_like(x)
+    out = sample(velocity, torch.zeros(2, 3, dtype=torch.bfloat16), timesteps(2, 3.0))
+    assert seen == [torch.float32, torch.float32] and out.dtype == torch.bfloat16
+    sample(velocity, torch.zeros(2, 3), timesteps(1))
+    assert seen[-1] == torch.float32

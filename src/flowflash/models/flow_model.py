@@ -102,8 +102,8 @@ class FlowModel(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         out = self.transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
                                timestep=t * 1000, return_dict=False)[0]
-        if self.cfg.prediction == "x":
-            return v_from_x0(x, t.clamp(min=self.cfg.t_min), out)
+        if self.cfg.prediction == "x":  # an fp32 t must not promote a bf16 state
+            return v_from_x0(x, t.clamp(min=self.cfg.t_min), out).to(x.dtype)
         return out
 
     def int8_keys(self) -> list[str]:

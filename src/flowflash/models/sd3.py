@@ -83,6 +83,7 @@ class SD3Model:
         self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
         self.clip_widths = clip_widths or {}  # name -> (hidden size, projection size)
         self._sigmas: dict[tuple[int, int, int], Tensor] = {}
+        self._text: dict[tuple[str, frozenset], tuple[Tensor, Tensor, list[str]]] = {}
         self.encoders = encoders  # name -> (text model, tokenizer); dropped encoders are absent
         self.name, self.sampling = name, sampling
         self.max_sequence_length = max_sequence_length
@@ -253,12 +254,31 @@ class SD3Model:
         hidden, projection = self.clip_widths[name]
         return projection if pooled else hidden
 
+    CACHE = 8  # prompts whose embeddings a reused model keeps (SD3.5: ~5 MB each in fp32)
+
+    @torch.no_grad()
+    def encode_cached(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, list[str]]:
+        """encode_text, remembering the last few prompts: a reused model does not encode the same prompt (or
+        the empty negative prompt of every CFG call) again, which diffusers does on every call."""
+        todo = list(dict.fromkeys(p for p in prompts if (p, drop) not in self._text))
+        if todo:
+            ctx, pooled, notes = self.encode_text(todo, drop)
+            for i, p in enumerate(todo):
+                self._text[(p, drop)] = (ctx[i], pooled[i], notes)
+                while len(self._text) > self.CACHE:
+                    self._text.pop(next(iter(self._text)))
+        rows = [self._text.pop((p, drop)) for p in prompts]
+        for p, r in zip(prompts, rows):  # back in, most recent last
+            self._text[(p, drop)] = r
+        notes = list(dict.fromkeys(n for r in rows for n in r[2]))
+        return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), notes
+
     @torch.no_grad()
     def condition(self, prompts: list[str], drop: frozenset[str], cfg: bool,
                   negative: list[str] | None = None) -> Conditioning:
-        ctx, pooled, notes = self.encode_text(prompts, drop)
+        ctx, pooled, notes = self.encode_cached(prompts, drop)
         if cfg:  # the unconditional rows encode the negative prompt ("" by default), as diffusers does
-            nctx, npooled, _ = self.encode_text(negative or [""] * len(prompts), drop)
+            nctx, npooled, _ = self.encode_cached(negative or [""] * len(prompts), drop)
             ctx, pooled = torch.cat([ctx, nctx]), torch.cat([pooled, npooled])
         return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
 

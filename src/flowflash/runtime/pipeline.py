@@ -190,7 +190,7 @@ class Pipeline:
                         negative_prompt=negative_prompt, init_image=init_image, strength=strength,
                         progress=progress).images
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def run(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
             size: int | tuple[int, int] | None = None, *, negative_prompt: str | None = None, init_image=None,
             strength: float = 0.8, progress=None) -> Generation:

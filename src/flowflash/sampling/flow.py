@@ -118,10 +118,12 @@ def euler_step(x: Tensor, v: Tensor, t: float, t_next: float) -> Tensor:
 
 
 def sample(velocity: Velocity, noise: Tensor, ts: Tensor, callback: Callable[[int], None] | None = None) -> Tensor:
-    """Integrate the flow ODE from ts[0] to ts[-1] with Euler steps."""
+    """Integrate the flow ODE from ts[0] to ts[-1] with Euler steps. The time handed to the model stays at
+    least fp32 (a bf16 t * 1000 would round 818 to 820), as diffusers keeps its timesteps."""
     x = noise
+    t_dtype = x.dtype if torch.finfo(x.dtype).bits >= 32 else torch.float32
     for i in range(len(ts) - 1):
-        t = torch.full((x.shape[0],), float(ts[i]), dtype=x.dtype, device=x.device)
+        t = torch.full((x.shape[0],), float(ts[i]), dtype=t_dtype, device=x.device)
         x = euler_step(x, velocity(x, t), float(ts[i]), float(ts[i + 1]))
         if callback:
             callback(i)

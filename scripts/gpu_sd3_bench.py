@@ -1,0 +1,108 @@
+"""flowflash's SD3 path on a GPU: an SD3.5-Medium-shaped pipeline with random weights (the 2.2B-class MMDiT
+with dual attention in blocks 0-12 and RMS qk-norm, SD3's VAE), 4 steps without CFG, bf16, eager and with
+torch.compile of the transformer and the VAE decoder, at 1024 and 512 px. Text encoding is left out of the
+times (the text encoders are dropped: their embeddings are zeros, which costs nothing); each image is timed
+from the start of denoising to its uint8 pixels on the host.
+
+    python scripts/gpu_sd3_bench.py --out $OUT            # on the GPU machine
+    python scripts/gpu_sd3_bench.py --out /tmp/x --smoke  # here: the same code path on a tiny model, CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24,
+                   attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                   caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
+                   dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD3_VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+               down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+               layers_per_block=2, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+               use_post_quant_conv=False)
+
+
+def build(smoke: bool, device: str, dtype):
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    from flowflash.models.protocol import SamplingDefaults
+    from flowflash.models.sd3 import SD3Model
+
+    tcfg = dict(SD35_MEDIUM)
+    vcfg = dict(SD3_VAE)
+    widths = {"clip_l": (768, 768), "clip_g": (1280, 1280)}
+    if smoke:  # same structure, tiny
+        tcfg.update(num_layers=2, num_attention_heads=2, attention_head_dim=8, joint_attention_dim=32,
+                    caption_projection_dim=16, pooled_projection_dim=24, dual_attention_layers=(0,),
+                    pos_embed_max_size=64)
+        vcfg.update(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4)
+        widths = {"clip_l": (8, 8), "clip_g": (16, 16)}
+    torch.manual_seed(0)
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(**tcfg).to(dtype).eval().requires_grad_(False)
+        vae = AutoencoderKL(**vcfg).to(dtype).eval().requires_grad_(False)
+    params = sum(p.numel() for p in transformer.parameters())
+    model = SD3Model(transformer, vae, FlowMatchEulerDiscreteScheduler(shift=3.0), {}, "sd3.5-medium-shaped",
+                     SamplingDefaults(steps=4, guidance=1.0, shift=3.0), 256, widths)
+    return model, params
+
+
+def time_size(pipe, size: int, reps: int, sync) -> dict:
+    runs = []
+    for r in range(reps + 2):  # two warm-ups
+        sync()
+        gen = pipe.run(["a photo of a red apple"], [r], steps=4, guidance=1.0, size=size)
+        # decode ends with a copy to the host, so denoise + decode is the synchronised time from the first step
+        runs.append(gen.timings.denoise_s + gen.timings.decode_s)
+    return {"size": size, "sec_per_image": statistics.median(runs[2:]), "runs": runs[2:]}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--reps", type=int, default=5)
+    a = ap.parse_args()
+
+    import torch
+
+    from flowflash.runtime.pipeline import Pipeline
+
+    device = "cpu" if a.smoke else "cuda"
+    dtype = torch.float32 if a.smoke else torch.bfloat16
+    sync = (lambda: None) if a.smoke else torch.cuda.synchronize
+    sizes = [64, 32] if a.smoke else [1024, 512]
+    a.out.mkdir(parents=True, exist_ok=True)
+    model, params = build(a.smoke, device, dtype)
+    pipe = Pipeline(model, None, drop=("clip_l", "clip_g", "t5"))
+    res = {"device": "cpu" if a.smoke else torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "transformer_params": params, "dtype": str(dtype), "steps": 4, "rows": []}
+
+    def save():
+        (a.out / "gpu-sd3.json").write_text(json.dumps(res, indent=1))
+
+    for size in sizes:
+        row = {"mode": "eager", **time_size(pipe, size, a.reps, sync)}
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    t0 = time.perf_counter()
+    model.transformer.compile()
+    model.vae.decoder.compile()
+    for size in sizes:
+        t1 = time.perf_counter()
+        row = {"mode": "compile", **time_size(pipe, size, a.reps, sync), "compile_and_warmup_s": None}
+        row["compile_and_warmup_s"] = time.perf_counter() - t1 - sum(row["runs"])
+        res["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        save()
+    res["compile_total_s"] = time.perf_counter() - t0
+    save()
+
+
+if __name__ == "__main__":
+    main()
