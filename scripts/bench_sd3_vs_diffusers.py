@@ -1,8 +1,10 @@
 """flowflash vs diffusers on the same SD3 checkpoint, same seeds and settings, repetitions interleaved in one run.
 
 Per image end to end, split into text encoders / transformer / VAE (diffusers' parts are timed with forward
-hooks on its modules; flowflash's come from its Generation timings), median of the repetitions; with
---memory each side's peak RSS in a fresh process; with --no-t5 both sides run without T5 as well.
+hooks on its modules; flowflash's come from its Generation timings), median of the repetitions; every
+repetition has a prompt of its own (a reused flowflash Pipeline keeps the embeddings of recent prompts, so a
+repeated prompt would flatter it); load times are medians of 3 alternating loads; with --memory each side's
+peak RSS (VmHWM) in a fresh process; with --no-t5 both sides run without T5 as well.
 
     python scripts/make_sd3_fixture.py runs/sd3-fixture --sample-size 32
     python scripts/bench_sd3_vs_diffusers.py --model runs/sd3-fixture --size 256 --reps 5 --memory \
@@ -49,19 +51,24 @@ def load_diffusers(model: Path, t5: bool):
     return pipe
 
 
+def prompt(seed: int, steps: int) -> str:
+    return f"{PROMPT}, take {seed} of {steps}"  # new to both sides' every call
+
+
 def run_diffusers(pipe, clock, size, steps, guidance, seed):
     import torch
     t0 = time.perf_counter()
-    pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
+    pipe(prompt(seed, steps), num_inference_steps=steps, guidance_scale=guidance, height=size, width=size,
          generator=torch.Generator().manual_seed(seed))
     total = time.perf_counter() - t0
     parts = clock.take()
     return {"total_s": total, "text_s": parts["text"], "transformer_s": parts["transformer"], "vae_s": parts["vae"]}
 
 
+
 def run_flowflash(pipe, size, steps, guidance, seed):
     t0 = time.perf_counter()
-    gen = pipe.run([PROMPT], [seed], steps=steps, guidance=guidance, size=size)
+    gen = pipe.run([prompt(seed, steps)], [seed], steps=steps, guidance=guidance, size=size)
     total = time.perf_counter() - t0
     return {"total_s": total, "text_s": gen.timings.text_s, "transformer_s": gen.timings.denoise_s,
             "vae_s": gen.timings.decode_s}
@@ -70,7 +77,7 @@ def run_flowflash(pipe, size, steps, guidance, seed):
 def peak_rss(model: Path, side: str, t5: bool, size: int) -> float:
     """Peak RSS (MB) of a fresh process that loads one side and draws one 4-step image."""
     code = f"""
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {str(Path(__file__).resolve().parent)!r})
 import bench_sd3_vs_diffusers as b
 from pathlib import Path
@@ -81,7 +88,8 @@ if {side!r} == "diffusers":
 else:
     from flowflash.runtime.pipeline import Pipeline
     Pipeline.load(m, drop=() if {t5} else ("t5",)).run([b.PROMPT], [0], steps=4, guidance=1.0, size={size})
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: the latter keeps the parent's high-water mark across fork + exec
+print(int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -100,17 +108,21 @@ def main():
     from flowflash.runtime.pipeline import Pipeline
 
     rows = []
+    load_diffusers(a.model, True), Pipeline.load(a.model)  # imports and file caches warm for both sides
     for t5 in ([True, False] if a.no_t5 else [True]):
-        t0 = time.perf_counter()
-        ours = Pipeline.load(a.model, drop=() if t5 else ("t5",))
-        load_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        theirs = load_diffusers(a.model, t5)
-        load_theirs = time.perf_counter() - t0
+        loads = {"flowflash": [], "diffusers": []}
+        for _ in range(3):
+            t0 = time.perf_counter()
+            ours = Pipeline.load(a.model, drop=() if t5 else ("t5",))
+            loads["flowflash"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            theirs = load_diffusers(a.model, t5)
+            loads["diffusers"].append(time.perf_counter() - t0)
+        load_ours, load_theirs = statistics.median(loads["flowflash"]), statistics.median(loads["diffusers"])
         encoders = [m for m in (theirs.text_encoder, theirs.text_encoder_2, theirs.text_encoder_3) if m is not None]
         clock = Clock({"text": encoders, "transformer": [theirs.transformer], "vae": [theirs.vae.decoder]})
         for label, steps, guidance in CASES:
-            run_flowflash(ours, a.size, steps, guidance, 0), run_diffusers(theirs, clock, a.size, steps, guidance, 0)
+            run_flowflash(ours, a.size, steps, guidance, -1), run_diffusers(theirs, clock, a.size, steps, guidance, -1)
             f, d = [], []
             for r in range(a.reps):  # interleaved, so drift in the machine hits both sides alike
                 f.append(run_flowflash(ours, a.size, steps, guidance, r))
@@ -130,13 +142,14 @@ def main():
                     r["peak_rss_mb"] = mem
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps({"model": str(a.model), "prompt": PROMPT, "rows": rows}, indent=1))
-    lines = ["| case | flowflash s/image | diffusers s/image | ratio | text (ff / diff) | transformer | VAE | peak RSS MB (ff / diff) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | flowflash s/image | diffusers s/image | ratio | text (ff / diff) | transformer | VAE | load s (ff / diff) | peak RSS MB (ff / diff) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         p = lambda k: f"{r[k]['flowflash']:.3f} / {r[k]['diffusers']:.3f}"
         mem = f"{r['peak_rss_mb']['flowflash']:.0f} / {r['peak_rss_mb']['diffusers']:.0f}" if "peak_rss_mb" in r else "—"
         lines.append(f"| {r['case']} | {r['total_s']['flowflash']:.3f} | {r['total_s']['diffusers']:.3f} | "
-                     f"{r['ratio']:.2f}x | {p('text_s')} | {p('transformer_s')} | {p('vae_s')} | {mem} |")
+                     f"{r['ratio']:.2f}x | {p('text_s')} | {p('transformer_s')} | {p('vae_s')} | "
+                     f"{r['load_s']['flowflash']:.2f} / {r['load_s']['diffusers']:.2f} | {mem} |")
     a.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -66,6 +66,10 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--sizes", default=None, help="comma-separated sizes (default 1024,512; smoke 64,32)")
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the transformer "
+                    "(default, reduce-overhead = CUDA graphs, max-autotune-no-cudagraphs)")
+    ap.add_argument("--skip-eager", action="store_true")
     a = ap.parse_args()
 
     import torch
@@ -75,7 +79,7 @@ def main():
     device = "cpu" if a.smoke else "cuda"
     dtype = torch.float32 if a.smoke else torch.bfloat16
     sync = (lambda: None) if a.smoke else torch.cuda.synchronize
-    sizes = [64, 32] if a.smoke else [1024, 512]
+    sizes = [int(x) for x in a.sizes.split(",")] if a.sizes else [64, 32] if a.smoke else [1024, 512]
     a.out.mkdir(parents=True, exist_ok=True)
     model, params = build(a.smoke, device, dtype)
     pipe = Pipeline(model, None, drop=("clip_l", "clip_g", "t5"))
@@ -85,17 +89,18 @@ def main():
     def save():
         (a.out / "gpu-sd3.json").write_text(json.dumps(res, indent=1))
 
-    for size in sizes:
+    for size in [] if a.skip_eager else sizes:
         row = {"mode": "eager", **time_size(pipe, size, a.reps, sync)}
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()
     t0 = time.perf_counter()
-    model.transformer.compile()
+    model.transformer.compile(mode=None if a.compile_mode == "default" else a.compile_mode)
     model.vae.decoder.compile()
     for size in sizes:
         t1 = time.perf_counter()
-        row = {"mode": "compile", **time_size(pipe, size, a.reps, sync), "compile_and_warmup_s": None}
+        row = {"mode": f"compile ({a.compile_mode})", **time_size(pipe, size, a.reps, sync),
+               "compile_and_warmup_s": None}
         row["compile_and_warmup_s"] = time.perf_counter() - t1 - sum(row["runs"])
         res["rows"].append(row)
         print(json.dumps(row), flush=True)

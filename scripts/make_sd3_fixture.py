@@ -26,12 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-size", type=int, default=32, help="transformer's default latent side")
     ap.add_argument("--no-t5", action="store_true", help="leave out text_encoder_3/tokenizer_3")
+    ap.add_argument("--t5-ff", type=int, default=None,
+                    help="T5 feed-forward width (e.g. 400000: a T5 of ~200 MB that dominates the folder, as T5-XXL does)")
     ap.add_argument("--single-file", type=Path, help="also write the transformer as one .safetensors here")
     args = ap.parse_args(argv)
 
     start = time.perf_counter()
     folder = write_tiny_sd3(args.out, variant=args.variant, seed=args.seed, sample_size=args.sample_size,
-                            with_t5=not args.no_t5)
+                            with_t5=not args.no_t5, t5_ff=args.t5_ff)
     if args.single_file:
         write_single_file(folder, args.single_file)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())

@@ -35,6 +35,7 @@ def mad(a, b) -> float:
 
 @pytest.mark.parametrize("steps, guidance", [(4, 1.0), (28, 5.0)])
 def test_same_seed_same_image_as_diffusers(sd3, reference, steps, guidance):
+    """SD3.5 Medium's structure (dual attention, RMS qk-norm); the other variants below."""
     pipe = Pipeline.load(sd3)
     for seed in (0, 7):
         ours = pipe.generate("a red apple on a table", steps=steps, guidance=guidance, seed=seed, size=64)[0]
@@ -160,6 +161,15 @@ def test_folder_errors_name_the_problem(sd3, tmp_path):
     torch.save({}, bad / "transformer" / "diffusion_pytorch_model.bin")
     with pytest.raises(FlowflashError, match="holds pickle weights"):
         Pipeline.load(bad)
+    shutil.rmtree(bad / "transformer")
+    shutil.copytree(sd3 / "transformer", bad / "transformer")
+    for sub in ("transformer", "text_encoder_3"):  # a truncated file, in a diffusers and a transformers component
+        f = next((bad / sub).glob("*.safetensors"))
+        keep = f.read_bytes()
+        f.write_bytes(keep[:1000])
+        with pytest.raises(FlowflashError, match=f"{sub}.*(corrupt|Unable to load)"):
+            Pipeline.load(bad)
+        f.write_bytes(keep)
 
 
 def test_export_runs_in_vanilla_diffusers_with_the_models_steps(sd3, tmp_path, capsys, tiny_model_dir):
@@ -177,3 +187,14 @@ def test_export_runs_in_vanilla_diffusers_with_the_models_steps(sd3, tmp_path, c
     capsys.readouterr()
     assert main(["export", str(tiny_model_dir), "--to", str(tmp_path / "e2")]) == 2
     assert "pixel-space flowflash model" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+
+
+@pytest.mark.parametrize("variant", ["sd3-medium", "sd3.5-large"])
+def test_the_other_transformer_variants_match_diffusers(variant, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from flowflash.testing.sd3_fixture import write_tiny_sd3
+    folder = write_tiny_sd3(tmp_path / variant, variant)
+    ref = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True)
+    ours = Pipeline.load(folder).generate("a red apple", steps=4, guidance=3.0, seed=2, size=64)[0]
+    theirs = diffusers_image(ref, 2, prompt="a red apple", num_inference_steps=4, guidance_scale=3.0, height=64, width=64)
+    assert mad(ours, theirs) <= 1.0

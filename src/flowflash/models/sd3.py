@@ -69,8 +69,12 @@ def load_component(cls, folder: Path, name: str, dtype: torch.dtype | None = Non
     kw = {"torch_dtype": dtype, "use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
     if kw and cls.__module__.startswith("diffusers"):
         kw["low_cpu_mem_usage"] = False  # the default asks for accelerate (and says so); plain loading is fine
+    from safetensors import SafetensorError
+
     try:
         return cls.from_pretrained(folder, subfolder=name, local_files_only=True, **kw)
+    except SafetensorError as e:  # transformers lets a truncated file's error through as it is
+        raise FlowflashError(f"{folder / name} holds a truncated or corrupt safetensors file: {e}") from None
     except (OSError, ValueError, EnvironmentError) as e:
         raise FlowflashError(f"cannot load {folder / name}: {str(e).splitlines()[0]}") from None
 

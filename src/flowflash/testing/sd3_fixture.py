@@ -125,11 +125,11 @@ def _clip_encoder(tokenizer, width: int, act: str):
     return CLIPTextModelWithProjection(config).eval()
 
 
-def _t5_encoder(tokenizer):
+def _t5_encoder(tokenizer, d_ff: int = 2 * T5_WIDTH):
     from transformers import T5Config, T5EncoderModel
 
     config = T5Config(
-        vocab_size=len(tokenizer), d_model=T5_WIDTH, d_kv=8, d_ff=2 * T5_WIDTH, num_layers=2, num_heads=4,
+        vocab_size=len(tokenizer), d_model=T5_WIDTH, d_kv=8, d_ff=d_ff, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, relative_attention_max_distance=32, dropout_rate=0.0,
         feed_forward_proj="gated-gelu",  # T5 v1.1, as SD3's t5-xxl
         pad_token_id=0, eos_token_id=1, decoder_start_token_id=0, use_cache=False)
@@ -149,11 +149,13 @@ def _vae(sample_size: int):
 
 
 def write_tiny_sd3(folder: Path, variant: str = "sd3.5-medium", seed: int = 0, sample_size: int = 32,
-                   with_t5: bool = True) -> Path:
+                   with_t5: bool = True, t5_ff: int | None = None) -> Path:
     """Write a complete StableDiffusion3Pipeline folder (all safetensors) with random weights; same seed, same weights.
 
     `sample_size` is the transformer's default latent side (pipeline default image = 8x that). `with_t5=False`
-    leaves out text_encoder_3/tokenizer_3 (null in model_index.json), like SD3 run without T5.
+    leaves out text_encoder_3/tokenizer_3 (null in model_index.json), like SD3 run without T5. `t5_ff` widens
+    T5's feed-forward layers, for a fixture whose T5 dominates the weights as T5-XXL does SD3's (benchmarks of
+    dropping it).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -175,7 +177,7 @@ def write_tiny_sd3(folder: Path, variant: str = "sd3.5-medium", seed: int = 0, s
         seeded(3)
         text_encoder_2 = _clip_encoder(tokenizer_2, CLIP_G_WIDTH, "gelu")  # CLIP-G (OpenCLIP) uses exact gelu
         seeded(4)
-        text_encoder_3 = _t5_encoder(tokenizer_3) if with_t5 else None
+        text_encoder_3 = (_t5_encoder(tokenizer_3, t5_ff or 2 * T5_WIDTH) if with_t5 else None)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
