@@ -77,17 +77,57 @@ def test_a_folder_without_t5_needs_drop_t5(tmp_path):
     assert Pipeline.load(folder, drop=["t5"]).generate("x", steps=2, size=32)[0].size == (32, 32)
 
 
-def test_img2img_starts_from_the_image(sd3):
+def test_img2img_matches_diffusers_img2img(sd3):
+    from diffusers import StableDiffusion3Img2ImgPipeline
     pipe = Pipeline.load(sd3)
     init = pipe.generate("a red apple", steps=4, guidance=1.0, seed=0, size=64)[0]
-    txt = pipe.generate("a blue car", steps=4, guidance=1.0, seed=5, size=64)[0]
-    low = pipe.generate("a blue car", steps=4, guidance=1.0, seed=5, init_image=init, strength=0.5)[0]
-    full = pipe.generate("a blue car", steps=4, guidance=1.0, seed=5, init_image=init, strength=1.0)[0]
-    assert low.size == (64, 64) and pipe.last.params.strength == 1.0
-    assert mad(low, init) < mad(txt, init)  # half-way from the image stays nearer to it than a fresh draw
-    assert mad(full, txt) <= 1.0  # strength 1 starts from pure noise: txt2img
+    ref = StableDiffusion3Img2ImgPipeline.from_pretrained(sd3, local_files_only=True)
+    for strength, guidance in ((0.6, 1.0), (1.0, 4.0)):
+        ours = pipe.generate("a blue car", steps=5, guidance=guidance, seed=5, size=64, init_image=init,
+                             strength=strength)[0]
+        theirs = diffusers_image(ref, 5, prompt="a blue car", image=init, strength=strength, num_inference_steps=5,
+                                 guidance_scale=guidance, height=64, width=64)
+        assert mad(ours, theirs) <= 1.0
+    assert len(pipe.last.params.timesteps) == 6  # strength 1: every step
+    pipe.generate("a blue car", steps=5, seed=5, size=64, init_image=init, strength=0.6)
+    assert len(pipe.last.params.timesteps) == 4  # int(5 - 0.6 * 5) = 2 steps skipped
+    txt = pipe.generate("a blue car", steps=5, guidance=1.0, seed=5, size=64)[0]
+    low = pipe.generate("a blue car", steps=5, guidance=1.0, seed=5, size=64, init_image=init, strength=0.4)[0]
+    assert mad(low, init) < mad(txt, init)  # starting late keeps more of the image
     with pytest.raises(FlowflashError, match="strength must lie in"):
         pipe.generate("x", init_image=init, strength=0.0)
+
+
+def test_batches_several_images_bf16_and_dynamic_shift_match_diffusers(sd3, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    ref = StableDiffusion3Pipeline.from_pretrained(sd3, local_files_only=True)
+    pipe = Pipeline.load(sd3)
+    # two prompts x two images with CFG: image k of a prompt uses seed + k, as a list of generators in diffusers
+    ours = pipe.generate(["a red apple", "a dog"], steps=3, guidance=4.0, seed=10, num_images=2, size=64)
+    gens = [torch.Generator().manual_seed(s) for s in (10, 11, 10, 11)]
+    theirs = ref(prompt=["a red apple", "a dog"], num_images_per_prompt=2, num_inference_steps=3, guidance_scale=4.0,
+                 height=64, width=64, generator=gens, output_type="np").images
+    assert len(ours) == 4 and all(mad(o, (t * 255).round().astype(np.uint8)) <= 1.0 for o, t in zip(ours, theirs))
+    # bf16 from fp32 files: the transformer is cast too, the step is taken in fp32 as diffusers does
+    bf = Pipeline.load(sd3, dtype="bf16")
+    assert bf.model.transformer.dtype == torch.bfloat16
+    ref16 = StableDiffusion3Pipeline.from_pretrained(sd3, local_files_only=True).to(torch.bfloat16)  # (diffusers'
+    # own bf16 load of fp32 files leaves its VAE in fp32 and fails; cast after loading)
+    a = bf.generate("a red apple", steps=4, guidance=1.0, seed=1, size=64)[0]
+    b = diffusers_image(ref16, 1, prompt="a red apple", num_inference_steps=4, guidance_scale=1.0, height=64, width=64)
+    assert mad(a, b) <= 1.0
+    # a scheduler that shifts by resolution
+    dyn = tmp_path / "dyn"
+    shutil.copytree(sd3, dyn)
+    cfg_path = dyn / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.update(use_dynamic_shifting=True, base_image_seq_len=16, max_image_seq_len=256, base_shift=0.5, max_shift=1.15)
+    cfg_path.write_text(json.dumps(cfg))
+    refd = StableDiffusion3Pipeline.from_pretrained(dyn, local_files_only=True)
+    for w, h in ((64, 32), (128, 64)):
+        a = Pipeline.load(dyn).generate("a cat", steps=4, guidance=1.0, seed=2, size=(w, h))[0]
+        b = diffusers_image(refd, 2, prompt="a cat", num_inference_steps=4, guidance_scale=1.0, height=h, width=w)
+        assert mad(a, b) <= 1.0
 
 
 def test_emoji_img2img_and_negative_prompt(tiny_model_dir):
@@ -131,6 +171,7 @@ def test_cli_generate_and_its_one_line_errors(sd3, tmp_path, capsys):
     bad = tmp_path / "bad"
     shutil.copytree(sd3, bad)
     cases = [(["--size", "40"], "not a positive multiple of 16"),
+             (["--size", "4096"], "larger than this model's position embedding allows"),
              (["--init-image", str(tmp_path / "missing.png")], "cannot read the init image"),
              (["--init-image", str(init), "--strength", "0"], "strength must lie in (0, 1]"),
              (["--device", "cuda"], "sees no CUDA GPU") if not torch.cuda.is_available() else (["--size", "40"], "multiple"),
@@ -161,6 +202,10 @@ def test_folder_errors_name_the_problem(sd3, tmp_path):
     torch.save({}, bad / "transformer" / "diffusion_pytorch_model.bin")
     with pytest.raises(FlowflashError, match="holds pickle weights"):
         Pipeline.load(bad)
+    with pytest.raises(FlowflashError, match="give the file with --model"):
+        Pipeline.load(None, config=sd3)
+    with pytest.raises(FlowflashError, match="is not a diffusers pipeline folder"):
+        Pipeline.load(tmp_path / "x.safetensors", config=tmp_path)
     shutil.rmtree(bad / "transformer")
     shutil.copytree(sd3 / "transformer", bad / "transformer")
     for sub in ("transformer", "text_encoder_3"):  # a truncated file, in a diffusers and a transformers component
@@ -187,6 +232,14 @@ def test_export_runs_in_vanilla_diffusers_with_the_models_steps(sd3, tmp_path, c
     capsys.readouterr()
     assert main(["export", str(tiny_model_dir), "--to", str(tmp_path / "e2")]) == 2
     assert "pixel-space flowflash model" in capsys.readouterr().err and not (tmp_path / "e2").exists()
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("mine")
+    assert main(["export", str(student), "--to", str(keep)]) == 2  # an existing folder is never replaced
+    assert "exists" in capsys.readouterr().err and (keep / "notes.txt").read_text() == "mine"
+    (student / "flowflash.json").write_text("{broken")
+    with pytest.raises(FlowflashError, match="flowflash.json is not valid JSON"):
+        Pipeline.load(student)
 
 
 @pytest.mark.parametrize("variant", ["sd3-medium", "sd3.5-large"])

@@ -25,6 +25,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SETTINGS = "flowflash.json"  # optional: a distilled student's sampling defaults beside the diffusers files
 
 
+def read_settings(folder: Path) -> dict:
+    try:
+        return json.loads((Path(folder) / SETTINGS).read_text())
+    except json.JSONDecodeError as e:
+        raise FlowflashError(f"{Path(folder) / SETTINGS} is not valid JSON: {e}") from None
+
+
 def quiet_loaders():
     """diffusers and transformers print progress bars and advice while loading; a CLI prints its own lines."""
     import diffusers
@@ -40,6 +47,8 @@ def is_diffusers_folder(path: Path) -> bool:
 
 
 def read_index(folder: Path) -> dict:
+    if not (folder / "model_index.json").is_file():
+        raise FlowflashError(f"{folder} is not a diffusers pipeline folder (no model_index.json)")
     try:
         index = json.loads((folder / "model_index.json").read_text())
     except json.JSONDecodeError as e:
@@ -71,11 +80,17 @@ def load_component(cls, folder: Path, name: str, dtype: torch.dtype | None = Non
         kw["low_cpu_mem_usage"] = False  # the default asks for accelerate (and says so); plain loading is fine
     from safetensors import SafetensorError
 
+    import warnings
+
     try:
-        return cls.from_pretrained(folder, subfolder=name, local_files_only=True, **kw)
+        with warnings.catch_warnings():  # newer releases rename torch_dtype to dtype and say so each load
+            warnings.simplefilter("ignore", FutureWarning)
+            component = cls.from_pretrained(folder, subfolder=name, local_files_only=True, **kw)
+        # diffusers keeps a file's own dtype when it assigns stored tensors as they are: cast to the one asked
+        return component.to(dtype) if kw else component
     except SafetensorError as e:  # transformers lets a truncated file's error through as it is
         raise FlowflashError(f"{folder / name} holds a truncated or corrupt safetensors file: {e}") from None
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, RuntimeError, EnvironmentError) as e:  # RuntimeError: shapes against the config
         raise FlowflashError(f"cannot load {folder / name}: {str(e).splitlines()[0]}") from None
 
 
@@ -106,7 +121,8 @@ class SD3Model:
         folder = Path(folder)
         drop = check_drop(drop, cls.encoder_names)
         index = read_index(folder)
-        if "t5" not in drop and not (index.get("text_encoder_3") or [None])[0]:
+        if "t5" not in drop and (not (index.get("text_encoder_3") or [None])[0]
+                                 or not (folder / "text_encoder_3").is_dir()):
             raise FlowflashError(f"{folder} has no T5 text encoder (text_encoder_3); load it with --drop t5 "
                                  "(Python: drop=['t5'])")
         if max_sequence_length < 1 or max_sequence_length > 512:
@@ -116,6 +132,8 @@ class SD3Model:
         else:
             transformer = load_component(SD3Transformer2DModel, folder, "transformer", dtype)
         vae = load_component(AutoencoderKL, folder, "vae", dtype)
+        if not (folder / "scheduler" / "scheduler_config.json").is_file():
+            raise FlowflashError(f"{folder} lacks the scheduler/ component")
         scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
                                                                     local_files_only=True)
         classes = {"clip_l": (CLIPTextModelWithProjection, CLIPTokenizer),
@@ -129,7 +147,7 @@ class SD3Model:
                               load_component(tok_cls, folder, tok_dir))
         sampling = SamplingDefaults(steps=28, guidance=7.0, shift=float(scheduler.config.get("shift", 1.0)))
         if (folder / SETTINGS).exists():  # a flowflash student: its own steps and guidance
-            s = json.loads((folder / SETTINGS).read_text()).get("sampling", {})
+            s = read_settings(folder).get("sampling", {})
             sampling = SamplingDefaults(steps=s.get("steps", 28), guidance=s.get("guidance", 7.0),
                                         shift=sampling.shift)
         widths = {}
@@ -169,6 +187,7 @@ class SD3Model:
     def to(self, device: torch.device | str) -> "SD3Model":
         for m in (self.transformer, self.vae, *(e for e, _ in self.encoders.values())):
             m.to(device)
+        self._text.clear()  # cached embeddings live on the old device
         return self
 
     # ------------------------------------------------------------------ sizes and schedule
@@ -181,6 +200,9 @@ class SD3Model:
         if w % self.multiple or h % self.multiple or w < self.multiple or h < self.multiple:
             raise FlowflashError(f"size {w}x{h} is not a positive multiple of {self.multiple} "
                                  f"(VAE factor {self.vae_scale} x patch {self.transformer.config.patch_size})")
+        top = (self.transformer.config.pos_embed_max_size or 0) * self.multiple
+        if top and max(w, h) > top:  # the position table ends there
+            raise FlowflashError(f"size {w}x{h} is larger than this model's position embedding allows ({top} px a side)")
         return w, h
 
     def timesteps(self, steps: int | None, size: tuple[int, int] | None = None) -> Tensor:
@@ -207,25 +229,29 @@ class SD3Model:
         return self._sigmas[key]
 
     # ------------------------------------------------------------------ text
-    def _clip(self, name: str, prompts: list[str]) -> tuple[Tensor, Tensor, bool]:
+    @staticmethod
+    def _cut(tok, prompts: list[str], limit: int) -> list[bool]:
+        """Which prompts have more tokens than the encoder takes (each prompt on its own)."""
+        return [len(ids) > limit for ids in tok(prompts).input_ids]
+
+    def _clip(self, name: str, prompts: list[str]) -> tuple[Tensor, Tensor, list[bool]]:
         model, tok = self.encoders[name]
         ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
-        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
         out = model(ids.to(self.device), output_hidden_states=True)
-        return out.hidden_states[-2], out[0], full.shape[-1] > ids.shape[-1]
+        return out.hidden_states[-2], out[0], self._cut(tok, prompts, tok.model_max_length)
 
-    def _t5(self, prompts: list[str]) -> tuple[Tensor, bool]:
+    def _t5(self, prompts: list[str]) -> tuple[Tensor, list[bool]]:
         model, tok = self.encoders["t5"]
         n = self.max_sequence_length
         ids = tok(prompts, padding="max_length", max_length=n, truncation=True, add_special_tokens=True,
                   return_tensors="pt").input_ids
-        full = tok(prompts, padding="longest", return_tensors="pt").input_ids
-        return model(ids.to(self.device))[0], full.shape[-1] > ids.shape[-1]
+        return model(ids.to(self.device))[0], self._cut(tok, prompts, n)
 
-    def encode_text(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, list[str]]:
-        """(context, pooled, warnings) as StableDiffusion3Pipeline.encode_prompt makes them."""
-        b, notes = len(prompts), []
+    def encode_text(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, list[list[str]]]:
+        """(context, pooled, each prompt's warnings) as StableDiffusion3Pipeline.encode_prompt makes them."""
+        b = len(prompts)
+        notes: list[list[str]] = [[] for _ in prompts]
         clip_states, pooled = [], []
         for name in ("clip_l", "clip_g"):
             if name in drop or name not in self.encoders:  # zeros, the shape the dropped CLIP would have
@@ -235,8 +261,8 @@ class SD3Model:
             h, p, cut = self._clip(name, prompts)
             clip_states.append(h)
             pooled.append(p)
-            if cut:
-                notes.append(f"prompt longer than {self.encoders[name][1].model_max_length} {name} tokens: truncated")
+            for i in (i for i, c in enumerate(cut) if c):
+                notes[i].append(f"prompt longer than {self.encoders[name][1].model_max_length} {name} tokens: truncated")
         ref = next((h for h in clip_states if h is not None), None)
         seq = ref.shape[1] if ref is not None else 77
         widths = [self._clip_width(n) for n in ("clip_l", "clip_g")]
@@ -248,8 +274,8 @@ class SD3Model:
                              device=self.device, dtype=self.dtype)
         else:
             t5, cut = self._t5(prompts)
-            if cut:
-                notes.append(f"prompt longer than {self.max_sequence_length} T5 tokens: truncated")
+            for i in (i for i, c in enumerate(cut) if c):
+                notes[i].append(f"prompt longer than {self.max_sequence_length} T5 tokens: truncated")
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat(pooled, dim=-1), notes
 
@@ -264,16 +290,18 @@ class SD3Model:
     def encode_cached(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, list[str]]:
         """encode_text, remembering the last few prompts: a reused model does not encode the same prompt (or
         the empty negative prompt of every CFG call) again, which diffusers does on every call."""
-        todo = list(dict.fromkeys(p for p in prompts if (p, drop) not in self._text))
-        if todo:
+        distinct = list(dict.fromkeys(prompts))
+        got = {p: self._text[(p, drop)] for p in distinct if (p, drop) in self._text}
+        todo = [p for p in distinct if p not in got]
+        if todo:  # one batch for the new prompts
             ctx, pooled, notes = self.encode_text(todo, drop)
-            for i, p in enumerate(todo):
-                self._text[(p, drop)] = (ctx[i], pooled[i], notes)
-                while len(self._text) > self.CACHE:
-                    self._text.pop(next(iter(self._text)))
-        rows = [self._text.pop((p, drop)) for p in prompts]
-        for p, r in zip(prompts, rows):  # back in, most recent last
-            self._text[(p, drop)] = r
+            got.update({p: (ctx[i], pooled[i], notes[i]) for i, p in enumerate(todo)})
+        for p in distinct:  # most recently used last; the oldest go
+            self._text.pop((p, drop), None)
+            self._text[(p, drop)] = got[p]
+        while len(self._text) > self.CACHE:
+            self._text.pop(next(iter(self._text)))
+        rows = [got[p] for p in prompts]
         notes = list(dict.fromkeys(n for r in rows for n in r[2]))
         return torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows]), notes
 
@@ -302,15 +330,30 @@ class SD3Model:
     def decode(self, x: Tensor) -> Tensor:
         c = self.vae.config
         image = self.vae.decode(x / c.scaling_factor + c.shift_factor, return_dict=False)[0]
-        # diffusers' postprocess: [-1, 1] -> [0, 1] -> x 255, rounded
-        return ((image.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        # diffusers' postprocess: [-1, 1] -> [0, 1] in the VAE's dtype, then float, x 255, rounded
+        return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8).cpu()
+
+    def _pixels(self, images_u8: Tensor) -> Tensor:
+        """uint8 -> [-1, 1] as diffusers' image processor computes it."""
+        return ((images_u8.float() / 255.0) * 2.0 - 1.0).to(self.device, self.dtype)
 
     @torch.no_grad()
     def encode(self, images_u8: Tensor) -> Tensor:
         """Images -> latents: the VAE posterior's mean (deterministic), scaled and shifted as SD3 trains."""
         c = self.vae.config
-        x = (images_u8.float() / 127.5 - 1).to(self.device, self.dtype)
-        return (self.vae.encode(x).latent_dist.mode() - c.shift_factor) * c.scaling_factor
+        return (self.vae.encode(self._pixels(images_u8)).latent_dist.mode() - c.shift_factor) * c.scaling_factor
+
+    @torch.no_grad()
+    def img2img_start(self, images_u8: Tensor, seeds: list[int], size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """(latents of the image, noise) as StableDiffusion3Img2ImgPipeline draws them for a seed: the VAE
+        posterior sampled first, then the noise, both from one CPU generator of the seed."""
+        c, out, noise = self.vae.config, [], []
+        for img, s in zip(images_u8, seeds):
+            g = torch.Generator().manual_seed(s)
+            z = self.vae.encode(self._pixels(img[None])).latent_dist.sample(generator=g)
+            out.append((z - c.shift_factor) * c.scaling_factor)
+            noise.append(torch.randn(out[-1].shape, generator=g, dtype=self.dtype).to(self.device))
+        return torch.cat(out), torch.cat(noise)
 
 
 def load_single_file(path: Path, config: Path, dtype: torch.dtype):
@@ -321,8 +364,11 @@ def load_single_file(path: Path, config: Path, dtype: torch.dtype):
         raise FlowflashError(f"{path}: single-file checkpoints must be .safetensors (flowflash never unpickles)")
     if not path.exists():
         raise FlowflashError(f"checkpoint not found: {path}")
+    read_index(config)
     try:
-        return SD3Transformer2DModel.from_single_file(str(path), config=str(config), subfolder="transformer",
-                                                      local_files_only=True, torch_dtype=dtype)
-    except (OSError, ValueError, KeyError, EnvironmentError) as e:
-        raise FlowflashError(f"cannot load {path} with the configs of {config}: {str(e).splitlines()[0]}") from None
+        model = SD3Transformer2DModel.from_single_file(str(path), config=str(config), subfolder="transformer",
+                                                       local_files_only=True, torch_dtype=dtype)
+        return model.to(dtype)
+    except Exception as e:  # diffusers raises assorted types for a file that does not fit the config
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlowflashError(f"cannot load {path} with the configs of {config}: {msg}") from None

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import FlowflashError
 from ..fsutil import atomic_dir
-from ..models.sd3 import SETTINGS, is_diffusers_folder, read_index
+from ..models.sd3 import SETTINGS, is_diffusers_folder, read_index, read_settings
 
 
 def link_or_copy(src: Path, dst: Path):
@@ -25,10 +25,10 @@ def export(model: Path, to: Path) -> Path:
     if not is_diffusers_folder(model):
         raise FlowflashError(f"{model} is a pixel-space flowflash model with no diffusers pipeline class to export "
                              "to; export takes a model whose teacher was an SD3 pipeline (a diffusers folder)")
-    if to.resolve() == model.resolve():
-        raise FlowflashError("export writes a new folder: --to must differ from the model folder")
+    if to.exists():  # never replace a folder the user has: it may hold anything
+        raise FlowflashError(f"{to} exists; export writes a new folder: remove it or choose another --to")
     index = read_index(model)
-    settings = json.loads((model / SETTINGS).read_text()) if (model / SETTINGS).exists() else {}
+    settings = read_settings(model) if (model / SETTINGS).exists() else {}
     sampling = settings.get("sampling", {})
     steps, guidance = sampling.get("steps", 28), sampling.get("guidance", 7.0)
     components = [k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and v[0]]

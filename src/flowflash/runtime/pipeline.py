@@ -130,6 +130,8 @@ class Pipeline:
             raise FlowflashError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
         dev = resolve_device(device)
         if config is not None or str(name_or_path or "").endswith(".safetensors"):
+            if name_or_path is None:
+                raise FlowflashError("--config names the folder for a single-file checkpoint: give the file with --model")
             if config is None:
                 raise FlowflashError(f"{name_or_path} is a single checkpoint file: name a local diffusers folder "
                                      "for its configs with --config FOLDER (Python: config=)")
@@ -207,10 +209,7 @@ class Pipeline:
         if init_image is not None:
             if not 0 < strength <= 1:
                 raise FlowflashError(f"strength must lie in (0, 1], got {strength}")
-            init = load_image(init_image)
-            if size is None and hasattr(self.model, "multiple"):  # an SD3 model: the image's own size, rounded down
-                m = self.model.multiple
-                size = (max(m, init.width // m * m), max(m, init.height // m * m))
+            init = load_image(init_image)  # resized to the size asked (default: the model's), as diffusers does
         wh = self.model.check_size(size)
         use_cfg = guidance > 1.0
         t0 = time.perf_counter()
@@ -224,21 +223,26 @@ class Pipeline:
 
         ts = self.model.timesteps(steps, wh)
         n_steps = len(ts) - 1
-        x = self.model.noise(seeds, wh)
-        if init is not None:  # img2img: start at the schedule's point that `strength` names, from the noised image
+        if init is None:
+            x = self.model.noise(seeds, wh)
+        else:  # img2img: start at the schedule's point that `strength` names, from the noised image
             start = int(max(n_steps - min(n_steps * strength, n_steps), 0))
             ts = ts[start:]
             if len(ts) < 2:
                 raise FlowflashError(f"strength {strength} leaves no step of {n_steps}: raise it or the steps")
-            x0 = self.model.encode(pil_to_u8([init.resize(wh, Image.LANCZOS)]).expand(len(seeds), -1, -1, -1))
-            x = add_noise(x0, x, float(ts[0]))
+            pixels = pil_to_u8([init.resize(wh, Image.LANCZOS)]).expand(len(seeds), -1, -1, -1)
+            if hasattr(self.model, "img2img_start"):  # a model that draws its own start (diffusers' order)
+                x0, noise = self.model.img2img_start(pixels, seeds, wh)
+            else:
+                x0, noise = self.model.encode(pixels), self.model.noise(seeds, wh)
+            x = add_noise(x0, noise, float(ts[0]))
         x = sample(velocity, x, ts, callback=progress)
         t2 = time.perf_counter()
         images = u8_to_pil(self.model.decode(x))
         for note in dict.fromkeys(cond.warnings):
             warnings.warn(note, stacklevel=3)
         params = GenerationParams(n_steps, guidance, list(seeds), wh, [float(t) for t in ts],
-                                  tuple(sorted(self.drop)), negative_prompt,
+                                  tuple(sorted(self.drop)), negative_prompt if use_cfg else None,
                                   strength if init is not None else None)
         self.last = Generation(images, params, Timings(t1 - t0, t2 - t1, time.perf_counter() - t2),
                                list(dict.fromkeys(cond.warnings)))

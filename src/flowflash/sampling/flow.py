@@ -114,7 +114,10 @@ def logit_normal_t(n: int, mean: float, std: float, gen: torch.Generator) -> Ten
 
 # ------------------------------------------------------------------ the sampler
 def euler_step(x: Tensor, v: Tensor, t: float, t_next: float) -> Tensor:
-    return x + (t_next - t) * v
+    """One step, computed in at least fp32 and returned in x's dtype (as diffusers' scheduler steps)."""
+    if torch.finfo(x.dtype).bits >= 32:
+        return x + (t_next - t) * v
+    return (x.float() + (t_next - t) * v).to(x.dtype)  # the product in v's dtype, the sum in fp32, as diffusers
 
 
 def sample(velocity: Velocity, noise: Tensor, ts: Tensor, callback: Callable[[int], None] | None = None) -> Tensor:
