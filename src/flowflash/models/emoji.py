@@ -44,6 +44,10 @@ class EmojiModel:
         return next(self.net.transformer.parameters()).dtype
 
     @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.net.transformer
+
+    @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device
 

@@ -69,6 +69,9 @@ class TextToImageModel(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
+    @property
+    def denoiser(self) -> torch.nn.Module: ...  # what --compile compiles
+
     def to(self, device: torch.device | str) -> "TextToImageModel": ...
 
     def check_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]: ...  # (width, height); None: default

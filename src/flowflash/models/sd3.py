@@ -127,15 +127,27 @@ class SD3Model:
                                  "(Python: drop=['t5'])")
         if max_sequence_length < 1 or max_sequence_length > 512:
             raise FlowflashError(f"max_sequence_length must lie in 1..512, got {max_sequence_length}")
+        # everything cheap to check is checked before the (possibly multi-GB) weights are read
+        if not (folder / "scheduler" / "scheduler_config.json").is_file():
+            raise FlowflashError(f"{folder} lacks the scheduler/ component")
+        widths = {}
+        for name in ("clip_l", "clip_g"):
+            cfg_path = folder / ENCODERS[name][0] / "config.json"
+            if not cfg_path.exists():
+                raise FlowflashError(f"{folder} lacks the {ENCODERS[name][0]}/ component")
+            c = json.loads(cfg_path.read_text())
+            widths[name] = (c["hidden_size"], c["projection_dim"])
+        settings = read_settings(folder).get("sampling", {}) if (folder / SETTINGS).exists() else {}
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
+                                                                    local_files_only=True)
+        # a flowflash student records its own steps and guidance; else diffusers' defaults (28, 7)
+        sampling = SamplingDefaults(steps=settings.get("steps", 28), guidance=settings.get("guidance", 7.0),
+                                    shift=float(scheduler.config.get("shift", 1.0)))
         if transformer_file is not None:
             transformer = load_single_file(Path(transformer_file), folder, dtype)
         else:
             transformer = load_component(SD3Transformer2DModel, folder, "transformer", dtype)
         vae = load_component(AutoencoderKL, folder, "vae", dtype)
-        if not (folder / "scheduler" / "scheduler_config.json").is_file():
-            raise FlowflashError(f"{folder} lacks the scheduler/ component")
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
-                                                                    local_files_only=True)
         classes = {"clip_l": (CLIPTextModelWithProjection, CLIPTokenizer),
                    "clip_g": (CLIPTextModelWithProjection, CLIPTokenizer), "t5": (T5EncoderModel, T5TokenizerFast)}
         encoders = {}
@@ -145,18 +157,6 @@ class SD3Model:
             model_cls, tok_cls = classes[name]
             encoders[name] = (load_component(model_cls, folder, model_dir, dtype).eval(),
                               load_component(tok_cls, folder, tok_dir))
-        sampling = SamplingDefaults(steps=28, guidance=7.0, shift=float(scheduler.config.get("shift", 1.0)))
-        if (folder / SETTINGS).exists():  # a flowflash student: its own steps and guidance
-            s = read_settings(folder).get("sampling", {})
-            sampling = SamplingDefaults(steps=s.get("steps", 28), guidance=s.get("guidance", 7.0),
-                                        shift=sampling.shift)
-        widths = {}
-        for name in ("clip_l", "clip_g"):
-            cfg_path = folder / ENCODERS[name][0] / "config.json"
-            if not cfg_path.exists():
-                raise FlowflashError(f"{folder} lacks the {ENCODERS[name][0]}/ component")
-            c = json.loads(cfg_path.read_text())
-            widths[name] = (c["hidden_size"], c["projection_dim"])
         model = cls(transformer.eval(), vae.eval(), scheduler, encoders, folder.name, sampling, max_sequence_length,
                     widths)
         for m in (transformer, vae, *(e for e, _ in encoders.values())):
@@ -166,6 +166,10 @@ class SD3Model:
     @property
     def dtype(self) -> torch.dtype:
         return self.transformer.dtype
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
 
     def weights_id(self, path: Path) -> str:
         """A short id of the transformer weights for PNG metadata, cheap on multi-GB files: sha256 over the

@@ -147,8 +147,7 @@ class Pipeline:
                 model = EmojiModel.load(path, DTYPES[dtype], drop)
         model.to(dev)
         if compile:
-            net = model.transformer if hasattr(model, "transformer") else model.net.transformer
-            net.compile()
+            model.denoiser.compile()
         return cls(model, path, drop)
 
     @classmethod
