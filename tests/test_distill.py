@@ -187,9 +187,9 @@ def test_tg_pool_integrates_each_entry_once(teacher_dir, tmp_path, tiny_corpus):
     su = distill_setup(cfg(teacher_dir, tiny_corpus, tmp_path, "tg", tg_pool=3, batch_size=4), init_dist())
     m, gen = su.method, torch.Generator().manual_seed(0)
     draw = PoolSampler(su.bank, 3, seed=5)
-    assert torch.equal(draw.noise, PoolSampler(su.bank, 3, seed=5).noise)  # the same pool after a resume
+    assert torch.equal(draw.pool_noise, PoolSampler(su.bank, 3, seed=5).pool_noise)  # the same pool after a resume
     first = draw(4, gen)
-    assert first.key is not None and torch.equal(first.noise, draw.noise[first.key])
+    assert first.key is not None and torch.equal(first.noise, draw.pool_noise[first.key])
     states = m.teacher_states(first)
     assert m.teacher_rows == len(first.key.unique())  # duplicates within a batch are integrated once
     fresh = m.integrate(first)  # the memo returns the teacher's own trajectory
@@ -330,3 +330,22 @@ def test_cli_teacher_and_out_override_the_config(teacher_dir, tmp_path, tiny_cor
                  "--out", str(tmp_path / "cli-out")])
     assert code == 0 and (tmp_path / "cli-out" / "student").is_dir() and not (tmp_path / "cfg-out").exists()
     assert json.loads((tmp_path / "cli-out" / "config.json").read_text())["teacher"] == str(teacher_dir)
+
+
+def test_placed_samplers_draw_their_noise_from_a_generator_of_their_own(teacher_dir, tmp_path, tiny_corpus):
+    """What a GPU run does (bank on the device, noise drawn there), exercised on the CPU: the rows still come
+    from the data generator, the noise from the placed generator, reproducibly by its seed."""
+    from flowflash.train.common import init_dist
+    from flowflash.train.data import RowSampler
+    from flowflash.train.run import distill_setup
+    su = distill_setup(cfg(teacher_dir, tiny_corpus, tmp_path, "tg"), init_dist())
+    rows = torch.arange(len(su.bank))
+    plain, placed = RowSampler(su.bank, rows, rows[:0]), RowSampler(su.bank, rows, rows[:0])
+    gens = placed.place(torch.device("cpu"), seed=3)
+    assert set(gens) == {"noise"}
+    a, b = plain(4, torch.Generator().manual_seed(0)), placed(4, torch.Generator().manual_seed(0))
+    assert torch.equal(a.ids, b.ids) and torch.equal(a.real, b.real)  # same rows
+    assert not torch.equal(a.noise, b.noise)  # noise from the placed generator
+    again = RowSampler(su.bank, rows, rows[:0])
+    again.place(torch.device("cpu"), seed=3)
+    assert torch.equal(again(4, torch.Generator().manual_seed(0)).noise, b.noise)

@@ -87,6 +87,12 @@ class CaptionBank:
     def __len__(self) -> int:
         return len(self.corpus)
 
+    def to(self, device: torch.device) -> "CaptionBank":
+        """The bank with its tensors (images still uint8) on `device`, so a batch is gathered there."""
+        c = self.corpus
+        return CaptionBank(Corpus(c.images.to(device), c.captions, c.rows), self.ids.to(device),
+                           self.mini_h.to(device), self.mini_p.to(device))
+
     def batch(self, idx: Tensor, noise: Tensor, key: Tensor | None = None) -> Batch:
         return Batch(self.ids[idx], self.mini_h[idx], self.mini_p[idx], noise,
                      to_unit(self.corpus.images[idx]), key)
@@ -111,7 +117,27 @@ def draw_rows(b: int, singles: Tensor, scenes: Tensor, p_single: float | None, g
     return torch.where(pick_single, s, c)
 
 
-class RowSampler:
+class DeviceDraws:
+    """What the samplers share: once placed on an accelerator (`place`), the bank lives there and the noise
+    is drawn there from a generator of its own (the CPU would otherwise draw and copy every batch, which
+    left a GPU idle); the rows are still chosen by the CPU data generator. Unplaced, all of it stays on the
+    CPU and the data generator draws the noise, as before."""
+
+    bank: CaptionBank
+    noise_gen: torch.Generator | None = None
+
+    def place(self, device: torch.device, seed: int) -> dict[str, torch.Generator]:
+        self.bank = self.bank.to(device)
+        self.noise_gen = torch.Generator(device).manual_seed(seed)
+        return {"noise": self.noise_gen}  # for the checkpoint
+
+    def noise(self, shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
+        if self.noise_gen is None:
+            return torch.randn(shape, generator=gen)
+        return torch.randn(shape, generator=self.noise_gen, device=self.noise_gen.device)
+
+
+class RowSampler(DeviceDraws):
     """Fresh rows and fresh noise every batch."""
 
     def __init__(self, bank: CaptionBank, singles: Tensor, scenes: Tensor, p_single: float | None = None):
@@ -120,10 +146,10 @@ class RowSampler:
     def __call__(self, n: int, gen: torch.Generator) -> Batch:
         idx = draw_rows(n, self.singles, self.scenes, self.p_single, gen)
         shape = (n, *self.bank.corpus.images.shape[1:])
-        return self.bank.batch(idx, torch.randn(shape, generator=gen))
+        return self.bank.batch(idx.to(self.bank.ids.device), self.noise(shape, gen))
 
 
-class PoolSampler:
+class PoolSampler(DeviceDraws):
     """n entries of a fixed pool of (caption, noise) pairs, drawn once from `seed`: the same pool on every
     rank and after a resume, so work cached per entry (the teacher's trajectories) stays valid."""
 
@@ -131,8 +157,12 @@ class PoolSampler:
         g = torch.Generator().manual_seed(seed)
         self.bank = bank
         self.idx = torch.randint(len(bank), (size,), generator=g)
-        self.noise = torch.randn((size, *bank.corpus.images.shape[1:]), generator=g)
+        self.pool_noise = torch.randn((size, *bank.corpus.images.shape[1:]), generator=g)
+
+    def place(self, device: torch.device, seed: int) -> dict[str, torch.Generator]:
+        self.idx, self.pool_noise = self.idx.to(device), self.pool_noise.to(device)
+        return super().place(device, seed)
 
     def __call__(self, n: int, gen: torch.Generator) -> Batch:
-        key = torch.randint(len(self.idx), (n,), generator=gen)
-        return self.bank.batch(self.idx[key], self.noise[key], key)
+        key = torch.randint(len(self.idx), (n,), generator=gen).to(self.idx.device)
+        return self.bank.batch(self.idx[key], self.pool_noise[key], key)

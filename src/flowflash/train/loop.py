@@ -144,6 +144,9 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     method.gen.manual_seed(cfg.seed * 1000 + 17 + d.rank)
     ckpt = out / "checkpoint"
     emas, gens = {method.ema_network: ema}, {"data": gen, "method": method.gen}
+    place = getattr(draw, "place", None)
+    if place is not None and device.type != "cpu":  # batches gathered and noise drawn on the accelerator
+        gens.update(place(device, cfg.seed * 1000 + 31 + d.rank))
     step = 0
     if resume:
         step = load_checkpoint(ckpt, method.networks, method.optimizers, emas, gens, d.rank)["step"]
