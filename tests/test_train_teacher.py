@@ -246,3 +246,22 @@ def test_resume_takes_a_changed_lr_and_init_from_refuses_a_model_block(tiny_corp
     train_teacher(cfg(tiny_corpus, tmp_path / "first", steps=1))
     with pytest.raises(FlowflashError, match="init_from keeps the architecture"):
         train_teacher(cfg(tiny_corpus, tmp_path / "x", init_from=str(tmp_path / "first" / "ema_model")))
+
+
+def test_on_an_accelerator_the_nan_check_waits_for_the_log_and_still_guards_the_checkpoint(tiny_corpus, tmp_path,
+                                                                                         monkeypatch):
+    import flowflash.methods.rf as teacher
+    import flowflash.train.loop as loop
+    monkeypatch.setattr(loop, "CHECK_EACH_STEP_ON", ())  # the accelerator's way, on the CPU
+    real, calls = teacher.flow_matching_loss, []
+
+    def poisoned(*a):
+        calls.append(1)
+        loss = real(*a)
+        return loss * float("nan") if len(calls) == 3 else loss  # step 2
+    monkeypatch.setattr(teacher, "flow_matching_loss", poisoned)
+    with pytest.raises(FlowflashError, match=r"non-finite (flow|a) loss at step 2-3.*Last good checkpoint"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "nan", steps=6, ckpt_every=2, log_every=2))
+    state = json.loads((tmp_path / "nan/checkpoint/state.json").read_text())
+    assert state["state"]["step"] == 2  # the bad step's weights never reached a checkpoint
+    assert all(torch.isfinite(v).all() for v in final_weights(tmp_path / "nan").values())

@@ -50,6 +50,7 @@ class LoopConfig:
 
 
 PRECISIONS = ("fp32", "bf16")
+CHECK_EACH_STEP_ON = ("cpu",)  # device types where reading a loss back each step costs nothing
 LOOP_FIELDS = {f.name for f in dataclasses.fields(LoopConfig)}
 
 
@@ -63,14 +64,22 @@ def lr_factor(cfg: LoopConfig, step: int) -> float:
     return floor + (warm - floor) * 0.5 * (1 + math.cos(math.pi * frac))
 
 
-def check_finite(out: StepOutput, step: int, ckpt: Path):
-    for k, v in {**out.logs, "total": out.loss}.items():  # name the first bad term
-        if not torch.isfinite(v).all():
-            raise FlowflashError(f"non-finite {k} loss at step {step}; stopped without writing a checkpoint. "
-                                 f"Last good checkpoint: {ckpt if Path(ckpt).exists() else 'none'}")
+def nonfinite(out: StepOutput) -> torch.Tensor:
+    """A 0-d bool per loss term (logs first, then the total), without leaving the device."""
+    return torch.stack([~torch.isfinite(v.detach()).all() for v in (*out.logs.values(), out.loss)])
 
 
-def apply_step(method: Method, out: StepOutput, grad_clip: float) -> dict[str, float]:
+def check_finite(out: StepOutput, bad: torch.Tensor, steps: str, ckpt: Path):
+    """Raise if any step since the last check had a non-finite loss, naming the first bad term of this step's
+    (the only one whose terms are at hand) when it is one of them."""
+    if bool(bad):
+        now = nonfinite(out)
+        k = [*out.logs, "total"][int(now.nonzero()[0])] if bool(now.any()) else "a"
+        raise FlowflashError(f"non-finite {k} loss at step {steps}; stopped without writing a checkpoint. "
+                             f"Last good checkpoint: {ckpt if Path(ckpt).exists() else 'none'}")
+
+
+def apply_step(method: Method, out: StepOutput, grad_clip: float) -> dict[str, torch.Tensor]:
     """Backward, then for each named optimizer: average its gradients across ranks, clip, step. Gradients
     are cleared before and after, so a network that took part in the loss but was not stepped keeps none."""
     unknown = [n for n in out.step if n not in method.optimizers]
@@ -84,7 +93,7 @@ def apply_step(method: Method, out: StepOutput, grad_clip: float) -> dict[str, f
         opt = method.optimizers[name]
         params = [p for g in opt.param_groups for p in g["params"]]
         sync_grads(params)
-        norms[f"grad_norm_{name}"] = float(torch.nn.utils.clip_grad_norm_(params, grad_clip))
+        norms[f"grad_norm_{name}"] = torch.nn.utils.clip_grad_norm_(params, grad_clip)  # a tensor: no sync here
         opt.step()
     for opt in method.optimizers.values():
         opt.zero_grad(set_to_none=True)
@@ -159,6 +168,11 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     end = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=method.name, dynamic_ncols=True)
     t0, seen = time.time(), 0
+    # On the CPU every step is checked for a non-finite loss before its update. On an accelerator a check is
+    # a device sync, so the flags gather on the device and are read when logging or saving: a bad step then
+    # still stops the run before any checkpoint could hold its weights.
+    check_each_step = device.type in CHECK_EACH_STEP_ON
+    bad, since = torch.zeros((), dtype=torch.bool, device=device), step
     with GracefulStop(d.world == 1) as stop, JsonlLog(out / "log.jsonl", d.main) as log:
         while step < end and not stop.requested:
             f = lr_factor(cfg, step)
@@ -167,21 +181,31 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
                     g["lr"] = g["base_lr"] * f
             with autocast:
                 res = method.train_step(draw(local_b, gen).to(device), step)
-            check_finite(res, step, ckpt)
+            bad = bad | nonfinite(res).any()
+            if check_each_step:
+                check_finite(res, bad, str(step), ckpt)
+            else:
+                last = res
             norms = apply_step(method, res, cfg.grad_clip)
             if ema_opt in res.step:  # an average of the network's updates, not of the steps it sat out
                 ema.update(net, step)
             step += 1
             seen += cfg.batch_size
-            vals = {k: all_reduce_mean(v.detach(), d).item() for k, v in res.logs.items()}
             if d.main:
-                rate = seen / (time.time() - t0)
-                bar.set_postfix({**{k: f"{v:.4f}" for k, v in vals.items()}, "img_s": f"{rate:.1f}"})
                 bar.update(1)
-                if step % cfg.log_every == 0:
+            saving = step % cfg.ckpt_every == 0 or step == end or stop.requested
+            if not check_each_step and (saving or step % cfg.log_every == 0):
+                check_finite(last, bad, f"{since}-{step - 1}", ckpt)
+                bad, since = torch.zeros_like(bad), step
+            if step % cfg.log_every == 0:  # the only place the loop reads values back from the device
+                vals = {k: all_reduce_mean(v.detach(), d).item() for k, v in res.logs.items()}
+                if d.main:
+                    rate = seen / (time.time() - t0)
+                    bar.set_postfix({**{k: f"{v:.4f}" for k, v in vals.items()}, "img_s": f"{rate:.1f}"})
                     lrs = {f"lr_{n}": o.param_groups[0]["lr"] for n, o in method.optimizers.items()}
-                    log.write({"step": step, **vals, **norms, **lrs, "img_s": rate, "time": time.time()})
-            if step % cfg.ckpt_every == 0 or step == end or stop.requested:
+                    log.write({"step": step, **vals, **{k: float(v) for k, v in norms.items()}, **lrs,
+                               "img_s": rate, "time": time.time()})
+            if saving:
                 rng = rank_states(gens, d, device)
                 if d.main:
                     save_checkpoint(ckpt, method.networks, method.optimizers, emas, rng, {"step": step})
