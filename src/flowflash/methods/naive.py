@@ -6,9 +6,8 @@ from pathlib import Path
 from torch import Tensor
 
 from ..models.flow_model import FlowModel
-from .base import Method, refuse, set_fields
-from .schedule import student_schedule
-from .student import student_model
+from .base import Method
+from .student import refuse_schedule_overrides, schedule_from, student_model
 
 
 class Naive(Method):
@@ -19,14 +18,12 @@ class Naive(Method):
     @classmethod
     def check_config(cls, cfg, loop_fields: set[str]):
         super().check_config(cfg, loop_fields)
-        if cfg.schedule is not None:
-            refuse(cls, set_fields(cfg, {"student_steps", "student_shift"}), " when an explicit schedule is given")
+        refuse_schedule_overrides(cls, cfg)
 
     def __init__(self, cfg, teacher: FlowModel, student=None):
         super().__init__(cfg, cfg.seed)
         self.teacher = teacher
-        shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
-        self.schedule = student_schedule(cfg.student_steps, shift, cfg.schedule)
+        self.schedule = schedule_from(cfg, teacher)
 
     def export_model(self, weights: dict[str, Tensor] | None = None) -> FlowModel:
         """The teacher's own weights under the student schedule, keeping the teacher's CFG."""

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..models.flow_model import FlowModel
 from ..sampling import add_noise, logit_normal_t, time_shift, velocity_target
+from ..train.common import load_cast
 from ..train.data import Batch
 from .base import Method, StepOutput, condition
 from .losses import flow_matching
@@ -48,8 +49,6 @@ class RectifiedFlow(Method):
         return StepOutput(loss, ("model",), {"flow": loss.detach()})
 
     def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
-        snap = FlowModel(self.model.cfg)
-        snap.load_state_dict({k: v.to(snap.state_dict()[k].dtype) for k, v in weights.items()})
-        return snap
+        return load_cast(FlowModel(self.model.cfg), weights)
 
 

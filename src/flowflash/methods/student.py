@@ -14,6 +14,7 @@ from torch import Tensor
 from ..models.flow_model import FlowModel
 from ..models.protocol import SamplingDefaults
 from ..sampling import sample, x0_from_v
+from ..train.common import load_cast
 from ..train.data import Batch
 from .base import Method, full_t, refuse, set_fields, velocity
 from .schedule import split_range, steps_in_range, student_schedule
@@ -30,6 +31,17 @@ def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance
     return FlowModel(dataclasses.replace(teacher.cfg, kind="student", name=name, sampling=sampling))
 
 
+def schedule_from(cfg, teacher: FlowModel) -> list[float]:
+    """The student's times: explicit, or student_steps shifted by student_shift (default: the teacher's)."""
+    shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
+    return student_schedule(cfg.student_steps, shift, cfg.schedule)
+
+
+def refuse_schedule_overrides(method: type[Method], cfg):
+    if cfg.schedule is not None:
+        refuse(method, set_fields(cfg, {"student_steps", "student_shift"}), " when an explicit schedule is given")
+
+
 class StudentMethod(Method):
     uses: ClassVar[frozenset[str]] = STUDENT_FIELDS
 
@@ -37,8 +49,7 @@ class StudentMethod(Method):
         super().__init__(cfg, cfg.seed + 17)
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = (student if student is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
-        shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
-        self.schedule = student_schedule(cfg.student_steps, shift, cfg.schedule)
+        self.schedule = schedule_from(cfg, teacher)
         lo, hi = split_range(cfg.split, cfg.split_at)
         self.train_steps = steps_in_range(self.schedule, lo, hi)
         self.networks = {"student": self.student}
@@ -46,8 +57,7 @@ class StudentMethod(Method):
     @classmethod
     def check_config(cls, cfg, loop_fields: set[str]):
         super().check_config(cfg, loop_fields)
-        if cfg.schedule is not None:
-            refuse(cls, set_fields(cfg, {"student_steps", "student_shift"}), " when an explicit schedule is given")
+        refuse_schedule_overrides(cls, cfg)
         if cfg.split is None:
             refuse(cls, set_fields(cfg, {"split_at"}), " without a split branch")
 
@@ -70,6 +80,4 @@ class StudentMethod(Method):
         return x, v, x0_from_v(x, t, v)
 
     def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
-        m = student_model(self.teacher, self.schedule, Path(self.cfg.out).name)
-        m.load_state_dict({k: v.to(m.state_dict()[k].dtype) for k, v in weights.items()})
-        return m
+        return load_cast(student_model(self.teacher, self.schedule, Path(self.cfg.out).name), weights)

@@ -141,7 +141,14 @@ class EMA:
                 self.shadow[k].copy_(v)
 
     def copy_to(self, model: torch.nn.Module):
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
+        load_cast(model, self.shadow)
+
+
+def load_cast(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """Load `weights` (e.g. an fp32 EMA) into `model`, each tensor cast to the dtype the model keeps it in."""
+    own = model.state_dict()
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+    return model
 
 
 # ---------------------------------------------------------------- optimizer state <-> tensors
