@@ -91,3 +91,24 @@ def tiny_corpus(tmp_path_factory):
     cache = write_fake_npm_cache(root / "cache")
     build_corpus(root / "emoji16", size=16, cache=cache, n_scenes=40)
     return root / "emoji16"
+
+
+@pytest.fixture
+def torchrun(tmp_path):
+    """Run `flowflash <args>` under torchrun with 2 CPU processes. A free port (--standalone), so parallel or
+    leftover runs cannot collide; each rank's output goes to its own log, shown on failure (torchrun's own
+    report names the failed rank, not its error)."""
+    import subprocess
+    import sys
+
+    def run(args: list[str]) -> None:
+        logs = tmp_path / "torchrun-logs"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "--log-dir", str(logs), "--redirects", "3", "-m", "flowflash.cli", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if proc.returncode != 0:
+            ranks = "".join(f"\n--- {p.relative_to(logs)}\n{p.read_text(errors='replace')[-3000:]}"
+                            for p in sorted(logs.rglob("*.log")))
+            pytest.fail(f"torchrun exited {proc.returncode}; agent: {proc.stderr[-1500:]}{ranks}")
+    return run

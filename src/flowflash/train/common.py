@@ -62,6 +62,14 @@ def init_dist(device: str = "cpu") -> Dist:
     return Dist(int(os.environ.get("RANK", "0")), world)
 
 
+def close_dist(d: Dist):
+    """End a run's process group together: every rank waits for the main rank's export, then the group is
+    torn down before interpreter exit (a gloo group left to the exit handlers may abort a rank)."""
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_reduce_mean(x: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
         x = x.clone()
@@ -74,16 +82,24 @@ def sync_grads(params: list[torch.nn.Parameter]):
     """Average gradients across ranks (what DDP does), in one flattened all-reduce per call."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    # A parameter that some rank's batch reached and this one's did not counts here as a zero gradient (as in
+    # DDP), so every rank reduces a buffer of the same layout (unequal buffers abort gloo); one no rank
+    # reached keeps no gradient, so its optimizer skips it as in a single process.
+    has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=params[0].device)
+    dist.all_reduce(has)
+    params = [p for p, h in zip(params, has.tolist()) if h]
+    if not params:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     i = 0
-    for g in grads:
-        g.copy_(flat[i: i + g.numel()].view_as(g))
-        i += g.numel()
+    for p in params:
+        p.grad.copy_(flat[i: i + p.numel()].view_as(p))
+        i += p.numel()
 
 
 def barrier(d: Dist):

@@ -19,7 +19,7 @@ from ..models.flow_model import FlowModel, ModelConfig, load_model, save_model
 from ..models.text import WordTokenizer
 from ..methods import DISTILL_METHODS, Method
 from ..runtime.pipeline import resolve_model
-from .common import EMA, Dist, init_dist, load_checkpoint
+from .common import EMA, Dist, close_dist, init_dist, load_checkpoint
 from .configs import DistillConfig, TeacherConfig
 from .data import CaptionBank, PoolSampler, RowSampler
 from .loop import LOOP_FIELDS, train_loop
@@ -71,7 +71,9 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     method = RectifiedFlow(cfg, model)
     draw = RowSampler(bank, singles, bank.scene_rows(), cfg.p_single)
     sample = lambda folder, png: sample_grid(folder, cfg.sample_prompts, png, steps=28, guidance=4.0)
-    return train_loop(method, draw, cfg, d, resume=resume, max_steps=max_steps, sample=sample)
+    folder = train_loop(method, draw, cfg, d, resume=resume, max_steps=max_steps, sample=sample)
+    close_dist(d)
+    return folder
 
 
 # ------------------------------------------------------------------ distillation
@@ -113,6 +115,7 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     if su.bank is None:  # naive: export and stop
         if d.main:
             save_model(su.method.export_model(), out / "student")
+        close_dist(d)
         return out / "student"
     if cfg.tg_pool:  # the same pool on every rank and after resume
         draw = PoolSampler(su.bank, cfg.tg_pool, cfg.seed * 1000 + 5)
@@ -121,8 +124,10 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
         draw = RowSampler(su.bank, all_rows, all_rows[:0])
     sample = lambda folder, png: sample_grid(folder, DISTILL_SAMPLE_PROMPTS, png)
     # a split branch's EMA stays anchored to the common start (no warm-up)
-    return train_loop(su.method, draw, cfg, d, resume=resume, max_steps=max_steps, ema_warmup=cfg.split is None,
-                      sample=sample)
+    folder = train_loop(su.method, draw, cfg, d, resume=resume, max_steps=max_steps,
+                        ema_warmup=cfg.split is None, sample=sample)
+    close_dist(d)
+    return folder
 
 
 def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, seed: int = 0,
