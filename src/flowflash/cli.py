@@ -193,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--cache", default=None, help="reuse generated evaluation images from this folder "
                     "(keyed by weights hash, schedule, guidance, seed, prompt set); speed is always measured afresh")
     bn.add_argument("--out", required=True, help="results path stem; plots go next to it")
+
+    sv = sub.add_parser("serve", help="a local web app and HTTP API (OpenAI images, AUTOMATIC1111, jobs with previews)")
+    sv.add_argument("--model", action="append", default=[], help="a model as for generate (repeatable; the first is "
+                    "the default; default: the shipped student)")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback needs --api-key)")
+    sv.add_argument("--port", type=positive_int, default=7860)
+    sv.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' on every API call")
+    sv.add_argument("--max-queue", type=positive_int, default=32, help="jobs that may wait; beyond: HTTP 429")
+    sv.add_argument("--max-batch", type=positive_int, default=8, help="images denoised together in one call")
+    sv.add_argument("--output-dir", default="outputs/serve", help="where response_format=url images are written")
+    sv.add_argument("--drop", action="append", default=[], metavar="ENCODER", help="as for generate")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu")
+    sv.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     return p
 
 
@@ -364,12 +377,22 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    try:
+        from .app.serve import serve
+    except ImportError as e:
+        raise FlowflashError(f"serving needs the serve extra ({e.name} is missing): pip install 'flowflash[serve]'")
+    serve(a.model, a.host, a.port, a.api_key, a.max_queue, a.max_batch, Path(a.output_dir), a.drop, a.dtype, a.device)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train, "judge": cmd_judge,
                 "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid,
-                "distill": cmd_distill, "merge": cmd_merge, "convert": cmd_convert, "export": cmd_export}[a.cmd](a)
+                "distill": cmd_distill, "merge": cmd_merge, "convert": cmd_convert, "export": cmd_export,
+                "serve": cmd_serve}[a.cmd](a)
     except FlowflashError as e:
         print(f"flowflash: error: {e}", file=sys.stderr)
         return 2

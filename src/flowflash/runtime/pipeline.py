@@ -18,7 +18,7 @@ from ..errors import FlowflashError
 from ..images import pil_to_u8, u8_to_pil
 from ..models.protocol import SamplingDefaults, TextToImageModel, check_drop
 from ..models.storage import weights_hash
-from ..sampling import add_noise, guided_velocity, sample
+from ..sampling import add_noise, guided_velocity, sample, x0_from_v
 
 WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 ALIASES = {"teacher": "emoji-teacher", "student": "emoji-student"}
@@ -194,8 +194,10 @@ class Pipeline:
     @torch.inference_mode()
     def run(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
             size: int | tuple[int, int] | None = None, *, negative_prompt: str | None = None, init_image=None,
-            strength: float = 0.8, progress=None) -> Generation:
-        """One image per (prompt, seed) pair; the noise of an image depends on its seed only."""
+            strength: float = 0.8, progress=None, preview=None) -> Generation:
+        """One image per (prompt, seed) pair; the noise of an image depends on its seed only.
+        progress(i) after each denoising step; preview(i, n, images) also (n: the steps this call integrates),
+        with each image's current prediction of the clean image decoded (costs a decode a step). Either may raise to stop the call."""
         prompts = [validate_prompt(p) for p in prompts]
         if len(prompts) != len(seeds):
             raise FlowflashError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -216,9 +218,20 @@ class Pipeline:
         cond = self.model.condition(prompts, self.drop, use_cfg, negative)
         t1 = time.perf_counter()
 
+        latest: dict[str, torch.Tensor] = {}
+
         def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             v = lambda x_, t_: self.model.velocity(x_, t_, cond)
-            return guided_velocity(v, x, t, guidance) if use_cfg else v(x, t)
+            out = guided_velocity(v, x, t, guidance) if use_cfg else v(x, t)
+            if preview is not None:
+                latest["x0"] = x0_from_v(x.float(), t.float(), out.float()).to(x.dtype)
+            return out
+
+        def step_done(i: int):
+            if progress is not None:
+                progress(i)
+            if preview is not None:
+                preview(i, len(ts) - 1, u8_to_pil(self.model.decode(latest["x0"])))
 
         ts = self.model.timesteps(steps, wh)
         n_steps = len(ts) - 1
@@ -235,7 +248,7 @@ class Pipeline:
             else:
                 x0, noise = self.model.encode(pixels), self.model.noise(seeds, wh)
             x = add_noise(x0, noise, float(ts[0]))
-        x = sample(velocity, x, ts, callback=progress)
+        x = sample(velocity, x, ts, callback=step_done if progress or preview else None)
         t2 = time.perf_counter()
         images = u8_to_pil(self.model.decode(x))
         for note in dict.fromkeys(cond.warnings):
