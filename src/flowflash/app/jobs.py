@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import base64
 import io
-import itertools
 import secrets
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from PIL import Image
 
@@ -69,6 +67,7 @@ class Job:
     steps: int = 0
     preview_png: str | None = None  # the latest preview, base64 PNG
     cancel_requested: bool = False
+    listeners: list = field(default_factory=list, repr=False)  # called (from the worker) on each new event
 
     @property
     def finished(self) -> bool:
@@ -96,14 +95,14 @@ class Worker:
     """Owns the pipelines; `submit` from any thread, the jobs run on this worker's own thread."""
 
     def __init__(self, pipelines: dict[str, Pipeline], max_queue: int = 32, max_batch: int = 8,
-                 keep_finished: int = 256, output_dir: Path | None = None):
+                 keep_finished: int = 256, batch_window_s: float = 0.03):
         if not pipelines:
             raise FlowflashError("the server needs at least one model")
         self.pipelines = pipelines
         self.max_queue = max_queue
         self.max_batch = max_batch
+        self.batch_window_s = batch_window_s
         self.keep_finished = keep_finished  # finished jobs kept for polling; older ones are forgotten
-        self.output_dir = output_dir
         self.jobs: dict[str, Job] = {}
         self.queue: deque[Job] = deque()
         self.running: list[Job] = []
@@ -111,6 +110,7 @@ class Worker:
         self.served = 0  # images made since start
         self.batch_sizes: list[int] = []  # images per denoising call, last 1000
         self._stop = False
+        self._last_jobs = 1  # jobs in the last call: how many to wait for in the next
         self._finished: deque[str] = deque()
         self._thread = threading.Thread(target=self._loop, name="flowflash-worker", daemon=True)
         self._seed_rng = secrets.SystemRandom()
@@ -185,13 +185,6 @@ class Worker:
                 self.lock.wait(left)
             return True
 
-    def events_since(self, job: Job, index: int, timeout: float) -> list[dict]:
-        """The job's events from `index` on, waiting up to `timeout` s for a first new one."""
-        with self.lock:
-            if len(job.events) <= index and not job.finished:
-                self.lock.wait(timeout)
-            return list(job.events[index:])
-
     def status(self) -> dict:
         with self.lock:
             run = self.running[0] if self.running else None
@@ -199,12 +192,25 @@ class Worker:
                     "step": run.step if run else 0, "steps": run.steps if run else 0,
                     "preview": run.preview_png if run else None,
                     "interrupted": bool(run and run.cancel_requested),
-                    "started": run.params.get("started") if run else None}
+                    "started": run.params.get("started") if run else None,
+                    "mean_batch": round(sum(self.batch_sizes) / len(self.batch_sizes), 2) if self.batch_sizes else 0}
 
     # ------------------------------------------------------------------ worker side
     def _event(self, job: Job, event: dict):
         job.events.append({"job": job.id, **event})
+        for wake in list(job.listeners):
+            wake()
         self.lock.notify_all()
+
+    def listen(self, job: Job, wake) -> None:
+        """Call `wake()` (from any thread, cheap, non-blocking) whenever the job has a new event."""
+        with self.lock:
+            job.listeners.append(wake)
+
+    def unlisten(self, job: Job, wake) -> None:
+        with self.lock:
+            if wake in job.listeners:
+                job.listeners.remove(wake)
 
     def _finish(self, job: Job, status: str, error: str | None = None):
         job.status, job.error = status, error
@@ -219,15 +225,26 @@ class Worker:
             self.jobs.pop(self._finished.popleft(), None)
 
     def _take_batch(self) -> list[Job]:
-        """The oldest job and the waiting jobs that can share its call, up to max_batch images."""
+        """The oldest job and the waiting jobs that can share its call, up to max_batch images.
+
+        Clients answered by the last call send their next request a moment later; when that call served
+        several jobs, wait up to batch_window_s for as many to gather, so that concurrent clients keep sharing
+        calls. A lone client never waits."""
         first = self.queue.popleft()
         batch, total, key = [first], first.spec.n, first.spec.batch_key()
-        if key is not None:
+        want = min(self.max_batch, self._last_jobs)
+        deadline = time.monotonic() + self.batch_window_s
+        while key is not None:
             for job in list(self.queue):
                 if job.spec.batch_key() == key and total + job.spec.n <= self.max_batch:
                     self.queue.remove(job)
                     batch.append(job)
                     total += job.spec.n
+            left = deadline - time.monotonic()
+            if len(batch) >= want or total >= self.max_batch or left <= 0 or self._stop:
+                break
+            self.lock.wait(left)
+        self._last_jobs = len(batch)
         for pos, job in enumerate(self.queue, 1):  # everyone behind moves up
             if job.events and job.events[-1].get("position") != pos:
                 self._event(job, {"type": "queued", "position": pos})
@@ -313,7 +330,3 @@ class Worker:
                 self.served += len(j.images)
                 self._finish(j, "done")
 
-
-def new_job_ids(prefix: str = "img"):
-    """Monotonic names for images written to the output folder."""
-    return (f"{prefix}-{int(time.time())}-{k:06d}" for k in itertools.count())

@@ -36,7 +36,7 @@ def serve(models: list[str] | None = None, host: str = "127.0.0.1", port: int = 
     pipes = load_pipelines(models or [], drop, dtype, device)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
-    worker = Worker(pipes, max_queue=max_queue, max_batch=max_batch, output_dir=output_dir).start()
+    worker = Worker(pipes, max_queue=max_queue, max_batch=max_batch).start()
     app = create_app(worker, Settings(api_key=api_key, output_dir=output_dir))
     shown = f"[{host}]" if ":" in host else host
     print(f"flowflash serving {', '.join(pipes)} on http://{shown}:{port}  (OpenAI: /v1, AUTOMATIC1111: /sdapi/v1)",

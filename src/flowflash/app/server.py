@@ -257,19 +257,36 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
             raise ApiError(429, str(e), code="queue_full", kind="rate_limit_error",
                            headers={"Retry-After": "2"}) from None
 
+    def waker(job: Job) -> tuple[asyncio.Event, Any]:
+        """An asyncio event set (thread-safely) on each new event of the job."""
+        loop, ev = asyncio.get_running_loop(), asyncio.Event()
+        wake = lambda: loop.call_soon_threadsafe(ev.set)
+        worker.listen(job, wake)
+        return ev, wake
+
     async def wait_done(request: Request, job: Job) -> Job:
         """Wait for a job without holding a thread; a client that goes away cancels its job."""
         end = time.monotonic() + settings.wait_timeout_s
-        polls = 0
-        while not job.finished:
-            await asyncio.sleep(0.02)
-            polls += 1
-            if polls % 10 == 0 and await request.is_disconnected():
-                worker.cancel(job.id)
-                raise ApiError(499, "client closed the request", code="cancelled")
-            if time.monotonic() > end:
-                worker.cancel(job.id)
-                raise ApiError(504, "generation took too long", code="timeout", kind="server_error")
+        ev, wake = waker(job)
+        checked = time.monotonic()
+        try:
+            while not job.finished:
+                try:
+                    await asyncio.wait_for(ev.wait(), 0.25)
+                except asyncio.TimeoutError:
+                    pass
+                ev.clear()
+                now = time.monotonic()
+                if now - checked >= 0.25 and not job.finished:  # step events must not hide a disconnect
+                    checked = now
+                    if await request.is_disconnected():
+                        worker.cancel(job.id)
+                        raise ApiError(499, "client closed the request", code="cancelled")
+                    if now > end:
+                        worker.cancel(job.id)
+                        raise ApiError(504, "generation took too long", code="timeout", kind="server_error")
+        finally:
+            worker.unlisten(job, wake)
         if job.status == "failed":
             raise ApiError(500, f"generation failed: {job.error}", code="generation_failed", kind="server_error")
         if job.status == "cancelled":
@@ -454,21 +471,23 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         job = get_job(job_id)
 
         async def stream():
-            seen, quiet = 0, 0.0
+            seen = 0
+            ev, wake = waker(job)
             try:
                 while True:
+                    ev.clear()
                     new = job.events[seen:]
                     seen += len(new)
-                    for ev in new:
-                        yield f"event: {ev['type']}\ndata: {json.dumps(ev)}\n\n"
+                    for e in new:
+                        yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
                     if job.finished and seen >= len(job.events):
                         return
-                    await asyncio.sleep(0.02)
-                    quiet = 0.0 if new else quiet + 0.02
-                    if quiet > 15:  # a comment now and then keeps proxies from closing an idle stream
-                        quiet = 0.0
+                    try:
+                        await asyncio.wait_for(ev.wait(), 15)
+                    except asyncio.TimeoutError:  # a comment now and then keeps proxies from closing the stream
                         yield ": keep-alive\n\n"
             finally:
+                worker.unlisten(job, wake)
                 if not job.finished:  # the client went away: its job is no longer wanted
                     worker.cancel(job.id)
 
