@@ -59,7 +59,7 @@ class Job:
     created: float = field(default_factory=time.time)
     status: str = "queued"
     events: list[dict] = field(default_factory=list)
-    images: list[Image.Image] = field(default_factory=list)
+    pngs: list[str] = field(default_factory=list)  # the finished images, base64 PNG, encoded once
     seeds: list[int] = field(default_factory=list)
     params: dict = field(default_factory=dict)
     error: str | None = None
@@ -95,7 +95,7 @@ class Worker:
     """Owns the pipelines; `submit` from any thread, the jobs run on this worker's own thread."""
 
     def __init__(self, pipelines: dict[str, Pipeline], max_queue: int = 32, max_batch: int = 8,
-                 keep_finished: int = 256, batch_window_s: float = 0.03):
+                 keep_finished: int = 64, batch_window_s: float = 0.03):
         if not pipelines:
             raise FlowflashError("the server needs at least one model")
         self.pipelines = pipelines
@@ -166,6 +166,13 @@ class Worker:
                 job.cancel_requested = True
             return len(self.running)
 
+    def forget(self, job_id: str) -> None:
+        """Drop a finished job whose result was delivered (blocking calls), so memory holds only what waits."""
+        with self.lock:
+            job = self.jobs.get(job_id)
+            if job is not None and job.finished:
+                del self.jobs[job_id]
+
     def position(self, job: Job) -> int:
         """1-based place in the queue; 0 once running or finished."""
         with self.lock:
@@ -218,7 +225,7 @@ class Worker:
         if error:
             ev["error"] = error
         if status == "done":
-            ev.update(images=[png_b64(im) for im in job.images], seeds=job.seeds, parameters=job.params)
+            ev.update(images=job.pngs, seeds=job.seeds, parameters=job.params)
         self._event(job, ev)
         self._finished.append(job.id)
         while len(self._finished) > self.keep_finished:  # bounded memory: forget the oldest results
@@ -315,18 +322,19 @@ class Worker:
                        preview=on_step if wants else None,
                        progress=None if wants else (lambda i: on_step(i, steps_of, None)))
         p = gen.params
+        pngs = [png_b64(im) for im in gen.images]  # outside the lock: clients keep reading events meanwhile
         with self.lock:
             self.batch_sizes = (self.batch_sizes + [len(prompts)])[-1000:]
             for j, (a, b) in zip(batch, spans):
                 if j.cancel_requested:
                     self._finish(j, "cancelled")
                     continue
-                j.images = gen.images[a:b]
+                j.pngs = pngs[a:b]
                 j.params = {"prompt": j.spec.prompt, "negative_prompt": p.negative_prompt, "model": j.spec.model,
                             "steps": p.steps, "guidance": p.guidance, "seed": j.spec.seed, "seeds": j.seeds,
                             "width": p.size[0], "height": p.size[1], "strength": p.strength,
                             "batch_images": len(prompts), "seconds": round(time.time() - started, 4),
                             "warnings": gen.warnings}
-                self.served += len(j.images)
+                self.served += len(j.pngs)
                 self._finish(j, "done")
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from ..errors import FlowflashError
 from ..runtime.pipeline import ALIASES
-from .jobs import Job, JobSpec, QueueFull, Worker, png_b64
+from .jobs import Job, JobSpec, QueueFull, Worker
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 16 * 2**20  # bytes; an init image fits, a flood does not
@@ -293,13 +293,13 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
             raise ApiError(409, "the job was cancelled", code="cancelled")
         return job
 
-    def save_output(job: Job, k: int, image: Image.Image) -> str:
+    def save_output(job: Job, k: int, png: str) -> str:
         if settings.output_dir is None:
             raise ApiError(400, "this server keeps no image files: use response_format b64_json",
                            "response_format", "invalid_value")
         name = f"{job.id}-{k}.png"
         path = settings.output_dir / name
-        image.save(path)
+        path.write_bytes(base64.b64decode(png))
         written.append(path)
         while len(written) > settings.keep_outputs:  # bounded disk use
             written.pop(0).unlink(missing_ok=True)
@@ -321,9 +321,10 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         if body.response_format == "url":
             base = str(request.base_url).rstrip("/")
             data = [{"url": f"{base}/outputs/{save_output(job, k, im)}", "revised_prompt": body.prompt}
-                    for k, im in enumerate(job.images)]
+                    for k, im in enumerate(job.pngs)]
         else:
-            data = [{"b64_json": png_b64(im), "revised_prompt": body.prompt} for im in job.images]
+            data = [{"b64_json": im, "revised_prompt": body.prompt} for im in job.pngs]
+        worker.forget(job.id)
         return {"created": int(job.created), "data": data}
 
     def model_entry(name: str) -> dict:
@@ -374,7 +375,8 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
                 "cfg_scale": p["guidance"], "width": p["width"], "height": p["height"], "sampler_name": "Euler",
                 "sd_model_name": model, "infotexts": infotexts}
         params = body.model_dump(exclude={"init_images"})
-        return {"images": [png_b64(im) for im in job.images], "parameters": params, "info": json.dumps(info)}
+        worker.forget(job.id)
+        return {"images": job.pngs, "parameters": params, "info": json.dumps(info)}
 
     @app.post("/sdapi/v1/txt2img")
     async def txt2img(body: A1111Request, request: Request):
@@ -435,7 +437,7 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         v = {"id": job.id, "status": job.status, "position": worker.position(job), "step": job.step,
              "steps": job.steps, "seeds": job.seeds, "error": job.error}
         if job.status == "done":
-            v.update(images=[png_b64(im) for im in job.images], parameters=job.params)
+            v.update(images=job.pngs, parameters=job.params)
         return v
 
     def get_job(job_id: str) -> Job:
