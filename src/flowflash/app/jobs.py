@@ -299,17 +299,19 @@ class Worker:
             j.params["started"] = started
 
         def on_step(i: int, n_steps: int, images: list[Image.Image] | None):
+            if all(j.cancel_requested for j in batch):
+                raise Cancelled()
+            # Encoded before taking the lock: handlers on the event loop take it too.
+            shown = {id(j): png_b64(preview_strip(images[a:b])) for j, (a, b) in zip(batch, spans)
+                     if images is not None and j.spec.previews and not j.cancel_requested}
             with self.lock:
-                if all(j.cancel_requested for j in batch):
-                    raise Cancelled()
-                for j, (a, b) in zip(batch, spans):
+                for j in batch:
                     j.step, j.steps = i + 1, n_steps
                     if j.cancel_requested:
                         continue
                     ev = {"type": "step", "step": i + 1, "steps": n_steps}
-                    if images is not None and j.spec.previews:
-                        j.preview_png = png_b64(preview_strip(images[a:b]))
-                        ev["preview"] = j.preview_png
+                    if id(j) in shown:
+                        j.preview_png = ev["preview"] = shown[id(j)]
                     self._event(j, ev)
 
         # A decode per step only when some job shows previews; otherwise the step hook just counts and cancels.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import io
 import ipaddress
 import json
@@ -24,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, Stri
 
 from ..errors import FlowflashError
 from ..runtime.pipeline import ALIASES
-from .jobs import Job, JobSpec, QueueFull, Worker
+from .jobs import TERMINAL, Job, JobSpec, QueueFull, Worker
 
 STATIC = Path(__file__).resolve().parent / "static"
 MAX_BODY = 16 * 2**20  # bytes; an init image fits, a flood does not
@@ -251,6 +252,8 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, "init image is not a base64-encoded PNG/JPEG/WebP", param, "invalid_image") from None
 
     def submit(spec: JobSpec) -> Job:
+        if spec.steps == worker.pipelines[spec.model].sampling.steps:  # the default, said aloud: batch it as such
+            spec = dataclasses.replace(spec, steps=None)
         try:
             return worker.submit(spec)
         except QueueFull as e:
@@ -482,7 +485,9 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
                     seen += len(new)
                     for e in new:
                         yield f"event: {e['type']}\ndata: {json.dumps(e)}\n\n"
-                    if job.finished and seen >= len(job.events):
+                    # The last event sent, not job.status, ends the stream: the worker sets the status an
+                    # instant before it appends the final event.
+                    if new and new[-1]["type"] in TERMINAL:
                         return
                     try:
                         await asyncio.wait_for(ev.wait(), 15)

@@ -41,8 +41,9 @@ class SamplingDefaults:
             object.__setattr__(self, "schedule", tuple(float(t) for t in s))
 
     def timesteps(self, steps: int | None = None) -> Tensor:
-        """The times to sample at: the fixed schedule when no step count is asked, else shifted uniform."""
-        if steps is None and self.schedule:
+        """The times to sample at: the fixed schedule when no step count or its own count is asked, else
+        shifted uniform (so `--steps 4` on a 4-step student is its default, not another schedule)."""
+        if self.schedule and (steps is None or steps == len(self.schedule) - 1):
             return torch.tensor(self.schedule, dtype=torch.float64)
         return shifted_timesteps(steps or self.steps, self.shift)
 
