@@ -107,7 +107,16 @@ def main():
         seq = drive(url, 1, a.compare_seconds, "twemoji", 0)
         eight = drive(url, 8, a.compare_seconds, "twemoji", 10**5)
         after_compare = rss_mb(proc.pid)
+        timeline, done = [], threading.Event()
+
+        def sample_rss():  # the server's RSS every 5 s of the sustained run: a plateau, or growth
+            while not done.wait(5.0):
+                timeline.append(round(rss_mb(proc.pid)["VmRSS"], 1))
+        sampler = threading.Thread(target=sample_rss)
+        sampler.start()
         sustained = drive(url, a.clients, a.seconds, "fluent", 2 * 10**5)
+        done.set()
+        sampler.join()
         end_rss = rss_mb(proc.pid)
         batches = httpx.get(f"{url}/api/status").json()
     finally:
@@ -117,7 +126,8 @@ def main():
            "sustained": sustained, "speedup_8_vs_sequential": round(eight["images_per_s"] / seq["images_per_s"], 2),
            "speedup_sustained_vs_sequential": round(sustained["images_per_s"] / seq["images_per_s"], 2),
            "rss_mb": {"start": round(start["VmRSS"], 1), "after_8_clients": round(after_compare["VmRSS"], 1),
-                      "end": round(end_rss["VmRSS"], 1), "peak": round(end_rss["VmHWM"], 1)},
+                      "end": round(end_rss["VmRSS"], 1), "peak": round(end_rss["VmHWM"], 1),
+                      "sustained_every_5s": timeline},
            "served": batches["served"], "mean_images_per_call": batches["mean_batch"], "command": " ".join(["python", *sys.argv])}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
