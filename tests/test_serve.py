@@ -245,6 +245,12 @@ def test_refuses_network_address_without_key(capsys):
     assert "refusing to listen on 0.0.0.0 without --api-key" in capsys.readouterr().err
     assert main(["serve", "--host", "192.168.1.5", "--api-key", "short"]) == 2
     assert "at least 8 characters" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--port", str(port), "--model", "/no/such/model"]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err  # before any model loads
 
 
 # ---------------------------------------------------------------- in-process server with a gated worker

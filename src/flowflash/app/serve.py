@@ -1,6 +1,7 @@
 """`flowflash serve`: load the models once, start the worker, run uvicorn on a loopback port."""
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
@@ -21,6 +22,16 @@ def load_pipelines(models: list[str], drop=(), dtype: str = "fp32", device: str 
     return out
 
 
+def check_port(host: str, port: int) -> None:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise FlowflashError(f"cannot listen on {host}:{port}: {e.strerror or e}; pick another --port") from None
+
+
 def serve(models: list[str] | None = None, host: str = "127.0.0.1", port: int = 7860, api_key: str | None = None,
           max_queue: int = 32, max_batch: int = 8, output_dir: Path | None = Path("outputs/serve"), drop=(),
           dtype: str = "fp32", device: str = "cpu", log_level: str = "warning") -> None:
@@ -33,6 +44,7 @@ def serve(models: list[str] | None = None, host: str = "127.0.0.1", port: int = 
         raise FlowflashError("--api-key must be at least 8 characters")
     if not 1 <= port <= 65535:
         raise FlowflashError(f"port must lie in 1..65535, got {port}")
+    check_port(host, port)  # before the models load: a taken port should not cost their loading time
     pipes = load_pipelines(models or [], drop, dtype, device)
     if output_dir is not None:
         output_dir.mkdir(parents=True, exist_ok=True)
