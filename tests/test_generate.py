@@ -37,6 +37,24 @@ def test_num_images_to_directory_and_seeds(tiny_model_dir, tmp_path, capsys):
     assert seeds == ["5", "6", "7"]
 
 
+def test_many_images_go_in_batches_each_written_before_the_next(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Memory must not grow with --num-images: batches of --batch-size, each batch on disk before the next runs."""
+    real, calls = Pipeline.run, []
+
+    def spy(self, prompts, seeds, *a, **kw):
+        calls.append((list(seeds), len(list(tmp_path.glob("*.png")))))
+        return real(self, prompts, seeds, *a, **kw)
+    monkeypatch.setattr(Pipeline, "run", spy)
+    code, stdout, err = run(capsys, "generate", "dog face", "--model", str(tiny_model_dir), "--steps", "2",
+                            "--num-images", "7", "--batch-size", "3", "--threads", "1", "-o", str(tmp_path) + "/")
+    assert code == 0 and len(list(tmp_path.glob("*.png"))) == 7
+    assert calls == [([0, 1, 2], 0), ([3, 4, 5], 3), ([6], 6)]
+    assert "7 image(s)" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["generate", "dog", "--model", str(tiny_model_dir), "--threads", "0"])
+    assert exc.value.code == 2 and "--threads: expected a positive integer, got '0'" in capsys.readouterr().err
+
+
 def test_determinism_by_seed(tiny_model_dir):
     pipe = Pipeline.load(tiny_model_dir)
     a = np.asarray(pipe.generate("a red apple", steps=3, seed=1)[0])

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help=argparse.SUPPRESS)  # old name
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
+    g.add_argument("--batch-size", type=positive_int, default=8,
+                   help="images denoised together; each batch is written before the next starts (default 8)")
+    g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
 
     d = sub.add_parser("data", help="corpus tools")
     dsub = d.add_subparsers(dest="data_cmd", required=True, parser_class=Parser)
@@ -210,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(a) -> int:
+    from tqdm import tqdm
+
     from .runtime.output import output_paths, parameters_text, save_png
     from .runtime.pipeline import Pipeline, validate_prompt
 
@@ -217,27 +222,47 @@ def cmd_generate(a) -> int:
     if a.init_image is not None and not 0 < a.strength <= 1:
         raise FlowflashError(f"--strength must lie in (0, 1], got {a.strength}")
     paths = output_paths(a.output, a.num_images)
+    if a.threads is not None:
+        import torch
+        torch.set_num_threads(a.threads)
     t0 = time.perf_counter()
     drop = set(a.drop) | ({"minilm"} if a.no_minilm else set())
     pipe = Pipeline.load(a.model, drop=drop, dtype=a.dtype or a.precision or "fp32", device=a.device,
                          config=a.config, max_sequence_length=a.max_sequence_length, compile=a.compile)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the Generation lists them; printed once below
-        gen = pipe.run([prompt] * a.num_images, [a.seed + k for k in range(a.num_images)], steps=a.steps,
-                       guidance=a.guidance, size=a.size, negative_prompt=a.negative_prompt,
-                       init_image=a.init_image, strength=a.strength)
-    if gen.warnings:  # one line, however many encoders cut it
-        print(f"warning: {'; '.join(gen.warnings)}", file=sys.stderr)
-    pp = gen.params
-    for img, path, seed in zip(gen.images, paths, pp.seeds):
-        save_png(img, path, parameters_text(prompt, pp.steps, pp.guidance, seed, pp.size, pipe.name, pipe.hash,
-                                            negative=pp.negative_prompt, strength=pp.strength))
+    n_steps = len(pipe.timesteps(a.steps, a.size)) - 1
+    shown: list[str] = []
+    text_s = denoise_s = 0.0
+    # Batches of --batch-size, each image written as soon as its batch is done: memory does not grow with
+    # --num-images. Bars appear only when a run lasts (tqdm's delay), so one quick image prints nothing extra.
+    images_bar = tqdm(total=a.num_images, unit="img", desc="images", delay=2, disable=a.num_images == 1)
+    for start in range(0, a.num_images, a.batch_size):
+        chunk = paths[start: start + a.batch_size]
+        seeds = [a.seed + start + k for k in range(len(chunk))]
+        steps_bar = tqdm(total=n_steps, unit="step", desc="denoise", delay=2, leave=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the Generation lists them; printed once below
+            gen = pipe.run([prompt] * len(chunk), seeds, steps=a.steps, guidance=a.guidance, size=a.size,
+                           negative_prompt=a.negative_prompt, init_image=a.init_image, strength=a.strength,
+                           progress=lambda i: steps_bar.update(1))
+        steps_bar.close()
+        pp = gen.params
+        for img, path, seed in zip(gen.images, chunk, pp.seeds):
+            save_png(img, path, parameters_text(prompt, pp.steps, pp.guidance, seed, pp.size, pipe.name,
+                                                pipe.hash, negative=pp.negative_prompt, strength=pp.strength))
+            if len(paths) <= 20:
+                print(path)
+        images_bar.update(len(chunk))
+        shown += [w for w in gen.warnings if w not in shown]
+        text_s, denoise_s = text_s + gen.timings.text_s, denoise_s + gen.timings.denoise_s
+    images_bar.close()
+    if len(paths) > 20:
+        print(f"{paths[0]} ... {paths[-1]}")
+    if shown:  # one line, however many encoders cut it
+        print(f"warning: {'; '.join(shown)}", file=sys.stderr)
     dt = time.perf_counter() - t0
-    for path in paths:
-        print(path)
-    print(f"{len(gen.images)} image(s) in {dt:.2f} s, {time.perf_counter() - _START:.2f} s since start "
-          f"({pipe.name}, {pp.steps} steps, CFG {pp.guidance:g}, text {gen.timings.text_s:.2f} s, "
-          f"denoise {gen.timings.denoise_s:.2f} s)", file=sys.stderr)
+    print(f"{a.num_images} image(s) in {dt:.2f} s, {time.perf_counter() - _START:.2f} s since start "
+          f"({pipe.name}, {pp.steps} steps, CFG {pp.guidance:g}, text {text_s:.2f} s, "
+          f"denoise {denoise_s:.2f} s)", file=sys.stderr)
     return 0
 
 
