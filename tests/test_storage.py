@@ -60,7 +60,7 @@ def test_fp16_roundtrip_exact_and_metadata(tmp_path):
     with safe_open(str(files[0]), framework="pt") as f:
         assert f.get_slice("a.weight").get_dtype() == "F16"
     assert storage_of(tmp_path / "m") == {"files": 1, "bytes": files[0].stat().st_size, "int8_tensors": 0,
-                                          "dtypes": ["float16", "int64"]}
+                                          "packed_tensors": 0, "packed_bits": None, "dtypes": ["float16", "int64"]}
     no_siblings(tmp_path / "m")
 
 

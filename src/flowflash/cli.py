@@ -155,8 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     cv = sub.add_parser("convert", help="rewrite a model folder in the current layout with the given weight storage")
     cv.add_argument("model", help="shipped model name or model folder")
-    cv.add_argument("--storage", choices=["int8", "fp16"], default="int8")
+    cv.add_argument("--storage", choices=["int8", "int6", "int4", "fp16"], default="int8")
     cv.add_argument("--to", default=None, help="write here instead of replacing the folder")
+
+    qz = sub.add_parser("quantize", help="a weight-only quantized copy of a model (8, 6 or 4 bits)",
+                        description="Every linear layer's weight stored at --bits (8: a scale per output channel; "
+                                    "6 and 4: packed, a scale per 32 columns), dequantized to the compute dtype at "
+                                    "load; everything else in fp16. The card lists what was quantized.")
+    qz.add_argument("model", help="shipped model name or model folder (not already quantized)")
+    qz.add_argument("--bits", type=int, choices=[8, 6, 4], required=True)
+    qz.add_argument("--to", required=True, help="the new model folder (must not exist)")
 
     mg = sub.add_parser("merge", help="interpolate two model folders: RATIO * A + (1 - RATIO) * B, "
                                       "or choose RATIO by a sweep on alignment (--sweep)")
@@ -318,6 +326,21 @@ def cmd_convert(a) -> int:
     return 0
 
 
+def cmd_quantize(a) -> int:
+    from .models.sd3 import is_diffusers_folder
+    from .release.card import quantize, storage_text
+    from .runtime.pipeline import resolve_model
+
+    src = resolve_model(a.model)
+    if is_diffusers_folder(src):
+        raise FlowflashError("quantize takes flowflash model folders for now; an SD3 pipeline folder is not "
+                             "supported yet")
+    dest = quantize(src, Path(a.to), a.bits)
+    print(dest)
+    print(f"{storage_text(dest)}", file=sys.stderr)
+    return 0
+
+
 def cmd_grid(a) -> int:
     from .eval.grid import draw_grid, recognition_summary
 
@@ -417,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train, "judge": cmd_judge,
                 "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid,
                 "distill": cmd_distill, "merge": cmd_merge, "convert": cmd_convert, "export": cmd_export,
-                "serve": cmd_serve}[a.cmd](a)
+                "serve": cmd_serve, "quantize": cmd_quantize}[a.cmd](a)
     except FlowflashError as e:
         print(f"flowflash: error: {e}", file=sys.stderr)
         return 2

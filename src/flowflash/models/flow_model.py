@@ -87,6 +87,8 @@ class ModelConfig:
 class FlowModel(nn.Module):
     """Velocity network v(x_t, t, text). Timestep input is t in [0, 1]; the transformer sees 1000 t."""
 
+    transformer_runner = None  # called in place of self.transformer when set (runtime/ov_backend.py)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
@@ -100,8 +102,9 @@ class FlowModel(nn.Module):
         self.light = LightEncoder(len(cfg.vocab) + 2, cfg.light_dim, cfg.light_max_tokens, cfg.light_layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
-        out = self.transformer(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                               timestep=t * 1000, return_dict=False)[0]
+        run = self.transformer_runner or self.transformer
+        out = run(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                  timestep=t * 1000, return_dict=False)[0]
         if self.cfg.prediction == "x":  # an fp32 t must not promote a bf16 state
             return v_from_x0(x, t.clamp(min=self.cfg.t_min), out).to(x.dtype)
         return out
@@ -118,17 +121,20 @@ class FlowModel(nn.Module):
         return keys
 
 
-STORAGES = ("fp16", "int8")
+STORAGES = ("fp16", "int8", "int6", "int4")
+QUANT_GROUP = 32  # columns per scale at 6 and 4 bits
 
 
 def save_model(model: FlowModel, folder: Path, storage_kind: str = "fp16", extra_files: dict | None = None) -> Path:
-    """Write config.json and the weights as one folder, atomically. int8: weight-only, per output channel."""
+    """Write config.json and the weights as one folder, atomically. int8: weight-only, per output channel;
+    int6/int4: weight-only, packed, a scale per 32 columns. Only linear weights are quantized (int8_keys)."""
     if storage_kind not in STORAGES:
         raise FlowflashError(f"storage must be one of {', '.join(STORAGES)}, got {storage_kind!r}")
     files = {"config.json": json.dumps(model.cfg.to_dict(), indent=1), **(extra_files or {})}
+    bits = int(storage_kind[3:]) if storage_kind.startswith("int") else 8
     storage.save_weights(model.state_dict(), Path(folder), dtype=torch.float16,
-                         int8_keys=model.int8_keys() if storage_kind == "int8" else (),
-                         extra_files=files)
+                         int8_keys=model.int8_keys() if storage_kind != "fp16" else (),
+                         extra_files=files, bits=bits, group=QUANT_GROUP)
     return Path(folder)
 
 

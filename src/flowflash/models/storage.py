@@ -4,12 +4,15 @@ Layout follows the Hugging Face convention, written by `huggingface_hub.save_tor
 one `model.safetensors`, or above `SHARD_BYTES` the shards `model-0000i-of-0000N.safetensors` plus
 `model.safetensors.index.json` ({"metadata": {"total_size": ...}, "weight_map": {tensor: file}}).
 Int8 weight-only tensors are stored as int8 `X` plus float32 per-row scales `X_scale` (compressed-tensors
-naming). Nothing here knows model configs, and nothing here ever unpickles.
+naming). 6- and 4-bit weight-only tensors are packed into uint8 `X` (4 values in 3 bytes; 2 in 1) with
+fp16 per-group scales `X_scale` (rows x groups) and `X_qmeta` = int32 [bits, group size, columns].
+Nothing here knows model configs, and nothing here ever unpickles.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -53,6 +56,67 @@ def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     return (q.float() * scale).to(dtype)
 
 
+# ---------------------------------------------------------------- 6 and 4 bits, packed, per group
+
+QMETA_SUFFIX = "_qmeta"
+PACKED_BITS = (6, 4)
+
+
+def quantize_packed(w: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Symmetric per-group quantization of a 2-D weight to `bits` (q in [-(2^(b-1) - 1), 2^(b-1) - 1]), packed.
+    Returns (packed uint8, scales fp16 (rows, columns / group), meta int32 [bits, group, columns])."""
+    if bits not in PACKED_BITS:
+        raise FlowflashError(f"packed quantization takes {PACKED_BITS} bits, got {bits}")
+    rows, cols = w.shape
+    if cols % group or group % 4:
+        raise FlowflashError(f"{cols} columns do not split into groups of {group} (a multiple of 4 dividing them)")
+    qmax = 2 ** (bits - 1) - 1
+    g = w.detach().float().reshape(rows, cols // group, group)
+    # Each group's scale clips its range where that lowers the group's squared rounding error: at 4 bits the
+    # largest weight rarely deserves a whole step of its own.
+    top = g.abs().amax(dim=2, keepdim=True)
+    best, best_err = None, None
+    for ratio in torch.linspace(1.0, 0.6, 9).tolist():
+        sc = (top * ratio / qmax).to(torch.float16).float()  # the scale as it will be stored
+        sc = torch.where(sc == 0, torch.ones_like(sc), sc)
+        err = ((g / sc).round().clamp(-qmax, qmax) * sc - g).pow(2).sum(dim=2, keepdim=True)
+        if best is None:
+            best, best_err = sc, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, sc, best), torch.where(better, err, best_err)
+    scale = best
+    q = (g / scale).round().clamp(-qmax, qmax).to(torch.int16).reshape(rows, cols) + qmax + 1  # 1 .. 2^bits - 1
+    u = q.to(torch.uint8)
+    if bits == 4:
+        packed = u[:, 0::2] | (u[:, 1::2] << 4)
+    else:  # four 6-bit values a b c d -> 3 bytes
+        a, b, c, d = (u[:, i::4].to(torch.int32) for i in range(4))
+        word = a | (b << 6) | (c << 12) | (d << 18)
+        packed = torch.stack([word & 255, (word >> 8) & 255, (word >> 16) & 255], dim=2).reshape(rows, -1)
+        packed = packed.to(torch.uint8)
+    meta = torch.tensor([bits, group, cols], dtype=torch.int32)
+    return packed.contiguous(), scale.squeeze(2).to(torch.float16).contiguous(), meta
+
+
+def dequantize_packed(packed: Tensor, scale: Tensor, meta: Tensor, dtype: torch.dtype) -> Tensor:
+    bits, group, cols = (int(v) for v in meta.tolist())
+    rows = packed.shape[0]
+    qmax = 2 ** (bits - 1) - 1
+    p = packed.to(torch.int32)
+    if bits == 4:
+        q = torch.stack([p & 15, p >> 4], dim=2).reshape(rows, -1)
+    else:
+        b = p.reshape(rows, -1, 3)
+        word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
+        q = torch.stack([(word >> s) & 63 for s in (0, 6, 12, 18)], dim=2).reshape(rows, -1)
+    if q.shape[1] != cols or scale.shape != (rows, cols // group):
+        raise FlowflashError(f"packed tensor of {rows}x{q.shape[1]} values and scales {tuple(scale.shape)} do not "
+                             f"match its meta ({bits} bits, groups of {group}, {cols} columns)")
+    w = (q - (qmax + 1)).float().reshape(rows, cols // group, group) * scale.float().unsqueeze(2)
+    return w.reshape(rows, cols).to(dtype)
+
+
 # ---------------------------------------------------------------- saving
 
 
@@ -60,7 +124,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _stored_tensors(state_dict: dict[str, Tensor], dtype: torch.dtype, int8_keys: set[str]) -> dict[str, Tensor]:
+def _stored_tensors(state_dict: dict[str, Tensor], dtype: torch.dtype, int8_keys: set[str], bits: int = 8,
+                    group: int = 32) -> dict[str, Tensor]:
     """The tensors as written: cast, quantized, and each a contiguous CPU copy with its own storage.
 
     Own storage matters: save_torch_state_dict silently drops all but one name of tensors sharing storage
@@ -73,13 +138,18 @@ def _stored_tensors(state_dict: dict[str, Tensor], dtype: torch.dtype, int8_keys
             raise FlowflashError(f"int8 key {key!r} must be a 2-D floating tensor, got {tuple(v.shape)} {v.dtype}")
         if not torch.isfinite(v).all():
             raise FlowflashError(f"int8 key {key!r} holds inf or nan; it cannot be quantized")
-        if key + INT8_SUFFIX in state_dict:
-            raise FlowflashError(f"int8 key {key!r} clashes with the state dict's own {key + INT8_SUFFIX!r}")
+        for suffix in (INT8_SUFFIX, QMETA_SUFFIX):
+            if key + suffix in state_dict:
+                raise FlowflashError(f"int8 key {key!r} clashes with the state dict's own {key + suffix!r}")
     out: dict[str, Tensor] = {}
     for key, v in state_dict.items():
         v = v.detach()
-        if key in int8_keys:
+        if key in int8_keys and bits == 8:
             out[key], out[key + INT8_SUFFIX] = quantize_int8(v.cpu())
+            continue
+        if key in int8_keys:
+            g = math.gcd(v.shape[1], group)  # a narrower matrix takes smaller groups (its meta records them)
+            out[key], out[key + INT8_SUFFIX], out[key + QMETA_SUFFIX] = quantize_packed(v.cpu(), bits, g)
             continue
         cast = dtype if v.is_floating_point() else v.dtype
         out[key] = v.to("cpu", cast, copy=True, memory_format=torch.contiguous_format)
@@ -95,8 +165,9 @@ def _check_extra_name(name: str):
 
 def save_weights(state_dict: dict[str, Tensor], folder: Path, *, dtype: torch.dtype = torch.float16,
                  int8_keys: Iterable[str] = (), metadata: dict[str, str] | None = None,
-                 extra_files: dict[str, str] | None = None) -> list[Path]:
+                 extra_files: dict[str, str] | None = None, bits: int = 8, group: int = 32) -> list[Path]:
     """Write the state dict (and `extra_files`, name -> text) as the whole of `folder`, atomically.
+    `int8_keys` are stored weight-only at `bits` (8: per row; 6 or 4: packed, per group of `group` columns).
 
     Returns the weight files in `weight_files` order. In a sharded folder huggingface_hub puts `metadata`
     into the index's "metadata" (beside total_size); the shards themselves carry only {"format": "pt"}."""
@@ -108,11 +179,13 @@ def save_weights(state_dict: dict[str, Tensor], folder: Path, *, dtype: torch.dt
     int8 = set(int8_keys)
     for name in extra_files or {}:
         _check_extra_name(name)
-    tensors = _stored_tensors(state_dict, dtype, int8)
+    if bits not in (8, *PACKED_BITS):
+        raise FlowflashError(f"weight-only storage takes 8, 6 or 4 bits, got {bits}")
+    tensors = _stored_tensors(state_dict, dtype, int8, bits, group)
     if not tensors:
         raise FlowflashError(f"refusing to write an empty state dict to {folder}")
-    meta = {**(metadata or {}), "format": "pt",
-            "flowflash_storage": "int8-weight-only" if int8 else _dtype_name(dtype)}
+    kind = ("int8-weight-only" if bits == 8 else f"int{bits}-weight-only-g{group}") if int8 else _dtype_name(dtype)
+    meta = {**(metadata or {}), "format": "pt", "flowflash_storage": kind}
     try:
         with atomic_dir(folder) as tmp:
             huggingface_hub.save_torch_state_dict(tensors, tmp, filename_pattern=FILENAME_PATTERN,
@@ -230,7 +303,15 @@ def _decode(raw: dict[str, Tensor], dtype: torch.dtype, folder: Path) -> dict[st
     out: dict[str, Tensor] = {}
     scales = set()
     for key, v in raw.items():
-        if v.dtype == torch.int8:
+        if key.endswith(QMETA_SUFFIX) and key[: -len(QMETA_SUFFIX)] in raw:
+            continue
+        if v.dtype == torch.uint8 and key + QMETA_SUFFIX in raw:
+            scale = raw.get(key + INT8_SUFFIX)
+            if scale is None:
+                raise FlowflashError(f"{folder}: quantized tensor {key!r} has no {key + INT8_SUFFIX!r}")
+            out[key] = dequantize_packed(v, scale, raw[key + QMETA_SUFFIX], dtype)
+            scales.add(key + INT8_SUFFIX)
+        elif v.dtype == torch.int8:
             scale = raw.get(key + INT8_SUFFIX)
             if scale is None:
                 raise FlowflashError(f"{folder}: int8 tensor {key!r} has no {key + INT8_SUFFIX!r}")
@@ -249,8 +330,30 @@ def storage_of(folder: Path) -> dict:
     for path in files:
         dtypes.update(_read_file(path, lambda f: {k: f.get_slice(k).get_dtype() for k in f.keys()}))
     int8 = [k for k, d in dtypes.items() if d == "I8" and k + INT8_SUFFIX in dtypes]
+    packed = [k for k, d in dtypes.items() if d == "U8" and k + QMETA_SUFFIX in dtypes and k + INT8_SUFFIX in dtypes]
+    bits = None
+    if packed:
+        metas = {tuple(m.tolist()) for m in _read_all(files, [k + QMETA_SUFFIX for k in packed])}
+        bits = sorted({m[0] for m in metas})
     return {"files": len(files), "bytes": sum(p.stat().st_size for p in files), "int8_tensors": len(int8),
+            "packed_tensors": len(packed), "packed_bits": bits,
             "dtypes": sorted({_DTYPES.get(d, (d.lower(), 0))[0] for d in dtypes.values()})}
+
+
+def _read_all(files: list[Path], keys: list[str]) -> list[Tensor]:
+    """The named (small) tensors, from whichever file holds them."""
+    want, out = set(keys), []
+    for path in files:
+        out += _read_file(path, lambda f: [f.get_tensor(k) for k in f.keys() if k in want])
+    return out
+
+
+def quantized_bits(folder: Path) -> int | None:
+    """8, 6 or 4 when the folder's weights are stored quantized, else None (read from the headers)."""
+    s = storage_of(folder)
+    if s["packed_bits"]:
+        return min(s["packed_bits"])
+    return 8 if s["int8_tensors"] else None
 
 
 # ---------------------------------------------------------------- legacy folders

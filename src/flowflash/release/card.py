@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import FlowflashError
 from ..models import storage
-from ..models.flow_model import FlowModel, load_model, save_model, with_config
+from ..models.flow_model import QUANT_GROUP, FlowModel, load_model, save_model, with_config
 
 
 def cpu_hours(run: Path, cores: int | None = None) -> tuple[float, int]:
@@ -42,9 +42,16 @@ def schedule_note(cfg: dict) -> str:
 def storage_text(folder: Path) -> str:
     """How the weights are stored, for the card (read from the written files, not assumed)."""
     info = storage.storage_of(folder)
-    how = ("int8 weight-only (every linear layer's weight, one scale per output channel, dequantized to the "
-           "compute dtype at load; norms, biases, embeddings and the patch convolution in fp16)"
-           if info["int8_tensors"] else "fp16")
+    rest = "; norms, biases, embeddings and the patch convolution in fp16)"
+    if info["packed_tensors"]:
+        bits = "/".join(str(b) for b in info["packed_bits"])
+        how = (f"int{bits} weight-only (every linear layer's weight, packed, one fp16 scale per "
+               f"{QUANT_GROUP} input columns, dequantized to the compute dtype at load{rest}")
+    elif info["int8_tensors"]:
+        how = ("int8 weight-only (every linear layer's weight, one scale per output channel, dequantized to the "
+               f"compute dtype at load{rest}")
+    else:
+        how = "fp16"
     return f"{how}: {info['bytes'] / 1e6:.1f} MB in {info['files']} safetensors file(s)"
 
 
@@ -176,6 +183,24 @@ def convert(src: Path, dest: Path | None = None, storage_kind: str = "int8") -> 
     if card.exists():
         card.write_text(with_storage_line(card.read_text(), f"- **Storage**: {storage_text(dest)}."))
     return dest
+
+
+def quantize(src: Path, dest: Path, bits: int) -> Path:
+    """A weight-only quantized copy of a model folder (8: per output channel; 6 and 4: packed, per group),
+    written whole or not at all. An already quantized folder is refused: rounding twice compounds."""
+    src, dest = Path(src), Path(dest)
+    if bits not in (8, 6, 4):
+        raise FlowflashError(f"--bits must be 8, 6 or 4, got {bits}")
+    have = storage.quantized_bits(src)
+    if have is not None:
+        raise FlowflashError(f"{src} is already quantized ({have}-bit weight-only); quantizing again compounds the "
+                             f"rounding: start from its fp16 original, or write a dequantized copy first with "
+                             f"`flowflash convert {src} --storage fp16 --to DIR`")
+    if dest.exists():
+        raise FlowflashError(f"{dest} exists; quantize writes a new folder (remove it or pick another --to)")
+    if dest.resolve().is_relative_to(src.resolve()):
+        raise FlowflashError(f"--to {dest} lies inside the model folder {src}")
+    return convert(src, dest, f"int{bits}")
 
 
 def with_storage_line(card: str, line: str) -> str:
