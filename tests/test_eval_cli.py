@@ -56,7 +56,7 @@ def test_bench_unknown_setting_and_model(tmp_path, capsys, tiny_model_dir):
 def test_bench_runs_tiny_settings_side_by_side(tmp_path, capsys, tiny_model_dir):
     m = str(tiny_model_dir)
     code = main(["bench", "--setting", f"four=model:{m},steps:4,guidance:3", "--setting", f"one=model:{m},steps:1,guidance:1",
-                 "--setting", f"bf=model:{m},steps:1,guidance:1,precision:bf16", "--memory",
+                 "--setting", f"bf=model:{m},steps:1,guidance:1,precision:bf16", "--memory", "--cold", "1",
                  "--reps", "2", "--prompt", "a red apple", "--out", str(tmp_path / "bench")])
     assert code == 0
     res = json.loads((tmp_path / "bench.json").read_text())
@@ -65,6 +65,11 @@ def test_bench_runs_tiny_settings_side_by_side(tmp_path, capsys, tiny_model_dir)
     assert rows["one"]["speedup"] > 1.5  # 1 step without CFG is several times cheaper than 4 with
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench-latency.png").exists()
     assert rows["bf"]["precision"] == "bf16" and all(r["peak_rss_mb"] > 50 for r in rows.values())
+    size = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors")) / 1e6
+    assert all(r["file_mb"] == pytest.approx(size) for r in rows.values())
+    # a fresh process imports torch and more, so it takes longer than `import torch` alone
+    assert res["import_torch_s"] > 0 and all(r["cold_s"] > res["import_torch_s"] for r in rows.values())
+    assert "cold one-image vs `import torch`" in capsys.readouterr().out
 
 
 def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, tmp_path, monkeypatch, capsys):

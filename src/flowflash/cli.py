@@ -199,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--prompt", default="grinning face, twemoji style")
     bn.add_argument("--quality", action="store_true", help="also score each setting on the prompt set")
     bn.add_argument("--memory", action="store_true", help="also measure each setting's peak RSS in a fresh process")
+    bn.add_argument("--cold", type=nonneg_int, default=0, metavar="N",
+                    help="also time N fresh one-image `flowflash generate` processes per setting (and `import torch`)")
     bn.add_argument("--data", default=None)
     bn.add_argument("--prompts", default=None)
     bn.add_argument("--cache", default=None, help="reuse generated evaluation images from this folder "
@@ -418,10 +420,13 @@ def cmd_bench(a) -> int:
 
     res = bench([parse_setting(s) for s in a.setting], a.prompt, Path(a.out), baseline=a.baseline, reps=a.reps,
                 memory=a.memory, quality=a.quality, data=Path(a.data) if a.data else None, prompts=a.prompts,
-                cache=Path(a.cache) if a.cache else None)
+                cache=Path(a.cache) if a.cache else None, cold=a.cold)
     rows, base = res["rows"], res["baseline"]
     print(markdown_table(rows, base))
     print(f"speed-up vs {base}: " + ", ".join(f"{r['setting']} {r['speedup']:.1f}x" for r in rows))
+    if "import_torch_s" in res:
+        print(f"cold one-image vs `import torch` ({res['import_torch_s']:.2f} s): "
+              + ", ".join(f"{r['setting']} {r['cold_vs_import_torch']:.2f}x" for r in rows))
     return 0
 
 

@@ -112,6 +112,48 @@ def peak_rss_of(setting: Setting, prompt: str) -> float:
     return float(proc.stdout.strip().splitlines()[-1])
 
 
+def model_file_mb(setting: Setting) -> float | None:
+    """Bytes of the setting's weight files (a flowflash model folder), in MB; None for other kinds."""
+    from ..models.storage import weight_files
+    from ..runtime.pipeline import resolve_model
+
+    try:
+        files = weight_files(resolve_model(setting.model))
+    except FlowflashError:
+        return None
+    return sum(p.stat().st_size for p in files) / 1e6 if files else None
+
+
+def cold_seconds(settings: list[Setting], prompt: str, reps: int = 3) -> tuple[dict[str, float], float]:
+    """Median wall seconds of a fresh `flowflash generate` process making one image, per setting, and of
+    `python -c "import torch"` beside them (repetitions interleaved): the wait a person feels."""
+    import subprocess
+    import sys
+    import tempfile
+
+    def wall(cmd: list[str]) -> float:
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        dt = time.perf_counter() - t0
+        if proc.returncode != 0:
+            raise FlowflashError(f"cold run {' '.join(cmd[2:5])} failed: {proc.stderr.strip()[-300:]}")
+        return dt
+
+    runs: dict[str, list[float]] = {s.name: [] for s in settings}
+    torch_runs: list[float] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in tqdm(range(reps), desc="cold starts", leave=False):
+            torch_runs.append(wall([sys.executable, "-c", "import torch"]))
+            for s in settings:
+                cmd = [sys.executable, "-m", "flowflash.cli", "generate", prompt, "--model", s.model,
+                       "--dtype", s.precision, "-o", f"{tmp}/{s.name}.png"]
+                cmd += [] if s.steps is None else ["--steps", str(s.steps)]
+                cmd += [] if s.guidance is None else ["--guidance", str(s.guidance)]
+                cmd += [a for d in s.drop for a in ("--drop", d)]
+                runs[s.name].append(wall(cmd))
+    return {k: statistics.median(v) for k, v in runs.items()}, statistics.median(torch_runs)
+
+
 def plot_bench(rows: list[dict], baseline: str, out: Path):
     """OUT-latency.png and OUT-quality_vs_steps.png next to the results (one pair per bench run)."""
     out_dir = out.parent

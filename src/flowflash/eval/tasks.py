@@ -117,16 +117,24 @@ def check_bench(settings: list[Setting], baseline: str | None, quality: bool, da
 
 def bench(settings: list[Setting], prompt: str, out: Path, *, baseline: str | None = None, reps: int = 5,
           memory: bool = False, quality: bool = False, data: Path | None = None, prompts: PromptSource = None,
-          cache: Path | None = None) -> dict:
+          cache: Path | None = None, cold: int = 0) -> dict:
     """Speed of each setting (interleaved repetitions, medians, speed-up against the baseline), with
-    `memory` each one's peak RSS in a fresh process, with `quality` its scores on the prompt set.
+    `memory` each one's peak RSS in a fresh process, with `cold` > 0 the median wall time of that many fresh
+    one-image `flowflash generate` processes (beside `import torch`'s), with `quality` its scores on the
+    prompt set; each model folder's weight bytes always.
     Writes OUT.json, OUT.md and the plots next to OUT; returns the results (rows in setting order)."""
-    from .bench import peak_rss_mb, peak_rss_of, pipe_key, plot_bench, time_settings
+    from .bench import cold_seconds, model_file_mb, peak_rss_mb, peak_rss_of, pipe_key, plot_bench, time_settings
 
     baseline = check_bench(settings, baseline, quality, data)
     pipes: dict = {}  # loaded once, for timing and then for the quality set
     speed = time_settings(settings, prompt, reps=reps, pipes=pipes)
-    rows = [{"setting": s.name, **speed[s.name]} for s in settings]
+    rows = [{"setting": s.name, **speed[s.name], "file_mb": model_file_mb(s)} for s in settings]
+    extra = {}
+    if cold:
+        colds, extra["import_torch_s"] = cold_seconds(settings, prompt, cold)
+        for s, r in zip(settings, rows):
+            r["cold_s"] = colds[s.name]
+            r["cold_vs_import_torch"] = colds[s.name] / extra["import_torch_s"]
     if memory:
         for s, r in zip(settings, rows):
             r["peak_rss_mb"] = peak_rss_of(s, prompt)
@@ -142,7 +150,7 @@ def bench(settings: list[Setting], prompt: str, out: Path, *, baseline: str | No
             res, feats[s.name] = score(images, ref.ps, ref.judge, ref.real_feats, refs)
             r.update(res)  # steps/guidance stay the ones the timing run actually used
     results = {"baseline": baseline, "bench_process_peak_rss_mb": peak_rss_mb(), "reps": reps, "prompt": prompt,
-               "rows": rows}
+               **extra, "rows": rows}
     write_results(results, out)
     plot_bench(rows, baseline, Path(out))
     return results
