@@ -157,8 +157,10 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
     cfg = read_config(folder)
     sd = storage.load_weights(folder, dtype)
     try:
-        # Built once, for real: the model that validates the shapes is the one that takes the weights.
-        model = FlowModel(cfg)
+        # Built once, on the meta device (no memory, no random init to throw away): the model that
+        # validates the shapes is the one that takes the weights.
+        with torch.device("meta"):
+            model = FlowModel(cfg)
     except FlowflashError:
         raise
     except Exception as e:  # diffusers raises assorted types for impossible shapes
