@@ -72,12 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out this text encoder (emoji: light, minilm; SD3: t5, clip_g, clip_l); repeatable")
     g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (same as --drop minilm)")
     g.add_argument("--max-sequence-length", type=positive_int, default=256, help="T5 tokens (SD3; diffusers' 256)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu")
+    g.add_argument("--profile", choices=["auto", "tiny", "laptop", "desktop", "gpu"], default=None,
+                   help="device, dtype, threads, batch size and encoders for this kind of machine (flags given "
+                        "explicitly win; `flowflash doctor` shows what auto picks); default: cpu, fp32, batches of 8")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="default cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="denoiser dtype (default fp32)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help=argparse.SUPPRESS)  # old name
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
-    g.add_argument("--batch-size", type=positive_int, default=8,
+    g.add_argument("--batch-size", type=positive_int, default=None,
                    help="images denoised together; each batch is written before the next starts (default 8)")
     g.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch (default: torch's)")
 
@@ -158,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--storage", choices=["int8", "int6", "int4", "fp16"], default="int8")
     cv.add_argument("--to", default=None, help="write here instead of replacing the folder")
 
+    dr = sub.add_parser("doctor", help="this machine, the profile `auto` picks for it and why, expected memory")
+    dr.add_argument("--model", default=None, help="model to plan memory for (default: the shipped student)")
+    dr.add_argument("--profile", choices=["auto", "tiny", "laptop", "desktop", "gpu"], default="auto")
+    dr.add_argument("--no-measure", action="store_true", help="skip the one-image run that measures peak memory")
+
     qz = sub.add_parser("quantize", help="a weight-only quantized copy of a model (8, 6 or 4 bits)",
                         description="Every linear layer's weight stored at --bits (8: a scale per output channel; "
                                     "6 and 4: packed, a scale per 32 columns), dequantized to the compute dtype at "
@@ -232,12 +240,23 @@ def cmd_generate(a) -> int:
     if a.init_image is not None and not 0 < a.strength <= 1:
         raise FlowflashError(f"--strength must lie in (0, 1], got {a.strength}")
     paths = output_paths(a.output, a.num_images)
-    if a.threads is not None:
-        import torch
-        torch.set_num_threads(a.threads)
-    t0 = time.perf_counter()
+    device, dtype, threads, batch = a.device, a.dtype or a.precision, a.threads, a.batch_size
     drop = set(a.drop) | ({"minilm"} if a.no_minilm else set())
-    pipe = Pipeline.load(a.model, drop=drop, dtype=a.dtype or a.precision or "fp32", device=a.device,
+    if a.profile is not None:  # a profile fills in what the flags left open
+        from .runtime.pipeline import resolve_model
+        from .runtime.profiles import large_encoder, machine_facts, pick
+
+        prof = pick(a.profile, machine_facts())
+        device, dtype = device or prof.device, dtype or prof.dtype
+        threads, batch = threads or prof.threads, batch or prof.batch_size
+        if prof.drop_large_encoder:  # a single-file checkpoint's encoders live in its --config folder
+            drop.add(large_encoder(resolve_model(a.config or a.model)))
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
+    batch = batch or 8
+    t0 = time.perf_counter()
+    pipe = Pipeline.load(a.model, drop=drop, dtype=dtype or "fp32", device=device or "cpu",
                          config=a.config, max_sequence_length=a.max_sequence_length, compile=a.compile)
     n_steps = len(pipe.timesteps(a.steps, a.size)) - 1
     shown: list[str] = []
@@ -245,8 +264,8 @@ def cmd_generate(a) -> int:
     # Batches of --batch-size, each image written as soon as its batch is done: memory does not grow with
     # --num-images. Bars appear only when a run lasts (tqdm's delay), so one quick image prints nothing extra.
     images_bar = tqdm(total=a.num_images, unit="img", desc="images", delay=2, disable=a.num_images == 1)
-    for start in range(0, a.num_images, a.batch_size):
-        chunk = paths[start: start + a.batch_size]
+    for start in range(0, a.num_images, batch):
+        chunk = paths[start: start + batch]
         seeds = [a.seed + start + k for k in range(len(chunk))]
         steps_bar = tqdm(total=n_steps, unit="step", desc="denoise", delay=2, leave=False)
         with warnings.catch_warnings():
@@ -340,6 +359,47 @@ def cmd_quantize(a) -> int:
     dest = quantize(src, Path(a.to), a.bits)
     print(dest)
     print(f"{storage_text(dest)}", file=sys.stderr)
+    return 0
+
+
+def cmd_doctor(a) -> int:
+    import torch
+
+    from .eval.bench import own_peak_rss_mb
+    from .models.sd3 import is_diffusers_folder
+    from .runtime.pipeline import resolve_model
+    from .runtime.profiles import describe, expected_peak_mb, large_encoder, machine_facts, pick
+
+    m = machine_facts()
+    prof = pick(a.profile, m)
+    folder = resolve_model(a.model)
+    print(describe(m))
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads by default")
+    print(f"profile: {prof.name} ({prof.why})")
+    drop = large_encoder(folder) if prof.drop_large_encoder else "none"
+    print(f"  device {prof.device}, dtype {prof.dtype}, threads {prof.threads or 'torch default'}, "
+          f"batch size {prof.batch_size}, drop {drop}, backend {prof.backend}")
+    if is_diffusers_folder(folder):
+        print(f"model: {folder} (an SD3 pipeline: no memory plan yet; measure with flowflash bench --memory)")
+        return 0
+    plan = expected_peak_mb(folder, prof, own_peak_rss_mb())
+    print(f"model: {folder.name}; planned memory ~{plan['total']:.0f} MB = torch {plan['torch']:.0f} + weights "
+          f"{plan['weights']:.0f} + MiniLM {plan['minilm']:.0f} + working set {plan['working']:.0f} (libraries and "
+          f"load-time copies come on top)")
+    if not a.no_measure:
+        import subprocess
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, "-c", "import sys; from flowflash.cli import main; from flowflash.eval.bench import "
+                   "own_peak_rss_mb; c = main(sys.argv[1:]); print(f'PEAK {own_peak_rss_mb():.0f}'); sys.exit(c)",
+                   "generate", "a red apple", "--model", str(folder), "--profile", prof.name, "-o",
+                   f"{tmp}/probe.png", "--num-images", str(prof.batch_size)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        peak = [l for l in proc.stdout.splitlines() if l.startswith("PEAK ")]
+        if proc.returncode != 0 or not peak:
+            raise FlowflashError(f"the measuring run failed: {proc.stderr.strip()[-300:]}")
+        print(f"measured: one batch of {prof.batch_size} image(s) in a fresh process peaks at {peak[0][5:]} MB")
     return 0
 
 
@@ -445,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         return {"generate": cmd_generate, "data": cmd_data, "train": cmd_train, "judge": cmd_judge,
                 "eval": cmd_eval, "bench": cmd_bench, "grid": cmd_grid,
                 "distill": cmd_distill, "merge": cmd_merge, "convert": cmd_convert, "export": cmd_export,
-                "serve": cmd_serve, "quantize": cmd_quantize}[a.cmd](a)
+                "serve": cmd_serve, "quantize": cmd_quantize,
+                "doctor": cmd_doctor}[a.cmd](a)
     except FlowflashError as e:
         print(f"flowflash: error: {e}", file=sys.stderr)
         return 2
