@@ -84,3 +84,20 @@ def test_card_storage_line_says_bits(tiny_model_dir, tmp_path):
     card = (q / "README.md").read_text()
     assert "- **Storage**: int6 weight-only (every linear layer's weight, packed" in card and "**Data**" in card
     assert json.loads((q / "config.json").read_text()) == json.loads((tiny_model_dir / "config.json").read_text())
+
+
+def test_low_memory_keeps_weights_quantized_with_the_same_images(tiny_model_dir, tmp_path):
+    from flowflash.models.emoji import EmojiModel
+    from flowflash.models.qlinear import QLinear
+
+    for bits in (8, 4):
+        q = quantize(tiny_model_dir, tmp_path / f"q{bits}", bits)
+        full, low = EmojiModel.load(q), EmojiModel.load(q, low_memory=True)
+        layers = [m for m in low.net.modules() if isinstance(m, QLinear)]
+        assert layers and all(m.q.dtype == torch.int8 for m in layers)
+        assert not any(isinstance(m, QLinear) for m in full.net.modules())
+        a = Pipeline(full, q).generate("red apple", steps=3, seed=1, num_images=2)
+        b = Pipeline(low, q).generate("red apple", steps=3, seed=1, num_images=2)
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
+    # an unquantized folder loads as usual
+    assert not any(isinstance(m, QLinear) for m in EmojiModel.load(tiny_model_dir, low_memory=True).net.modules())

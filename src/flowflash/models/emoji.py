@@ -26,9 +26,10 @@ class EmojiModel:
         self.tokenizer = WordTokenizer(net.cfg.vocab)
 
     @classmethod
-    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, drop=()) -> "EmojiModel":
+    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, drop=(), low_memory: bool = False) -> "EmojiModel":
+        """low_memory: stored-quantized linear weights stay int8 in memory (dequantized per call)."""
         drop = check_drop(drop, cls.encoder_names)
-        net = load_model(folder, dtype)
+        net = load_model(folder, dtype, keep_quantized=low_memory)
         return cls(net, None if "minilm" in drop else MiniLMEncoder(max_tokens=net.cfg.minilm_max_tokens))
 
     @property

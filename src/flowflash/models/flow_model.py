@@ -151,11 +151,18 @@ def read_config(folder: Path) -> ModelConfig:
         raise FlowflashError(f"{path} is not a valid model config: {e}") from None
 
 
-def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
-    """Load a model folder, with one clear error for each way it can be wrong."""
+def load_model(folder: Path, dtype: torch.dtype = torch.float32, keep_quantized: bool = False) -> FlowModel:
+    """Load a model folder, with one clear error for each way it can be wrong. keep_quantized: linear layers
+    stored quantized keep their int8 values in memory and dequantize per call (same outputs, ~1/4 the
+    memory for those weights; models/qlinear.py)."""
+    from .qlinear import dequantize, swap_in
+
     folder = Path(folder)
     cfg = read_config(folder)
-    sd = storage.load_weights(folder, dtype)
+    if keep_quantized:
+        sd, quantized = storage.load_weights_quantized(folder, dtype)
+    else:
+        sd, quantized = storage.load_weights(folder, dtype), {}
     try:
         # Built once, on the meta device (no memory, no random init to throw away): the model that
         # validates the shapes is the one that takes the weights.
@@ -165,18 +172,25 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32) -> FlowModel:
         raise
     except Exception as e:  # diffusers raises assorted types for impossible shapes
         raise FlowflashError(f"{folder / 'config.json'} describes an impossible model: {e}") from None
-    expected = model.state_dict()
-    missing, extra = set(expected) - set(sd), set(sd) - set(expected)
-    bad = sorted(k for k in set(expected) & set(sd) if expected[k].shape != sd[k].shape)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    got = {**{k: v.shape for k, v in sd.items()}, **{k: q.shape for k, (q, _) in quantized.items()}}
+    missing, extra = set(expected) - set(got), set(got) - set(expected)
+    bad = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
     if missing or extra or bad:
         detail = "; ".join(s for s in (
             f"missing {len(missing)} tensors (e.g. {sorted(missing)[0]})" if missing else "",
             f"{len(extra)} unexpected tensors (e.g. {sorted(extra)[0]})" if extra else "",
-            f"{len(bad)} shape mismatches (e.g. {bad[0]}: config {tuple(expected[bad[0]].shape)}"
-            f" vs weights {tuple(sd[bad[0]].shape)})" if bad else "") if s)
+            f"{len(bad)} shape mismatches (e.g. {bad[0]}: config {tuple(expected[bad[0]])}"
+            f" vs weights {tuple(got[bad[0]])})" if bad else "") if s)
         raise FlowflashError(f"config.json does not match the weights in {folder}: {detail}")
+    used = swap_in(model, quantized, sd, dtype, prefix="transformer.")  # the MMDiT: ~all the weights
+    for key in set(quantized) - used:  # quantized weights of other layer kinds: dequantized as usual
+        sd[key] = dequantize(*quantized[key], dtype)
     # assign: the model that validated the shapes takes the loaded tensors as they are, no second copy.
-    model.load_state_dict(sd, assign=True)
+    model.load_state_dict({k: v for k, v in sd.items() if k not in used}, strict=not used, assign=True)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise FlowflashError(f"{folder}: no weights for {', '.join(left[:3])}")
     return model.eval().requires_grad_(False)
 
 

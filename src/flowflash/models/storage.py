@@ -99,10 +99,10 @@ def quantize_packed(w: Tensor, bits: int, group: int) -> tuple[Tensor, Tensor, T
     return packed.contiguous(), scale.squeeze(2).to(torch.float16).contiguous(), meta
 
 
-def dequantize_packed(packed: Tensor, scale: Tensor, meta: Tensor, dtype: torch.dtype) -> Tensor:
+def unpack(packed: Tensor, meta: Tensor) -> Tensor:
+    """The packed values as int8 in [-(2^(b-1) - 1), 2^(b-1) - 1], shape (rows, columns)."""
     bits, group, cols = (int(v) for v in meta.tolist())
     rows = packed.shape[0]
-    qmax = 2 ** (bits - 1) - 1
     p = packed.to(torch.int32)
     if bits == 4:
         q = torch.stack([p & 15, p >> 4], dim=2).reshape(rows, -1)
@@ -110,10 +110,20 @@ def dequantize_packed(packed: Tensor, scale: Tensor, meta: Tensor, dtype: torch.
         b = p.reshape(rows, -1, 3)
         word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16)
         q = torch.stack([(word >> s) & 63 for s in (0, 6, 12, 18)], dim=2).reshape(rows, -1)
-    if q.shape[1] != cols or scale.shape != (rows, cols // group):
-        raise FlowflashError(f"packed tensor of {rows}x{q.shape[1]} values and scales {tuple(scale.shape)} do not "
-                             f"match its meta ({bits} bits, groups of {group}, {cols} columns)")
-    w = (q - (qmax + 1)).float().reshape(rows, cols // group, group) * scale.float().unsqueeze(2)
+    if q.shape[1] != cols:
+        raise FlowflashError(f"packed tensor of {rows}x{q.shape[1]} values does not match its meta "
+                             f"({bits} bits, groups of {group}, {cols} columns)")
+    return (q - 2 ** (bits - 1)).to(torch.int8)
+
+
+def dequantize_packed(packed: Tensor, scale: Tensor, meta: Tensor, dtype: torch.dtype) -> Tensor:
+    bits, group, cols = (int(v) for v in meta.tolist())
+    q = unpack(packed, meta)
+    rows = q.shape[0]
+    if scale.shape != (rows, cols // group):
+        raise FlowflashError(f"scales {tuple(scale.shape)} do not match a packed tensor of {rows}x{cols} in groups "
+                             f"of {group}")
+    w = q.float().reshape(rows, cols // group, group) * scale.float().unsqueeze(2)
     return w.reshape(rows, cols).to(dtype)
 
 
@@ -284,6 +294,11 @@ def _read_file(path: Path, fn):
 def load_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, Tensor]:
     """Every tensor of the folder, floating ones cast to `dtype`, int8 ones dequantized (scales dropped)."""
     folder = Path(folder)
+    raw = _read_raw(folder)
+    return _decode(raw, dtype, folder)
+
+
+def _read_raw(folder: Path) -> dict[str, Tensor]:
     files = _files_or_raise(folder)
     wmap = _read_index(folder) if files[0].name != SINGLE else {}
     raw: dict[str, Tensor] = {}
@@ -296,7 +311,29 @@ def load_weights(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, 
                                      + (f" (+{len(absent) - 5} more)" if len(absent) > 5 else ""))
             return {k: f.get_tensor(k) for k in keys}
         raw.update(_read_file(path, read))
-    return _decode(raw, dtype, folder)
+    return raw
+
+
+def load_weights_quantized(folder: Path, dtype: torch.dtype = torch.float32
+                           ) -> tuple[dict[str, Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """Like load_weights, but the stored-quantized tensors come back as they are, (int8 q, scales
+    (rows, groups)), for layers that keep them (models/qlinear.py); everything else as load_weights."""
+    folder = Path(folder)
+    raw = _read_raw(folder)
+    quantized: dict[str, tuple[Tensor, Tensor]] = {}
+    for key, v in list(raw.items()):
+        scale = raw.get(key + INT8_SUFFIX)
+        if scale is None or v.dtype not in (torch.int8, torch.uint8):
+            continue
+        if v.dtype == torch.uint8 and key + QMETA_SUFFIX in raw:
+            meta = raw.pop(key + QMETA_SUFFIX)
+            quantized[key] = (unpack(v, meta), scale)
+        elif v.dtype == torch.int8:
+            quantized[key] = (v, scale)
+        else:
+            continue
+        del raw[key], raw[key + INT8_SUFFIX]
+    return _decode(raw, dtype, folder), quantized
 
 
 def _decode(raw: dict[str, Tensor], dtype: torch.dtype, folder: Path) -> dict[str, Tensor]:
