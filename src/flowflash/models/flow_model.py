@@ -1,8 +1,9 @@
-"""The emoji flow network (SD3Transformer2DModel + the light text encoder) and its model folder.
+"""The emoji flow network (an SD3-style MMDiT, models/mmdit.py, with diffusers' SD3Transformer2DModel's names and
+numbers, + the light text encoder) and its model folder.
 
 A model folder holds `config.json` (this module's `ModelConfig`: the architecture, name and kind, and the
 sampling defaults apart from them) and the weights in the layout of `models/storage.py` (safetensors,
-sharded with a standard index; fp16, or int8 weight-only with per-output-channel scales). MiniLM is
+sharded with a standard index; fp16, or 8/6/4-bit weight-only quantized linear weights). MiniLM is
 not stored: it comes from its package.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn as nn
 from ..errors import FlowflashError
 from ..sampling import v_from_x0
 from . import storage
+from .mmdit import MMDiT
 from .protocol import SamplingDefaults
 from .text import LightEncoder, MiniLMEncoder
 
@@ -91,14 +93,12 @@ class FlowModel(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
-
         if cfg.prediction not in ("v", "x"):
             raise FlowflashError(f"prediction must be 'v' or 'x', got {cfg.prediction!r}")
         if cfg.light_dim != MiniLMEncoder.dim:
             raise FlowflashError(f"light_dim must equal MiniLM's width {MiniLMEncoder.dim}, got {cfg.light_dim}")
         self.cfg = cfg
-        self.transformer = SD3Transformer2DModel(**cfg.transformer_kwargs())
+        self.transformer = MMDiT(**cfg.transformer_kwargs())  # diffusers' SD3Transformer2DModel, without diffusers
         self.light = LightEncoder(len(cfg.vocab) + 2, cfg.light_dim, cfg.light_max_tokens, cfg.light_layers)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
@@ -170,7 +170,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, keep_quantized:
             model = FlowModel(cfg)
     except FlowflashError:
         raise
-    except Exception as e:  # diffusers raises assorted types for impossible shapes
+    except Exception as e:  # torch raises assorted types for impossible shapes
         raise FlowflashError(f"{folder / 'config.json'} describes an impossible model: {e}") from None
     expected = {k: v.shape for k, v in model.state_dict().items()}
     got = {**{k: v.shape for k, v in sd.items()}, **{k: q.shape for k, (q, _) in quantized.items()}}

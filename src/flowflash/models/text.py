@@ -184,14 +184,19 @@ class LightEncoder(nn.Module):
     def __init__(self, vocab_size: int, dim: int = 384, max_tokens: int = 24, layers: int = 1):
         super().__init__()
         self.max_tokens = max_tokens
-        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
+        # Built on the meta device (a model about to take its weights), random init is skipped: on meta it
+        # would import torch._dynamo, a second of every cold start. Elsewhere the init is unchanged.
+        on_meta = torch.empty(0).is_meta
+        self.embed = nn.Embedding(vocab_size, dim, padding_idx=0,
+                                  _weight=torch.empty(vocab_size, dim) if on_meta else None)
         self.pos = nn.Parameter(torch.zeros(max_tokens, dim))
         self.blocks = nn.ModuleList(
             nn.TransformerEncoderLayer(dim, max(1, dim // 64), dim * 2, dropout=0.0, batch_first=True, norm_first=True)
             for _ in range(layers))
         self.norm = nn.LayerNorm(dim)
-        nn.init.normal_(self.embed.weight, std=0.02)
-        nn.init.normal_(self.pos, std=0.02)
+        if not on_meta:
+            nn.init.normal_(self.embed.weight, std=0.02)
+            nn.init.normal_(self.pos, std=0.02)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = ids != 0
