@@ -25,6 +25,7 @@ ALIASES = {"teacher": "emoji-teacher", "student": "emoji-student"}
 DEFAULT_MODEL = "student"  # the 4-step CFG-free distilled student; the teacher stays `--model teacher`
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICES = ("auto", "cpu", "cuda", "mps")
+BACKENDS = ("torch", "openvino")
 
 
 def resolve_model(name_or_path: str | Path | None) -> Path:
@@ -116,20 +117,39 @@ class Pipeline:
     @classmethod
     def load(cls, name_or_path: str | Path | None = None, *, drop=(), dtype: str = "fp32", device: str = "cpu",
              config: str | Path | None = None, max_sequence_length: int = 256, compile: bool = False,
-             precision: str | None = None) -> "Pipeline":
+             precision: str | None = None, backend: str = "torch", ov_weights: str = "fp32") -> "Pipeline":
         """A shipped model's name, a flowflash model folder, a diffusers StableDiffusion3Pipeline folder, or a
         single .safetensors transformer checkpoint with `config` naming a local diffusers folder.
         drop: text encoders to leave out (emoji: light, minilm; SD3: clip_l, clip_g, t5), never loaded.
         dtype: fp32, bf16 or fp16 for the denoiser (`precision` is its old name). compile: torch.compile the
-        transformer (pays off over repeated calls in one process)."""
+        transformer (pays off over repeated calls in one process). backend: "torch", or "openvino" (emoji models,
+        CPU, fp32: the transformer runs as a cached OpenVINO IR, runtime/ov_backend.py) with ov_weights fp32,
+        int8 or int4 (NNCF weight compression)."""
         from ..models.emoji import EmojiModel
         from ..models.sd3 import SD3Model, is_diffusers_folder
 
         dtype = precision or dtype
         if dtype not in DTYPES:
             raise FlowflashError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if backend not in BACKENDS:
+            raise FlowflashError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if backend == "openvino":
+            from .ov_backend import WEIGHT_MODES, import_openvino
+
+            if ov_weights not in WEIGHT_MODES:
+                raise FlowflashError(f"ov_weights must be one of {', '.join(WEIGHT_MODES)}, got {ov_weights!r}")
+            if device not in ("auto", "cpu"):
+                raise FlowflashError(f"the openvino backend runs on the CPU only, not device {device!r}")
+            if dtype != "fp32" or compile:
+                raise FlowflashError("the openvino backend takes dtype fp32 and no compile (ov_weights= compresses)")
+            import_openvino()  # a missing package fails before any loading
+            device = "cpu"
+        elif ov_weights != "fp32":
+            raise FlowflashError("ov_weights applies to backend='openvino' only")
         dev = resolve_device(device)
         if config is not None or str(name_or_path or "").endswith(".safetensors"):
+            if backend == "openvino":
+                raise FlowflashError("the openvino backend takes flowflash emoji models for now")
             if name_or_path is None:
                 raise FlowflashError("--config names the folder for a single-file checkpoint: give the file with --model")
             if config is None:
@@ -141,6 +161,8 @@ class Pipeline:
         else:
             path = resolve_model(name_or_path)
             if is_diffusers_folder(path):
+                if backend == "openvino":
+                    raise FlowflashError("the openvino backend takes flowflash emoji models for now")
                 model = SD3Model.load(path, DTYPES[dtype], drop, max_sequence_length)
             else:
                 check_drop(drop, EmojiModel.encoder_names)  # a wrong name fails before any loading
@@ -148,7 +170,12 @@ class Pipeline:
         model.to(dev)
         if compile:
             model.denoiser.compile()
-        return cls(model, path, drop)
+        pipe = cls(model, path, drop)
+        if backend == "openvino":
+            from .ov_backend import attach
+
+            attach(model.net, path, pipe.hash, ov_weights)
+        return pipe
 
     @classmethod
     def from_flow_model(cls, net, name: str, *, minilm=None, drop=()) -> "Pipeline":
