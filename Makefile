@@ -10,7 +10,7 @@ $(BIN)/flowflash: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: 2.13.0 is the CPU wheel here; an unpinned torch would pull a CUDA build.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[data,eval,serve,test]'
+	$(BIN)/pip install -q -e '.[data,eval,serve,openvino,test]'
 	touch $@
 
 demo: $(BIN)/flowflash

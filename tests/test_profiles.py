@@ -27,6 +27,14 @@ def test_auto_picks_from_machine_facts(facts, name, device, dtype, threads, batc
     assert p.why.startswith("auto: ")
 
 
+def test_backend_and_low_memory_follow_the_model_and_the_packages():
+    assert pick("laptop", machine(openvino=True)).backend == "openvino"
+    assert pick("laptop", machine(openvino=True), emoji=False).backend == "torch"  # SD3: torch only
+    assert pick("desktop", machine()).backend == "torch"  # openvino not installed
+    assert pick("tiny", machine()).low_memory and not pick("tiny", machine(), emoji=False).low_memory
+    assert not pick("laptop", machine()).low_memory
+
+
 def test_named_profiles_and_refusals():
     assert pick("tiny", machine(cuda=True)).device == "cpu"  # asked for: no second-guessing
     assert pick("desktop", machine(cores=3)).threads == 3

@@ -79,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="denoiser dtype (default fp32)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help=argparse.SUPPRESS)  # old name
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    g.add_argument("--backend", choices=["torch", "openvino"], default=None,
+                   help="the transformer's runtime (openvino: CPU, emoji models, exported once and cached; needs "
+                        "the openvino extra); default torch")
+    g.add_argument("--ov-weights", choices=["fp32", "int8", "int4"], default=None,
+                   help="openvino weight compression (int8: the stored grid, same images within 1 level)")
+    g.add_argument("--low-memory", action="store_true",
+                   help="keep quantized weights int8 in memory (same images, smaller resident set)")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
     g.add_argument("--batch-size", type=positive_int, default=None,
                    help="images denoised together; each batch is written before the next starts (default 8)")
@@ -241,14 +248,17 @@ def cmd_generate(a) -> int:
         raise FlowflashError(f"--strength must lie in (0, 1], got {a.strength}")
     paths = output_paths(a.output, a.num_images)
     device, dtype, threads, batch = a.device, a.dtype or a.precision, a.threads, a.batch_size
+    backend, low_memory = a.backend, a.low_memory
     drop = set(a.drop) | ({"minilm"} if a.no_minilm else set())
     if a.profile is not None:  # a profile fills in what the flags left open
+        from .models.sd3 import is_diffusers_folder
         from .runtime.pipeline import resolve_model
         from .runtime.profiles import large_encoder, machine_facts, pick
 
-        prof = pick(a.profile, machine_facts())
+        prof = pick(a.profile, machine_facts(), emoji=not is_diffusers_folder(resolve_model(a.config or a.model)))
         device, dtype = device or prof.device, dtype or prof.dtype
         threads, batch = threads or prof.threads, batch or prof.batch_size
+        backend, low_memory = backend or prof.backend, low_memory or prof.low_memory
         if prof.drop_large_encoder:  # a single-file checkpoint's encoders live in its --config folder
             drop.add(large_encoder(resolve_model(a.config or a.model)))
     if threads is not None:
@@ -256,8 +266,16 @@ def cmd_generate(a) -> int:
         torch.set_num_threads(threads)
     batch = batch or 8
     t0 = time.perf_counter()
-    pipe = Pipeline.load(a.model, drop=drop, dtype=dtype or "fp32", device=device or "cpu",
-                         config=a.config, max_sequence_length=a.max_sequence_length, compile=a.compile)
+    if a.ov_weights and backend != "openvino":
+        raise FlowflashError("--ov-weights applies to --backend openvino")
+    ov = {}
+    if backend == "openvino":  # default: the grid the weights are stored on (int8 ones stay int8: same images)
+        from .models.storage import quantized_bits
+        from .runtime.pipeline import resolve_model
+        ov = {"backend": "openvino",
+              "ov_weights": a.ov_weights or ("int8" if quantized_bits(resolve_model(a.model)) == 8 else "fp32")}
+    pipe = Pipeline.load(a.model, drop=drop, dtype=dtype or "fp32", device=device or "cpu", config=a.config,
+                         max_sequence_length=a.max_sequence_length, compile=a.compile, low_memory=low_memory, **ov)
     n_steps = len(pipe.timesteps(a.steps, a.size)) - 1
     shown: list[str] = []
     text_s = denoise_s = 0.0
@@ -371,14 +389,15 @@ def cmd_doctor(a) -> int:
     from .runtime.profiles import describe, expected_peak_mb, large_encoder, machine_facts, pick
 
     m = machine_facts()
-    prof = pick(a.profile, m)
     folder = resolve_model(a.model)
+    prof = pick(a.profile, m, emoji=not is_diffusers_folder(folder))
     print(describe(m))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads by default")
     print(f"profile: {prof.name} ({prof.why})")
     drop = large_encoder(folder) if prof.drop_large_encoder else "none"
     print(f"  device {prof.device}, dtype {prof.dtype}, threads {prof.threads or 'torch default'}, "
-          f"batch size {prof.batch_size}, drop {drop}, backend {prof.backend}")
+          f"batch size {prof.batch_size}, drop {drop}, backend {prof.backend}"
+          + (", quantized weights kept int8 in memory" if prof.low_memory else ""))
     if is_diffusers_folder(folder):
         print(f"model: {folder} (an SD3 pipeline: no memory plan yet; measure with flowflash bench --memory)")
         return 0

@@ -11,7 +11,8 @@ from tqdm import tqdm
 from ..errors import FlowflashError
 from .generate import Setting
 
-KEYS = {"model", "steps", "guidance", "minilm", "precision"}
+KEYS = {"model", "steps", "guidance", "minilm", "precision", "backend", "lowmem"}
+BACKENDS = ("torch", "openvino", "openvino-int8", "openvino-int4")
 
 
 def parse_setting(spec: str) -> Setting:
@@ -25,16 +26,21 @@ def parse_setting(spec: str) -> Setting:
         if not sep or k not in KEYS:
             raise FlowflashError(f"setting {name!r}: unknown option {k!r} (known: {', '.join(sorted(KEYS))})")
         try:
-            kw[k] = {"steps": int, "guidance": float, "minilm": lambda s: s.lower() in ("1", "true", "yes", "on"),
-                     "model": str, "precision": str}[k](v)
+            flag = lambda s: s.lower() in ("1", "true", "yes", "on")
+            kw[k] = {"steps": int, "guidance": float, "minilm": flag, "lowmem": flag,
+                     "model": str, "precision": str, "backend": str}[k](v)
         except ValueError:
             raise FlowflashError(f"setting {name!r}: bad value for {k}: {v!r}") from None
     if not name:
         raise FlowflashError(f"setting {spec!r} has no name")
     if kw.get("precision", "fp32") not in ("fp32", "bf16"):
         raise FlowflashError(f"setting {name!r}: precision must be fp32 or bf16, got {kw['precision']!r}")
+    if kw.get("backend", "torch") not in BACKENDS:
+        raise FlowflashError(f"setting {name!r}: backend must be one of {', '.join(BACKENDS)}, got {kw['backend']!r}")
     if not kw.pop("minilm", True):
         kw["drop"] = ("minilm",)
+    if "lowmem" in kw:
+        kw["low_memory"] = kw.pop("lowmem")
     return Setting(name=name, **kw)
 
 
@@ -55,7 +61,7 @@ def own_peak_rss_mb() -> float:
 
 def pipe_key(s: Setting) -> tuple:
     """Settings that differ only in steps or guidance share one loaded Pipeline."""
-    return (s.model, s.drop, s.precision)
+    return (s.model, s.drop, s.precision, s.backend, s.low_memory)
 
 
 def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: int = 1, batch: int = 1,
@@ -101,11 +107,13 @@ def peak_rss_of(setting: Setting, prompt: str) -> float:
     # fork + exec, so a probe started from a big bench process would report the bench's size.
     code = ("import json,sys;from flowflash.eval.bench import own_peak_rss_mb;"
             "from flowflash.runtime.pipeline import Pipeline;"
-            "a=json.loads(sys.argv[1]);p=Pipeline.load(a['model'],drop=tuple(a['drop']),precision=a['precision']);"
+            "from flowflash.eval.generate import Setting;"
+            "a=json.loads(sys.argv[1]);p=Setting(**a['setting']).load();"
             "p.generate(a['prompt'],steps=a['steps'],guidance=a['guidance']);"
             "print(own_peak_rss_mb())")
-    arg = json.dumps({"model": setting.model, "drop": list(setting.drop), "precision": setting.precision,
-                      "prompt": prompt, "steps": setting.steps, "guidance": setting.guidance})
+    import dataclasses
+    arg = json.dumps({"setting": dataclasses.asdict(setting), "prompt": prompt, "steps": setting.steps,
+                      "guidance": setting.guidance})
     proc = subprocess.run([sys.executable, "-c", code, arg], capture_output=True, text=True)
     if proc.returncode != 0:
         raise FlowflashError(f"memory probe for {setting.name!r} failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -150,6 +158,10 @@ def cold_seconds(settings: list[Setting], prompt: str, reps: int = 3) -> tuple[d
                 cmd += [] if s.steps is None else ["--steps", str(s.steps)]
                 cmd += [] if s.guidance is None else ["--guidance", str(s.guidance)]
                 cmd += [a for d in s.drop for a in ("--drop", d)]
+                if s.backend != "torch":
+                    backend, _, ov = s.backend.partition("-")
+                    cmd += ["--backend", backend] + (["--ov-weights", ov] if ov else [])
+                cmd += ["--low-memory"] if s.low_memory else []
                 runs[s.name].append(wall(cmd))
     return {k: statistics.median(v) for k, v in runs.items()}, statistics.median(torch_runs)
 

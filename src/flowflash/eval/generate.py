@@ -25,6 +25,8 @@ class Setting:
     guidance: float | None = None
     drop: tuple[str, ...] = ()  # text encoders to leave out, e.g. ("minilm",)
     precision: str = "fp32"
+    backend: str = "torch"  # or openvino, openvino-int8, openvino-int4 (its weight compression)
+    low_memory: bool = False  # quantized weights kept int8 in memory (same images)
 
     def __post_init__(self):
         object.__setattr__(self, "drop", tuple(sorted(set(self.drop))))  # one spelling per encoder set
@@ -36,7 +38,11 @@ class Setting:
 
     def load(self):
         from ..runtime.pipeline import Pipeline
-        return Pipeline.load(self.model, drop=self.drop, precision=self.precision)
+        backend, _, ov = self.backend.partition("-")
+        kw = {"backend": backend, "ov_weights": ov or "fp32"} if backend != "torch" else {}
+        if self.low_memory:
+            kw["low_memory"] = True
+        return Pipeline.load(self.model, drop=self.drop, precision=self.precision, **kw)
 
 
 def cache_path(cache: Path, pipe, setting: Setting, seed: int, ps: PromptSet) -> Path:
@@ -46,8 +52,11 @@ def cache_path(cache: Path, pipe, setting: Setting, seed: int, ps: PromptSet) ->
     # While MiniLM is the only encoder that can be dropped, key it as the bool it used to be, so that
     # caches written before `drop` existed stay valid.
     encoders = setting.minilm if set(setting.drop) <= {"minilm"} else list(setting.drop)
-    key = json.dumps([pipe.hash, [round(float(t), 8) for t in pipe.timesteps(setting.steps)], guidance,
-                      encoders, setting.precision, seed, ps.sha])
+    parts = [pipe.hash, [round(float(t), 8) for t in pipe.timesteps(setting.steps)], guidance, encoders,
+             setting.precision, seed, ps.sha]
+    if setting.backend != "torch":  # another runtime draws (slightly) other images; torch keys stay as they were
+        parts.append(setting.backend)
+    key = json.dumps(parts)
     return Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
 
 

@@ -117,14 +117,16 @@ class Pipeline:
     @classmethod
     def load(cls, name_or_path: str | Path | None = None, *, drop=(), dtype: str = "fp32", device: str = "cpu",
              config: str | Path | None = None, max_sequence_length: int = 256, compile: bool = False,
-             precision: str | None = None, backend: str = "torch", ov_weights: str = "fp32") -> "Pipeline":
+             precision: str | None = None, backend: str = "torch", ov_weights: str = "fp32",
+             low_memory: bool = False) -> "Pipeline":
         """A shipped model's name, a flowflash model folder, a diffusers StableDiffusion3Pipeline folder, or a
         single .safetensors transformer checkpoint with `config` naming a local diffusers folder.
         drop: text encoders to leave out (emoji: light, minilm; SD3: clip_l, clip_g, t5), never loaded.
         dtype: fp32, bf16 or fp16 for the denoiser (`precision` is its old name). compile: torch.compile the
         transformer (pays off over repeated calls in one process). backend: "torch", or "openvino" (emoji models,
         CPU, fp32: the transformer runs as a cached OpenVINO IR, runtime/ov_backend.py) with ov_weights fp32,
-        int8 or int4 (NNCF weight compression)."""
+        int8 or int4 (NNCF weight compression). low_memory: a flowflash model's quantized linear weights stay
+        int8 in memory, dequantized per call (the same images, a smaller resident set)."""
         from ..models.emoji import EmojiModel
         from ..models.sd3 import SD3Model, is_diffusers_folder
 
@@ -161,12 +163,14 @@ class Pipeline:
         else:
             path = resolve_model(name_or_path)
             if is_diffusers_folder(path):
+                if low_memory:
+                    raise FlowflashError("low_memory takes flowflash models for now, not SD3 pipelines")
                 if backend == "openvino":
                     raise FlowflashError("the openvino backend takes flowflash emoji models for now")
                 model = SD3Model.load(path, DTYPES[dtype], drop, max_sequence_length)
             else:
                 check_drop(drop, EmojiModel.encoder_names)  # a wrong name fails before any loading
-                model = EmojiModel.load(path, DTYPES[dtype], drop)
+                model = EmojiModel.load(path, DTYPES[dtype], drop, low_memory=low_memory)
         model.to(dev)
         if compile:
             model.denoiser.compile()
