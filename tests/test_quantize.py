@@ -101,3 +101,29 @@ def test_low_memory_keeps_weights_quantized_with_the_same_images(tiny_model_dir,
         assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b))
     # an unquantized folder loads as usual
     assert not any(isinstance(m, QLinear) for m in EmojiModel.load(tiny_model_dir, low_memory=True).net.modules())
+
+
+def test_sd3_pipeline_quantized_transformer_and_t5(tmp_path, capsys):
+    from flowflash.models.storage import storage_of
+    from flowflash.release.quantize_sd3 import MARKER
+    from flowflash.testing.sd3_fixture import write_tiny_sd3
+
+    base = write_tiny_sd3(tmp_path / "base")
+    gen = lambda folder: np.asarray(Pipeline.load(folder).generate("a red apple", steps=4, guidance=1.0, seed=0,
+                                                                   size=64)[0], dtype=np.float64)
+    ref = gen(base)
+    # measured on the fixture: 0.15 / 0.69 / 2.56 mean uint8 levels
+    for bits, tol in ((8, 0.5), (6, 2.0), (4, 7.0)):
+        out = tmp_path / f"q{bits}"
+        assert main(["quantize", str(base), "--bits", str(bits), "--to", str(out)]) == 0
+        for comp in ("transformer", "text_encoder_3"):
+            assert json.loads((out / comp / MARKER).read_text())["bits"] == bits
+            info = storage_of(out / comp)
+            assert (info["packed_bits"] == [bits]) if bits < 8 else info["int8_tensors"] > 0
+        assert (out / "vae").is_dir() and not (out / "vae" / MARKER).exists()  # the rest as it was
+        assert np.abs(gen(out) - ref).mean() <= tol
+    with pytest.raises(FlowflashError, match="already quantized"):
+        from flowflash.release.quantize_sd3 import quantize_sd3
+        quantize_sd3(tmp_path / "q8", tmp_path / "again", 4)
+    assert main(["quantize", str(base), "--bits", "8", "--to", str(tmp_path / "q8")]) == 2
+    assert "exists; quantize writes a new folder" in capsys.readouterr().err

@@ -372,8 +372,9 @@ def cmd_quantize(a) -> int:
 
     src = resolve_model(a.model)
     if is_diffusers_folder(src):
-        raise FlowflashError("quantize takes flowflash model folders for now; an SD3 pipeline folder is not "
-                             "supported yet")
+        from .release.quantize_sd3 import quantize_sd3
+        print(quantize_sd3(src, Path(a.to), a.bits))
+        return 0
     dest = quantize(src, Path(a.to), a.bits)
     print(dest)
     print(f"{storage_text(dest)}", file=sys.stderr)

@@ -74,6 +74,10 @@ def load_component(cls, folder: Path, name: str, dtype: torch.dtype | None = Non
     refuse_pickles(folder, name)
     if not (folder / name).is_dir():
         raise FlowflashError(f"{folder} lacks the {name}/ component")
+    from ..release.quantize_sd3 import is_quantized, load_quantized
+
+    if is_quantized(folder / name):  # written by `flowflash quantize`: flowflash's storage, not diffusers'
+        return load_quantized(cls, folder / name, dtype or torch.float32)
     # networks: safetensors only, in the asked dtype; tokenizers take neither argument
     kw = {"torch_dtype": dtype, "use_safetensors": True} if issubclass(cls, torch.nn.Module) else {}
     if kw and cls.__module__.startswith("diffusers"):
