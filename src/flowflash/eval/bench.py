@@ -6,12 +6,13 @@ import statistics
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from ..errors import FlowflashError
 from .generate import Setting
 
-KEYS = {"model", "steps", "guidance", "minilm", "precision", "backend", "lowmem"}
+KEYS = {"model", "steps", "guidance", "minilm", "precision", "backend", "lowmem", "threads"}
 BACKENDS = ("torch", "openvino", "openvino-int8", "openvino-int4")
 
 
@@ -27,7 +28,7 @@ def parse_setting(spec: str) -> Setting:
             raise FlowflashError(f"setting {name!r}: unknown option {k!r} (known: {', '.join(sorted(KEYS))})")
         try:
             flag = lambda s: s.lower() in ("1", "true", "yes", "on")
-            kw[k] = {"steps": int, "guidance": float, "minilm": flag, "lowmem": flag,
+            kw[k] = {"steps": int, "guidance": float, "minilm": flag, "lowmem": flag, "threads": int,
                      "model": str, "precision": str, "backend": str}[k](v)
         except ValueError:
             raise FlowflashError(f"setting {name!r}: bad value for {k}: {v!r}") from None
@@ -78,9 +79,13 @@ def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: i
         for r in range(warmup + reps):
             for s in settings:
                 pipe = pipes[pipe_key(s)]
+                threads = torch.get_num_threads()
+                if s.threads:
+                    torch.set_num_threads(s.threads)
                 t0 = time.perf_counter()
                 gen = pipe.run([prompt] * batch, list(range(batch)), steps=s.steps, guidance=s.guidance)
                 wall = time.perf_counter() - t0
+                torch.set_num_threads(threads)
                 if r >= warmup:
                     t = gen.timings
                     runs[s.name].append((t.text_s / batch, t.denoise_s / batch, t.decode_s / batch, wall / batch,
@@ -162,6 +167,7 @@ def cold_seconds(settings: list[Setting], prompt: str, reps: int = 3) -> tuple[d
                     backend, _, ov = s.backend.partition("-")
                     cmd += ["--backend", backend] + (["--ov-weights", ov] if ov else [])
                 cmd += ["--low-memory"] if s.low_memory else []
+                cmd += ["--threads", str(s.threads)] if s.threads else []
                 runs[s.name].append(wall(cmd))
     return {k: statistics.median(v) for k, v in runs.items()}, statistics.median(torch_runs)
 

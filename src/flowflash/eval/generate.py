@@ -27,6 +27,7 @@ class Setting:
     precision: str = "fp32"
     backend: str = "torch"  # or openvino, openvino-int8, openvino-int4 (its weight compression)
     low_memory: bool = False  # quantized weights kept int8 in memory (same images)
+    threads: int | None = None  # torch CPU threads while this setting runs (None: as the process has them)
 
     def __post_init__(self):
         object.__setattr__(self, "drop", tuple(sorted(set(self.drop))))  # one spelling per encoder set
