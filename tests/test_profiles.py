@@ -33,6 +33,11 @@ def test_backend_and_low_memory_follow_the_model_and_the_packages():
     assert pick("desktop", machine()).backend == "torch"  # openvino not installed
     assert pick("tiny", machine()).low_memory and not pick("tiny", machine(), emoji=False).low_memory
     assert not pick("laptop", machine()).low_memory
+    bf16 = frozenset({"avx2", "avx512_bf16"})
+    assert pick("desktop", machine(cpu_flags=bf16)).dtype == "bf16"  # native bf16 matmuls: faster than fp32
+    assert pick("desktop", machine(cpu_flags=frozenset({"avx2"}))).dtype == "fp32"
+    assert pick("desktop", machine(cpu_flags=bf16, openvino=True)).dtype == "fp32"  # openvino runs fp32
+    assert pick("tiny", machine(cpu_flags=bf16)).dtype == "fp32"
 
 
 def test_named_profiles_and_refusals():

@@ -113,11 +113,14 @@ def _named(name: str, m: Machine, why: str, emoji: bool = True) -> Profile:
         # One image at a time on one thread, without the 90 MB MiniLM: the smallest resident set
         # (the light encoder still reads the prompt; the card's encoder-drop table gives the quality cost).
         return Profile("tiny", "cpu", "fp32", 1, 1, True, low_memory=emoji, why=why)
+    # OpenVINO (int8 on the stored grid, fp32 activations) halves an emoji model's denoising time where it
+    # is installed. On torch, bf16 pays only on CPUs with native bf16 matmuls (AVX512-BF16, AMX: 1.5x on
+    # the development machine); on AVX2 alone it is slower than fp32.
+    native_bf16 = bool({"avx512_bf16", "amx_bf16"} & m.cpu_flags)
+    dtype = "bf16" if cpu_backend == "torch" and native_bf16 else "fp32"
     if name == "laptop":
-        # fp32: on CPUs without native bf16 matmuls (AVX2) bf16 is slower, not faster. OpenVINO (int8 on the
-        # stored grid) halves the denoising time of an emoji model where it is installed.
-        return Profile("laptop", "cpu", "fp32", min(m.cores, 4), 4, False, backend=cpu_backend, why=why)
-    return Profile("desktop", "cpu", "fp32", m.cores, 8, False, backend=cpu_backend, why=why)
+        return Profile("laptop", "cpu", dtype, min(m.cores, 4), 4, False, backend=cpu_backend, why=why)
+    return Profile("desktop", "cpu", dtype, m.cores, 8, False, backend=cpu_backend, why=why)
 
 
 def large_encoder(model_path: Path) -> str:
