@@ -173,12 +173,22 @@ def test_refusals(tiny_model_dir, kwargs, needle):
     assert len(str(e.value).splitlines()) == 1
 
 
-def test_refuses_sd3_folders(tmp_path):
-    (tmp_path / "sd3").mkdir()
-    (tmp_path / "sd3" / "model_index.json").write_text("{}")
-    for kw in (dict(name_or_path=tmp_path / "sd3"), dict(name_or_path="x.safetensors", config=tmp_path / "sd3")):
-        with pytest.raises(FlowflashError, match="^the openvino backend takes flowflash emoji models for now$"):
-            Pipeline.load(**kw, backend="openvino")
+def test_sd3_transformer_one_ir_per_size_same_images(tmp_path, monkeypatch):
+    """An SD3 pipeline folder on the openvino backend: the diffusers transformer exported once per latent
+    size (cached beside the folder), the same images as torch within 1 level, with and without CFG."""
+    import numpy as np
+
+    from flowflash.testing.sd3_fixture import write_tiny_sd3
+    folder = write_tiny_sd3(tmp_path / "sd3")
+    torch_pipe, ov_pipe = Pipeline.load(folder), Pipeline.load(folder, backend="openvino")
+    for size, guidance in ((64, 1.0), ((64, 96), 1.0), (64, 3.0)):
+        kw = dict(steps=4, guidance=guidance, seed=0, size=size, num_images=2)
+        a = np.stack([np.asarray(i, dtype=np.int16) for i in torch_pipe.generate("a red apple", **kw)])
+        b = np.stack([np.asarray(i, dtype=np.int16) for i in ov_pipe.generate("a red apple", **kw)])
+        assert np.abs(a - b).max() <= 1
+    assert len(entries(folder)) == 2  # 64x64 and 64x96 (CFG reuses the 64x64 IR)
+    monkeypatch.setattr(ov_backend, "convert", lambda *a, **k: pytest.fail("exported again"))
+    Pipeline.load(folder, backend="openvino").generate("a red apple", steps=2, guidance=1.0, size=64)
 
 
 def test_missing_openvino_names_the_extra(tiny_model_dir, monkeypatch):

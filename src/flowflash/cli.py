@@ -270,10 +270,12 @@ def cmd_generate(a) -> int:
         raise FlowflashError("--ov-weights applies to --backend openvino")
     ov = {}
     if backend == "openvino":  # default: the grid the weights are stored on (int8 ones stay int8: same images)
+        from .models.sd3 import is_diffusers_folder
         from .models.storage import quantized_bits
         from .runtime.pipeline import resolve_model
+        ours = a.config is None and not is_diffusers_folder(resolve_model(a.model))
         ov = {"backend": "openvino",
-              "ov_weights": a.ov_weights or ("int8" if quantized_bits(resolve_model(a.model)) == 8 else "fp32")}
+              "ov_weights": a.ov_weights or ("int8" if ours and quantized_bits(resolve_model(a.model)) == 8 else "fp32")}
     pipe = Pipeline.load(a.model, drop=drop, dtype=dtype or "fp32", device=device or "cpu", config=a.config,
                          max_sequence_length=a.max_sequence_length, compile=a.compile, low_memory=low_memory, **ov)
     n_steps = len(pipe.timesteps(a.steps, a.size)) - 1

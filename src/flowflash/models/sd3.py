@@ -323,9 +323,12 @@ class SD3Model:
         return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
 
     # ------------------------------------------------------------------ denoising and images
+    transformer_runner = None  # called in place of self.transformer when set (runtime/ov_backend.py)
+
     def velocity(self, x: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        return self.transformer(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.context,
-                                pooled_projections=cond.pooled, return_dict=False)[0]
+        run = self.transformer_runner or self.transformer
+        return run(hidden_states=x, timestep=t * 1000, encoder_hidden_states=cond.context,
+                   pooled_projections=cond.pooled, return_dict=False)[0]
 
     def noise(self, seeds: list[int], size: tuple[int, int]) -> Tensor:
         """One latent per seed, drawn as diffusers' prepare_latents draws a batch of one from a CPU generator."""

@@ -155,6 +155,8 @@ class _Traced(torch.nn.Module):
 
 def input_shapes(cfg) -> list[list[int]]:
     """Each input's shape with batch -1: image, text states, pooled vector, timestep."""
+    if hasattr(cfg, "input_shapes"):  # an SD3 export spec (SD3Export) gives its own
+        return cfg.input_shapes()
     k = cfg.transformer_kwargs()
     s = k["sample_size"]
     seq = cfg.light_max_tokens + cfg.minilm_max_tokens
@@ -452,3 +454,64 @@ def attach(net, folder: Path | None, weights_hash: str | None, weights: str = "f
     runner = load(net, folder, weights_hash, weights, threads, cache_dir)
     net.transformer_runner = runner
     return runner
+
+
+# ---------------------------------------------------------------- SD3 transformers (diffusers)
+class _SD3Spec:
+    """The parts of an emoji ModelConfig the exporter reads, for a diffusers SD3 transformer at one latent
+    size: a name, what shapes the IR (its config and the sizes), and the input shapes."""
+
+    def __init__(self, model, latent_hw: tuple[int, int]):
+        self.name = model.name
+        self._model, self._hw = model, latent_hw
+
+    def transformer_kwargs(self) -> dict:
+        # the architecture fields only: diffusers also records where the config was read from
+        c = {k: v for k, v in dict(self._model.transformer.config).items() if not k.startswith("_")}
+        c = json.loads(json.dumps(c, default=str))
+        return {**c, "latent_hw": list(self._hw), "context_tokens": self.context_tokens()}
+
+    def context_tokens(self) -> int:
+        return 77 + self._model.max_sequence_length  # CLIP's 77, then T5's (zeros when T5 is dropped)
+
+    def input_shapes(self) -> list[list[int]]:
+        c = self._model.transformer.config
+        return [[-1, c.in_channels, *self._hw], [-1, self.context_tokens(), c.joint_attention_dim],
+                [-1, c.pooled_projection_dim], [-1]]
+
+
+class SD3Export:
+    """An SD3 model's transformer at one latent size, in the shape `load` takes (`.transformer`, `.cfg`)."""
+
+    def __init__(self, model, latent_hw: tuple[int, int]):
+        self.transformer = model.transformer
+        self.cfg = _SD3Spec(model, latent_hw)
+        self.transformer_runner = None
+
+
+class SD3Runner:
+    """Called by SD3Model.velocity in place of the diffusers transformer: one IR per latent size, exported
+    (or read from the cache) the first time that size is asked for."""
+
+    def __init__(self, model, folder: Path | None, weights_hash: str | None, weights: str = "fp32",
+                 threads: int | None = None):
+        self.model, self.folder, self.weights_hash = model, folder, weights_hash
+        self.weights, self.threads = weights, threads
+        self.by_size: dict[tuple[int, int], OVTransformer] = {}
+
+    def __call__(self, hidden_states: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                 pooled_projections: torch.Tensor, return_dict: bool = False):
+        hw = tuple(hidden_states.shape[-2:])
+        if hw not in self.by_size:
+            self.by_size[hw] = load(SD3Export(self.model, hw), self.folder, self.weights_hash, self.weights,
+                                    self.threads)
+        return self.by_size[hw](hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                                pooled_projections=pooled_projections, timestep=timestep, return_dict=return_dict)
+
+
+def attach_sd3(model, folder: Path | None, weights_hash: str | None, weights: str = "fp32",
+               threads: int | None = None) -> SD3Runner:
+    runner = SD3Runner(model, folder, weights_hash, weights, threads)
+    model.transformer_runner = runner
+    return runner
+

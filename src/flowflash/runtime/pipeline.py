@@ -123,8 +123,8 @@ class Pipeline:
         single .safetensors transformer checkpoint with `config` naming a local diffusers folder.
         drop: text encoders to leave out (emoji: light, minilm; SD3: clip_l, clip_g, t5), never loaded.
         dtype: fp32, bf16 or fp16 for the denoiser (`precision` is its old name). compile: torch.compile the
-        transformer (pays off over repeated calls in one process). backend: "torch", or "openvino" (emoji models,
-        CPU, fp32: the transformer runs as a cached OpenVINO IR, runtime/ov_backend.py) with ov_weights fp32,
+        transformer (pays off over repeated calls in one process). backend: "torch", or "openvino" (CPU, fp32:
+        the transformer runs as a cached OpenVINO IR, runtime/ov_backend.py; for SD3 one per image size) with ov_weights fp32,
         int8 or int4 (NNCF weight compression). low_memory: a flowflash model's quantized linear weights stay
         int8 in memory, dequantized per call (the same images, a smaller resident set)."""
         from ..models.emoji import EmojiModel
@@ -150,8 +150,6 @@ class Pipeline:
             raise FlowflashError("ov_weights applies to backend='openvino' only")
         dev = resolve_device(device)
         if config is not None or str(name_or_path or "").endswith(".safetensors"):
-            if backend == "openvino":
-                raise FlowflashError("the openvino backend takes flowflash emoji models for now")
             if name_or_path is None:
                 raise FlowflashError("--config names the folder for a single-file checkpoint: give the file with --model")
             if config is None:
@@ -165,8 +163,6 @@ class Pipeline:
             if is_diffusers_folder(path):
                 if low_memory:
                     raise FlowflashError("low_memory takes flowflash models for now, not SD3 pipelines")
-                if backend == "openvino":
-                    raise FlowflashError("the openvino backend takes flowflash emoji models for now")
                 model = SD3Model.load(path, DTYPES[dtype], drop, max_sequence_length)
             else:
                 check_drop(drop, EmojiModel.encoder_names)  # a wrong name fails before any loading
@@ -176,9 +172,12 @@ class Pipeline:
             model.denoiser.compile()
         pipe = cls(model, path, drop)
         if backend == "openvino":
-            from .ov_backend import attach
+            from .ov_backend import attach, attach_sd3
 
-            attach(model.net, path, pipe.hash, ov_weights)
+            if isinstance(model, SD3Model):  # one IR per image size, made when that size is first asked for
+                attach_sd3(model, path, pipe.hash, ov_weights)
+            else:
+                attach(model.net, path, pipe.hash, ov_weights)
         return pipe
 
     @classmethod
