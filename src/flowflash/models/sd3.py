@@ -239,23 +239,26 @@ class SD3Model:
 
     # ------------------------------------------------------------------ text
     @staticmethod
-    def _cut(tok, prompts: list[str], limit: int) -> list[bool]:
-        """Which prompts have more tokens than the encoder takes (each prompt on its own)."""
-        return [len(ids) > limit for ids in tok(prompts).input_ids]
+    def _ids(tok, prompts: list[str], limit: int) -> tuple[Tensor, list[bool]]:
+        """Token ids padded/truncated to `limit` as the tokenizer's own truncation makes them (the sequence cut,
+        its closing special token kept), and which prompts were cut: one tokenization, not two."""
+        rows, cut = [], []
+        for ids in tok(prompts).input_ids:
+            cut.append(len(ids) > limit)
+            ids = ids[: limit - 1] + ids[-1:] if len(ids) > limit else ids
+            rows.append(ids + [tok.pad_token_id] * (limit - len(ids)))
+        return torch.tensor(rows, dtype=torch.long), cut
 
     def _clip(self, name: str, prompts: list[str]) -> tuple[Tensor, Tensor, list[bool]]:
         model, tok = self.encoders[name]
-        ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
+        ids, cut = self._ids(tok, prompts, tok.model_max_length)
         out = model(ids.to(self.device), output_hidden_states=True)
-        return out.hidden_states[-2], out[0], self._cut(tok, prompts, tok.model_max_length)
+        return out.hidden_states[-2], out[0], cut
 
     def _t5(self, prompts: list[str]) -> tuple[Tensor, list[bool]]:
         model, tok = self.encoders["t5"]
-        n = self.max_sequence_length
-        ids = tok(prompts, padding="max_length", max_length=n, truncation=True, add_special_tokens=True,
-                  return_tensors="pt").input_ids
-        return model(ids.to(self.device))[0], self._cut(tok, prompts, n)
+        ids, cut = self._ids(tok, prompts, self.max_sequence_length)
+        return model(ids.to(self.device))[0], cut
 
     def encode_text(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, list[list[str]]]:
         """(context, pooled, each prompt's warnings) as StableDiffusion3Pipeline.encode_prompt makes them."""
