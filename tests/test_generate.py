@@ -37,6 +37,13 @@ def test_num_images_to_directory_and_seeds(tiny_model_dir, tmp_path, capsys):
     assert seeds == ["5", "6", "7"]
 
 
+def test_numbered_outputs_never_overwrite_across_a_gap(tmp_path):
+    from flowflash.runtime.output import output_paths
+    (tmp_path / "flowflash-0001.png").write_bytes(b"mine")
+    paths = output_paths(str(tmp_path) + "/", 3)
+    assert [p.name for p in paths] == ["flowflash-0002.png", "flowflash-0003.png", "flowflash-0004.png"]
+
+
 def test_many_images_go_in_batches_each_written_before_the_next(tiny_model_dir, tmp_path, capsys, monkeypatch):
     """Memory must not grow with --num-images: batches of --batch-size, each batch on disk before the next runs."""
     real, calls = Pipeline.run, []

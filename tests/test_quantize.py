@@ -127,3 +127,5 @@ def test_sd3_pipeline_quantized_transformer_and_t5(tmp_path, capsys):
         quantize_sd3(tmp_path / "q8", tmp_path / "again", 4)
     assert main(["quantize", str(base), "--bits", "8", "--to", str(tmp_path / "q8")]) == 2
     assert "exists; quantize writes a new folder" in capsys.readouterr().err
+    assert main(["quantize", str(base), "--bits", "8", "--to", str(base / "inside")]) == 2
+    assert "lies inside the pipeline folder" in capsys.readouterr().err and not (base / "inside").exists()

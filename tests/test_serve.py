@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -23,6 +24,19 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 KEY = "test-key-0123"
+
+
+def _png(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+RED_PNG = base64.b64encode(_png(Image.new("RGB", (16, 16), (200, 20, 20)))).decode()
+# a PNG whose second IDAT chunk has a broken type: Pillow raises SyntaxError for it, not OSError
+_noise = _png(Image.frombytes("RGB", (256, 256), random.Random(0).randbytes(256 * 256 * 3)))  # several IDATs
+_second = _noise.index(b"IDAT", _noise.index(b"IDAT") + 4)
+BROKEN_PNG = base64.b64encode(_noise[:_second] + b"I\x00AT" + _noise[_second + 4:]).decode()
 
 
 def free_port() -> int:
@@ -148,6 +162,12 @@ def test_auth_required_and_checked(server):
 def test_oversize_body_and_unknown_output(api):
     r = api.post("/v1/images/generations", content=b"x" * (17 * 2**20), headers={"content-type": "application/json"})
     assert r.status_code == 413
+
+    def chunks():  # no Content-Length: counted as it arrives
+        for _ in range(17):
+            yield b"x" * 2**20
+    r = api.post("/v1/images/generations", content=chunks(), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     for name in ("../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "0123456789abcdef-0.png"):
         assert api.get(f"/outputs/{name}").status_code == 404
 
@@ -195,6 +215,9 @@ def test_a1111_round_trip(api, model_dir):
     ("/sdapi/v1/img2img", {"prompt": "dog", "init_images": [base64.b64encode(b"text").decode()]}, 400),
     ("/sdapi/v1/img2img", {"prompt": "dog", "init_images": [""], "denoising_strength": 0}, 400),
     ("/api/jobs", {"prompt": "dog", "n": 1000}, 400),
+    ("/sdapi/v1/txt2img", {"prompt": "dog", "override_settings": {"sd_model_checkpoint": ["a"]}}, 422),
+    ("/sdapi/v1/img2img", {"prompt": "dog", "init_images": [BROKEN_PNG]}, 400),
+    ("/sdapi/v1/img2img", {"prompt": "dog", "init_images": [RED_PNG], "denoising_strength": 1e-300}, 422),
     ("/api/jobs", {"prompt": "dog", "previews": "yes please"}, 422),
 ])
 def test_a1111_and_jobs_bad_input(api, path, body, status):
@@ -370,6 +393,18 @@ def test_queue_overflow_cancel_disconnect_interrupt(model_dir, tmp_path, monkeyp
         assert "the model fell over" in c.get(f"/api/jobs/{boom}").json()["error"]
         ok = c.post("/v1/images/generations", json={"prompt": "red apple", "seed": 2})
         assert ok.status_code == 200 and len(ok.json()["data"]) == 1
+
+
+def test_keyless_server_answers_loopback_only_and_caps_n_at_max_batch(model_dir, tmp_path):
+    with GatedServer(model_dir, tmp_path, max_batch=2) as g, httpx.Client(base_url=g.url, timeout=30) as c:
+        g.gate.set()
+        for headers in ({"Host": f"evil.example:{g.port}"}, {"Origin": "https://evil.example"}, {"Origin": "null"}):
+            r = c.post("/api/jobs", json={"prompt": "dog"}, headers=headers)
+            assert r.status_code == 403 and r.json()["error"] == "forbidden_host", headers
+        ok = {"Host": f"localhost:{g.port}", "Origin": f"http://127.0.0.1:{g.port}"}
+        assert c.post("/api/jobs", json={"prompt": "dog", "n": 2}, headers=ok).status_code == 202
+        r = c.post("/v1/images/generations", json={"prompt": "dog", "n": 3})
+        assert r.status_code == 400 and "between 1 and 2" in r.json()["error"]["message"]
 
 
 def test_client_that_leaves_a_blocking_call_cancels_its_job(model_dir, tmp_path):

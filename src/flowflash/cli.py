@@ -256,9 +256,12 @@ def cmd_generate(a) -> int:
         from .runtime.profiles import large_encoder, machine_facts, pick
 
         prof = pick(a.profile, machine_facts(), emoji=not is_diffusers_folder(resolve_model(a.config or a.model)))
-        device, dtype = device or prof.device, dtype or prof.dtype
         threads, batch = threads or prof.threads, batch or prof.batch_size
-        backend, low_memory = backend or prof.backend, low_memory or prof.low_memory
+        low_memory = low_memory or prof.low_memory
+        # the profile's OpenVINO only where the explicit flags leave room for it (fp32, CPU, no compile)
+        fits = dtype in (None, "fp32") and device in (None, "cpu", "auto") and not a.compile and not low_memory
+        backend = backend or (prof.backend if fits else "torch")
+        device, dtype = device or prof.device, dtype or prof.dtype
         if prof.drop_large_encoder:  # a single-file checkpoint's encoders live in its --config folder
             drop.add(large_encoder(resolve_model(a.config or a.model)))
     if threads is not None:

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -49,6 +50,9 @@ class Settings:
     output_dir: Path | None = None  # where response_format=url images go
     keep_outputs: int = 500  # url images kept on disk; older ones are deleted
     wait_timeout_s: float = 600.0
+
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 class ApiError(Exception):
@@ -130,7 +134,7 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------ errors, auth, body size
     def error_body(request: Request, e: ApiError) -> dict:
-        if request.url.path.startswith("/v1/"):
+        if request.scope["path"].startswith("/v1/"):  # the routed path, not one rebuilt from the Host header
             return {"error": {"message": e.message, "type": e.kind, "param": e.param, "code": e.code}}
         return {"error": e.code or e.kind, "detail": e.message, "param": e.param}
 
@@ -148,7 +152,7 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         else:
             param = ".".join(loc) or None
             msg = f"{param or 'body'}: {first.get('msg', 'invalid')}"
-        status = 400 if request.url.path.startswith("/v1/") else 422
+        status = 400 if request.scope["path"].startswith("/v1/") else 422
         return JSONResponse(error_body(request, ApiError(status, msg, param, "invalid_value")), status_code=status)
 
     class Guard:
@@ -165,11 +169,21 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     async def guard(scope, receive, send, inner):
         request = Request(scope)
-        path = request.url.path
+        path = scope["path"]  # what the router routes: the URL is partly built from the Host header
+        too_big = ApiError(413, f"request body over {MAX_BODY // 2**20} MB", code="body_too_large")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            e = ApiError(413, f"request body over {MAX_BODY // 2**20} MB", code="body_too_large")
-            return await JSONResponse(error_body(request, e), status_code=413)(scope, receive, send)
+            return await JSONResponse(error_body(request, too_big), status_code=413)(scope, receive, send)
+        if not settings.api_key:
+            # Without a key only loopback may call: a web page's requests (another Origin) and DNS rebinding
+            # (another Host) are refused, so no site the user visits can drive the server.
+            host = urlsplit("//" + request.headers.get("host", "")).hostname
+            origin = request.headers.get("origin")
+            if host not in LOOPBACK_HOSTS or (origin is not None and urlsplit(origin).hostname not in LOOPBACK_HOSTS):
+                e = ApiError(403, "this server answers its own machine only (Host and Origin must be loopback); "
+                                  "start it with --api-key to serve others", code="forbidden_host",
+                             kind="permission_error")
+                return await JSONResponse(error_body(request, e), status_code=403)(scope, receive, send)
         # Written images are public like OpenAI's urls: their names are random 64-bit ids, and clients fetch
         # them without the key.
         public = (path == "/" or path.startswith(("/static/", "/outputs/")) or path == "/health"
@@ -182,6 +196,27 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
                              code="invalid_api_key", kind="authentication_error")
                 return await JSONResponse(error_body(request, e), status_code=401,
                                           headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            # A body without Content-Length (chunked) is read here, at most MAX_BODY bytes, then replayed.
+            parts, seen, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                parts.append(message.get("body", b""))
+                seen += len(parts[-1])
+                more = message.get("more_body", False)
+                if seen > MAX_BODY:
+                    return await JSONResponse(error_body(request, too_big), status_code=413)(scope, receive, send)
+            body, replayed = b"".join(parts), False
+
+            async def replay():
+                nonlocal replayed
+                if replayed:
+                    return await receive()  # after the body: disconnects reach the handlers as before
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await inner(scope, replay, send)
         return await inner(scope, receive, send)
 
     # ------------------------------------------------------------ shared validation
@@ -204,8 +239,9 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         if negative is not None and len(negative) > lim.max_prompt_chars:
             raise ApiError(400, f"negative prompt over {lim.max_prompt_chars} characters", "negative_prompt",
                            "prompt_too_long")
-        if not 1 <= n <= lim.max_images:
-            raise ApiError(400, f"n must be between 1 and {lim.max_images}, got {n}", "n", "invalid_value")
+        most = min(lim.max_images, worker.max_batch)  # one request is one denoising call at most --max-batch
+        if not 1 <= n <= most:
+            raise ApiError(400, f"n must be between 1 and {most}, got {n}", "n", "invalid_value")
         if steps is not None and not 1 <= steps <= lim.max_steps:
             raise ApiError(400, f"steps must be between 1 and {lim.max_steps}, got {steps}", "steps",
                            "invalid_value")
@@ -237,6 +273,15 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
             raise ApiError(400, f"size must look like 1024x1024, got {size!r}", "size", "invalid_size")
         return check_size(model, int(m[1]), int(m[2]))
 
+    def check_strength(model: str, steps: int | None, size, strength: float, param: str) -> None:
+        """img2img starts `strength` into the schedule (as Pipeline.run): it must leave at least one step."""
+        if not 0 < strength <= 1:
+            raise ApiError(422, f"{param} must lie in (0, 1], got {strength}", param, "invalid_value")
+        n = len(worker.pipelines[model].timesteps(steps, size)) - 1
+        if n - int(max(n - min(n * strength, n), 0)) < 1:
+            raise ApiError(422, f"{param} {strength} leaves none of the {n} steps: raise it or the steps", param,
+                           "invalid_value")
+
     def decode_image(data: str, param: str) -> Image.Image:
         if data.startswith("data:"):
             data = data.split(",", 1)[-1]
@@ -248,7 +293,7 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
             return im.convert("RGB")
         except ApiError:
             raise
-        except (binascii.Error, ValueError, OSError, Image.DecompressionBombError):
+        except (binascii.Error, ValueError, OSError, SyntaxError, Image.DecompressionBombError):  # Pillow: all
             raise ApiError(400, "init image is not a base64-encoded PNG/JPEG/WebP", param, "invalid_image") from None
 
     def submit(spec: JobSpec) -> Job:
@@ -350,7 +395,11 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
 
     # ------------------------------------------------------------ AUTOMATIC1111
     async def a1111(body: A1111Request, request: Request, img2img: bool):
-        model = model_name(body.override_settings.get("sd_model_checkpoint") or None, "override_settings")
+        wanted = body.override_settings.get("sd_model_checkpoint")
+        if wanted is not None and not isinstance(wanted, str):
+            raise ApiError(422, "override_settings.sd_model_checkpoint must be a string", "override_settings",
+                           "invalid_value")
+        model = model_name(wanted or None, "override_settings")
         n = body.batch_size * body.n_iter
         if body.batch_size < 1 or body.n_iter < 1:
             raise ApiError(422, "batch_size and n_iter must be at least 1", "batch_size", "invalid_value")
@@ -363,9 +412,7 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
                 raise ApiError(422, "img2img needs init_images (one base64 image)", "init_images", "invalid_value")
             init = decode_image(body.init_images[0], "init_images")
             strength = float(body.denoising_strength)
-            if not 0 < strength <= 1:
-                raise ApiError(422, f"denoising_strength must lie in (0, 1], got {strength}", "denoising_strength",
-                               "invalid_value")
+            check_strength(model, body.steps, size, strength, "denoising_strength")
         job = submit(JobSpec(body.prompt, model, n, body.steps, body.cfg_scale, seed, size,
                              body.negative_prompt or None, init, strength, previews=True))
         await wait_done(request, job)
@@ -455,8 +502,8 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         check_common(body.prompt, body.n, body.steps, body.guidance, body.negative_prompt, body.seed)
         size = check_size(model, body.width, body.height, "width")
         init = decode_image(body.init_image, "init_image") if body.init_image else None
-        if init is not None and not 0 < body.strength <= 1:
-            raise ApiError(422, f"strength must lie in (0, 1], got {body.strength}", "strength", "invalid_value")
+        if init is not None:
+            check_strength(model, body.steps, size, float(body.strength), "strength")
         seed = worker.random_seed() if body.seed is None else body.seed
         job = submit(JobSpec(body.prompt, model, body.n, body.steps, body.guidance, seed, size,
                              body.negative_prompt or None, init, float(body.strength), body.previews))

@@ -52,6 +52,8 @@ def quantize_sd3(src: Path, dest: Path, bits: int) -> Path:
     if any((src / c / MARKER).exists() for c in QUANTIZED.values()):
         raise FlowflashError(f"{src} is already quantized; quantizing again compounds the rounding: start from "
                              "the original pipeline folder")
+    if dest.resolve().is_relative_to(src.resolve()):
+        raise FlowflashError(f"--to {dest} lies inside the pipeline folder {src}")
     if not (src / "transformer").is_dir():
         raise FlowflashError(f"{src} lacks the transformer/ component")
     with atomic_dir(dest) as tmp:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from PIL import Image
@@ -29,9 +30,10 @@ def output_paths(out: str | None, n: int, default_stem: str = "flowflash") -> li
         if not p.exists() and not p.parent.exists():
             raise FlowflashError(f"output directory's parent does not exist: {p.parent}")
         folder = p
-        start = 0
-        while (folder / f"{default_stem}-{start:04d}.png").exists():
-            start += 1
+        # after the highest number already there: a gap in the numbering must not lead to overwriting
+        taken = [int(m.group(1)) for f in (folder.glob(f"{default_stem}-*.png") if folder.is_dir() else [])
+                 if (m := re.fullmatch(rf"{re.escape(default_stem)}-(\d+)\.png", f.name))]
+        start = max(taken) + 1 if taken else 0
         paths = [folder / f"{default_stem}-{start + i:04d}.png" for i in range(n)]
     else:
         if p.suffix.lower() != ".png":
