@@ -59,7 +59,7 @@ def _cpuinfo() -> tuple[frozenset[str], str]:
     flags, name = frozenset(), ""
     for line in text.splitlines():
         k, _, v = line.partition(":")
-        if k.strip() == "flags" and not flags:
+        if k.strip() in ("flags", "Features") and not flags:  # x86 / ARM
             flags = frozenset(v.split())
         elif k.strip() == "model name" and not name:
             name = v.strip()
@@ -157,6 +157,9 @@ def expected_peak_mb(model_folder: Path, profile: Profile, torch_mb: float) -> d
         params = info["bytes"] / 2
     per_param = 2 if profile.dtype in ("bf16", "fp16") else 4
     weights = params * per_param / 2**20
+    if profile.low_memory and (info["int8_tensors"] or info["packed_tensors"]):
+        weights = params / 2**20  # quantized linear weights (nearly all) stay int8 in memory: ~1 byte each
+
     mini_files = [] if profile.drop_large_encoder else list(minilm_dir().glob("*.safetensors"))
     minilm = sum(p.stat().st_size for p in mini_files) / 2**20  # fp32 on disk, fp32 in memory
     tokens = (cfg.image_size // cfg.patch_size) ** 2
