@@ -417,3 +417,35 @@ def test_client_that_leaves_a_blocking_call_cancels_its_job(model_dir, tmp_path)
         g.gate.set()
         (job,) = g.worker.jobs.values()
         g.status(c, job.id, "cancelled")
+
+
+def test_url_images_of_earlier_runs_count_against_the_kept_number(model_dir, tmp_path):
+    from flowflash.app.jobs import Worker
+    from flowflash.app.server import Settings, create_app
+    from flowflash.runtime.pipeline import Pipeline
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = [out / f"{k:016x}-0.png" for k in range(3)]
+    for i, p in enumerate(old):
+        p.write_bytes(b"png")
+        os.utime(p, (1000 + i, 1000 + i))
+    (out / "mine.txt").write_text("not the server's")
+    worker = Worker({model_dir.name: Pipeline.load(model_dir)}).start()
+    try:
+        import uvicorn
+        port = free_port()
+        server = uvicorn.Server(uvicorn.Config(create_app(worker, Settings(output_dir=out, keep_outputs=3)),
+                                               host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        wait_up(f"http://127.0.0.1:{port}")
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/images/generations",
+                       json={"prompt": "dog", "n": 2, "response_format": "url"}, timeout=60)
+        assert r.status_code == 200
+        assert not old[0].exists() and not old[1].exists() and old[2].exists()  # the two oldest went
+        assert (out / "mine.txt").exists() and len(list(out.glob("*.png"))) == 3
+        server.should_exit = True
+        thread.join(10)
+    finally:
+        worker.stop()

@@ -130,7 +130,10 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
     lim = settings.limits
     app = FastAPI(title="flowflash", docs_url=None, redoc_url=None, openapi_url=None)
     state = {"default": next(iter(worker.pipelines))}
-    written: list[Path] = []
+    # images written by earlier runs count against keep_outputs too, oldest first
+    written: list[Path] = sorted((p for p in settings.output_dir.iterdir() if OUTPUT_NAME.match(p.name)),
+                                 key=lambda p: p.stat().st_mtime) if settings.output_dir and \
+        settings.output_dir.is_dir() else []
 
     # ------------------------------------------------------------ errors, auth, body size
     def error_body(request: Request, e: ApiError) -> dict:
