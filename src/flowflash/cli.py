@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help=argparse.SUPPRESS)  # old name
     g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     g.add_argument("--backend", choices=["torch", "openvino"], default=None,
-                   help="the transformer's runtime (openvino: CPU, emoji models, exported once and cached; needs "
-                        "the openvino extra); default torch")
+                   help="the transformer's runtime (openvino: CPU, exported once and cached, for SD3 once per "
+                        "size; needs the openvino extra); default torch")
     g.add_argument("--ov-weights", choices=["fp32", "int8", "int4"], default=None,
                    help="openvino weight compression (int8: the stored grid, same images within 1 level)")
     g.add_argument("--low-memory", action="store_true",

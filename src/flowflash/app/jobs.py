@@ -181,17 +181,6 @@ class Worker:
             except ValueError:
                 return 0
 
-    def wait(self, job: Job, timeout: float | None = None) -> bool:
-        """Block until the job finished (True) or the timeout passed (False)."""
-        end = None if timeout is None else time.monotonic() + timeout
-        with self.lock:
-            while not job.finished:
-                left = None if end is None else end - time.monotonic()
-                if left is not None and left <= 0:
-                    return False
-                self.lock.wait(left)
-            return True
-
     def status(self) -> dict:
         with self.lock:
             run = self.running[0] if self.running else None

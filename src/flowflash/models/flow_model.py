@@ -155,7 +155,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, keep_quantized:
     """Load a model folder, with one clear error for each way it can be wrong. keep_quantized: linear layers
     stored quantized keep their int8 values in memory and dequantize per call (same outputs, ~1/4 the
     memory for those weights; models/qlinear.py)."""
-    from .qlinear import dequantize, swap_in
+    from .qlinear import swap_in
 
     folder = Path(folder)
     cfg = read_config(folder)
@@ -185,7 +185,7 @@ def load_model(folder: Path, dtype: torch.dtype = torch.float32, keep_quantized:
         raise FlowflashError(f"config.json does not match the weights in {folder}: {detail}")
     used = swap_in(model, quantized, sd, dtype, prefix="transformer.")  # the MMDiT: ~all the weights
     for key in set(quantized) - used:  # quantized weights of other layer kinds: dequantized as usual
-        sd[key] = dequantize(*quantized[key], dtype)
+        sd[key] = storage.dequantize(*quantized[key], dtype)
     # assign: the model that validated the shapes takes the loaded tensors as they are, no second copy.
     model.load_state_dict({k: v for k, v in sd.items() if k not in used}, strict=not used, assign=True)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]

@@ -1,21 +1,15 @@
 """Linear layers that keep their stored int8 / 6-bit / 4-bit weights in memory and dequantize per call.
 
 For the smallest resident set (the `tiny` profile): a quantized weight costs 1 byte a parameter in memory
-instead of 4, at the price of one dequantization a call. The arithmetic is the loader's own, so the output
-is the same as with weights dequantized at load."""
+instead of 4, at the price of one dequantization a call. The arithmetic is the loader's own
+(storage.dequantize), so the output is the same as with weights dequantized at load."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    """q * scale with one scale per row (scale (rows, 1)) or per group of columns (scale (rows, groups)):
-    the same operations, in the same order, as the loader's dequantization."""
-    rows, cols = q.shape
-    g = scale.shape[1]
-    return (q.float().view(rows, g, cols // g) * scale.float().unsqueeze(2)).view(rows, cols).to(dtype)
+from .storage import dequantize
 
 
 class QLinear(nn.Module):

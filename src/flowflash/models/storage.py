@@ -52,8 +52,16 @@ def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+def dequantize(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """int8 q times its scales, one per row (scale (rows, 1)) or per group of columns (scale (rows, groups)):
+    the one dequantization, used at load and per call by layers that keep q (models/qlinear.py)."""
+    rows, cols = q.shape
+    g = scale.shape[1]
+    return (q.float().view(rows, g, cols // g) * scale.float().unsqueeze(2)).view(rows, cols).to(dtype)
+
+
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
-    return (q.float() * scale).to(dtype)
+    return dequantize(q, scale, dtype)
 
 
 # ---------------------------------------------------------------- 6 and 4 bits, packed, per group
@@ -123,8 +131,7 @@ def dequantize_packed(packed: Tensor, scale: Tensor, meta: Tensor, dtype: torch.
     if scale.shape != (rows, cols // group):
         raise FlowflashError(f"scales {tuple(scale.shape)} do not match a packed tensor of {rows}x{cols} in groups "
                              f"of {group}")
-    w = q.float().reshape(rows, cols // group, group) * scale.float().unsqueeze(2)
-    return w.reshape(rows, cols).to(dtype)
+    return dequantize(q, scale, dtype)
 
 
 # ---------------------------------------------------------------- saving

@@ -45,7 +45,7 @@ def storage_text(folder: Path) -> str:
     rest = "; norms, biases, embeddings and the patch convolution in fp16)"
     if info["packed_tensors"]:
         bits = "/".join(str(b) for b in info["packed_bits"])
-        how = (f"int{bits} weight-only (every linear layer's weight, packed, one fp16 scale per "
+        how = (f"int{bits} weight-only (every linear layer's weight, packed, one fp16 scale per group of up to "
                f"{QUANT_GROUP} input columns, dequantized to the compute dtype at load{rest}")
     elif info["int8_tensors"]:
         how = ("int8 weight-only (every linear layer's weight, one scale per output channel, dequantized to the "
