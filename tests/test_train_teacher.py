@@ -208,6 +208,31 @@ def test_sigterm_finishes_the_step_checkpoints_and_exports(tiny_corpus, tmp_path
     assert (tmp_path / "t/ema_model/model.safetensors").exists()
 
 
+def test_a_stop_that_lands_late_in_a_step_still_ends_on_a_checkpoint(tiny_corpus, tmp_path, monkeypatch):
+    """The stop request read once a step: one arriving after the step decided not to save (here while it
+    logs) ends the run only after the next step, which checkpoints."""
+    import flowflash.train.loop as loop
+
+    stops, writes = [], []
+
+    class Stop(loop.GracefulStop):
+        def __enter__(self):
+            stops.append(self)
+            return super().__enter__()
+    real_write = loop.JsonlLog.write
+
+    def write(self, record):
+        real_write(self, record)
+        writes.append(record["step"])
+        if len(writes) == 2:
+            stops[0].requested = True  # as the signal handler would, after this step's save decision
+    monkeypatch.setattr(loop, "GracefulStop", Stop)
+    monkeypatch.setattr(loop.JsonlLog, "write", write)
+    train_teacher(cfg(tiny_corpus, tmp_path / "t", steps=10, ckpt_every=100))
+    state = json.loads((tmp_path / "t/checkpoint/state.json").read_text())
+    assert state["state"]["step"] == 3 and writes == [1, 2, 3]
+
+
 def test_graceful_stop_handles_then_restores_the_signal_handlers():
     import signal
 

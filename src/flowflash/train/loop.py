@@ -174,7 +174,8 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     check_each_step = device.type in CHECK_EACH_STEP_ON
     bad, since = torch.zeros((), dtype=torch.bool, device=device), step
     with GracefulStop(d.world == 1) as stop, JsonlLog(out / "log.jsonl", d.main) as log:
-        while step < end and not stop.requested:
+        stopping = False
+        while step < end and not stopping:
             f = lr_factor(cfg, step)
             for opt in method.optimizers.values():
                 for g in opt.param_groups:
@@ -193,7 +194,10 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
             seen += cfg.batch_size
             if d.main:
                 bar.update(1)
-            saving = step % cfg.ckpt_every == 0 or step == end or stop.requested
+            # read once a step: the loop ends only after a step that saw the stop, so that step checkpoints (a
+            # signal landing later in a step is seen by the next one)
+            stopping = stop.requested
+            saving = step % cfg.ckpt_every == 0 or step == end or stopping
             if not check_each_step and (saving or step % cfg.log_every == 0):
                 check_finite(last, bad, f"{since}-{step - 1}", ckpt)
                 bad, since = torch.zeros_like(bad), step
