@@ -144,12 +144,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--cache", default=None, help="reuse generated images from this folder (see bench --cache)")
     e.add_argument("--out", required=True, help="results path stem: writes OUT.json and OUT.md")
 
-    ds = sub.add_parser("distill", help="distil the teacher into a few-step student")
+    ds = sub.add_parser("distill", help="distil the teacher into a few-step student",
+                        description="Distil a teacher into a few-step CFG-free student; the student is written to "
+                                    "OUT/student. Flags override the YAML config's fields of the same name.")
     ds.add_argument("--method", required=True, help="flash, dmd2, tg or naive")
-    ds.add_argument("--config", default=None, help="YAML of DistillConfig fields")
+    ds.add_argument("--config", default=None, help="YAML of DistillConfig fields (every other knob)")
     ds.add_argument("--out", default=None, help="run folder (overrides the config's out)")
-    ds.add_argument("--teacher", default=None, help="teacher model name or folder (overrides the config's teacher)")
-    ds.add_argument("--student-steps", type=positive_int, default=None, help="the student's steps (overrides the config)")
+    ds.add_argument("--teacher", default=None, help="teacher: a shipped name, a flowflash model folder, or a diffusers "
+                    "StableDiffusion3Pipeline folder (trained in its latent space)")
+    ds.add_argument("--student-steps", type=int, default=None, help="the student's steps (overrides the config)")
+    ds.add_argument("--iterations", type=positive_int, default=None, help="training iterations (the config's steps)")
+    ds.add_argument("--prompts", default=None, metavar="FILE",
+                    help="SD3 teacher: training prompts, one a line, or JSONL with a 'prompt' field")
+    ds.add_argument("--size", type=size_arg, default=None, help="SD3 teacher: training size, N or WxH px")
+    ds.add_argument("--drop", action="append", default=None, metavar="ENCODER",
+                    help="SD3 teacher: train (and run) without this text encoder, e.g. t5; repeatable")
+    ds.add_argument("--real-images", default=None, metavar="DIR",
+                    help="SD3 teacher: real images for the adversarial heads (without them the term is off)")
+    ds.add_argument("--batch-size", type=positive_int, default=None, help="global batch (split across processes)")
+    ds.add_argument("--device", default=None, help="cpu or cuda (one GPU per process under torchrun)")
+    ds.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                    help="bf16: autocast with fp32 master weights (the frozen SD3 teacher is held in bf16)")
+    ds.add_argument("--fsdp", action="store_true", default=None, help="under torchrun: shard the roles with FSDP2")
+    ds.add_argument("--grad-checkpointing", action="store_true", default=None,
+                    help="recompute transformer blocks in backward (less memory, more time)")
+    ds.add_argument("--embed-cache", default=None, metavar="DIR",
+                    help="where prompt embeddings and real latents are cached (default ~/.cache/flowflash/embeddings)")
     ds.add_argument("--resume", action="store_true")
     ds.add_argument("--max-steps", type=positive_int, default=None)
     ds.add_argument("--measure-variance", type=positive_int, default=None, metavar="DRAWS",
@@ -445,8 +465,13 @@ def cmd_distill(a) -> int:
     from .train.configs import DistillConfig
     from .train.run import distill, measure_variance
 
-    over = {"method": a.method, **({"out": a.out} if a.out else {}), **({"teacher": a.teacher} if a.teacher else {}),
-            **({"student_steps": a.student_steps} if a.student_steps else {})}
+    flags = {"out": a.out, "teacher": a.teacher, "student_steps": a.student_steps, "steps": a.iterations,
+             "prompts": a.prompts, "size": list(a.size) if isinstance(a.size, tuple) else a.size, "drop": a.drop,
+             "real_images": a.real_images, "batch_size": a.batch_size, "device": a.device, "precision": a.precision,
+             "fsdp": a.fsdp, "grad_checkpointing": a.grad_checkpointing, "embed_cache": a.embed_cache}
+    over = {"method": a.method, **{k: v for k, v in flags.items() if v is not None}}
+    if a.student_steps is not None and a.student_steps < 1:
+        raise FlowflashError(f"--student-steps must be >= 1, got {a.student_steps}")
     cfg = load_config(DistillConfig, a.config, over)
     if a.measure_variance:
         import json

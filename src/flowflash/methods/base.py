@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar
 
 import torch
@@ -18,7 +19,6 @@ from torch import Tensor
 
 from ..errors import FlowflashError
 from ..models.flow_model import FlowModel
-from ..models.text import combine
 from ..sampling import guided_velocity
 from ..train.data import Batch
 
@@ -54,11 +54,25 @@ class Method:
                 value.to(self.device)
         return self
 
+    def share_draws(self, rank: int, world: int):
+        """Per-sample draws are made for the global batch (every rank's generator alike) and sliced to this
+        rank's rows: a run then draws the same numbers whatever the number of processes."""
+        self.draw_slice = (rank, world)
+
+    draw_slice: tuple[int, int] | None = None
+
+    def _draw(self, fn, shape: tuple[int, ...]) -> Tensor:
+        if self.draw_slice is None or not shape:
+            return fn(shape, generator=self.gen).to(self.device)
+        r, w = self.draw_slice
+        n = shape[0]
+        return fn((n * w, *shape[1:]), generator=self.gen)[r * n: (r + 1) * n].to(self.device)
+
     def rand(self, *shape: int) -> Tensor:
-        return torch.rand(shape, generator=self.gen).to(self.device)
+        return self._draw(torch.rand, shape)
 
     def randn(self, *shape: int) -> Tensor:
-        return torch.randn(shape, generator=self.gen).to(self.device)
+        return self._draw(torch.randn, shape)
 
     @classmethod
     def check_config(cls, cfg, loop_fields: set[str]):
@@ -71,6 +85,11 @@ class Method:
     def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
         """The exported model folder's network, carrying `weights` (the EMA of `ema_network`)."""
         raise NotImplementedError
+
+    def save_export(self, weights: dict[str, Tensor], folder: Path) -> Path:
+        """Write the exported model folder (a flowflash model; SD3 students override: a diffusers folder)."""
+        from ..models.flow_model import save_model
+        return save_model(self.export_model(weights), folder)
 
 
 def set_fields(cfg, names) -> list[str]:
@@ -92,17 +111,18 @@ def refuse(method: type[Method], fields: list[str], why: str = ""):
 
 
 # ------------------------------------------------------------------ conditioning and velocity of a role
-def condition(model: FlowModel, b: Batch, use_light: Tensor | bool = True,
+def condition(model, b, use_light: Tensor | bool = True,
               use_minilm: Tensor | bool | None = None) -> tuple[Tensor, Tensor]:
-    """(context, pooled) of `model`'s own light encoder (each role has its copy) and the batch's MiniLM states;
-    a False nulls that encoder (both False: the CFG null)."""
-    n = b.ids.shape[0]
-    as_mask = lambda m: m if torch.is_tensor(m) else torch.full((n,), bool(m), dtype=torch.bool, device=b.ids.device)
+    """(context, pooled) of the batch for a role. An emoji batch runs the role's own light encoder (each role
+    has its copy) beside the batch's MiniLM states; a latent batch holds cached embeddings. A False nulls an
+    encoder (all False: the CFG null)."""
+    n = b.noise.shape[0]
+    as_mask = lambda m: m if torch.is_tensor(m) else torch.full((n,), bool(m), dtype=torch.bool, device=b.noise.device)
     use_minilm = use_light if use_minilm is None else use_minilm
-    return combine(model.light, b.ids, b.mini_h, b.mini_p, as_mask(use_light), as_mask(use_minilm))
+    return b.condition(model, as_mask(use_light), as_mask(use_minilm))
 
 
-def velocity(model: FlowModel, x: Tensor, t: Tensor, b: Batch, guidance: float = 1.0) -> Tensor:
+def velocity(model, x: Tensor, t: Tensor, b, guidance: float = 1.0) -> Tensor:
     """v(x, t | text), with classifier-free guidance when guidance != 1 (one batched call)."""
     ctx, pooled = condition(model, b, True)
     if guidance == 1.0:

@@ -20,10 +20,10 @@ from ..sampling import add_noise, velocity_target, x0_from_v
 from ..train.data import Batch
 from .base import StepOutput, refuse, set_fields, velocity
 from .losses import distribution_matching, dmd_direction, flow_matching, gan_discriminator, gan_generator
-from .student import STUDENT_FIELDS, StudentMethod
+from .student import STUDENT_FIELDS, StudentMethod, is_latent
 
 DM_FIELDS = STUDENT_FIELDS | {"lr_critic", "critic_ratio", "timestep_sharing", "t_match_min", "adversarial",
-                              "gan_weight", "gan_blocks", "head_reinit_p"}
+                              "gan_weight", "gan_blocks", "head_reinit_p", "real_images"}
 
 
 class Heads(nn.Module):
@@ -63,6 +63,24 @@ class FeatureTap:
         return f
 
 
+def adversarial_on(cfg, teacher) -> bool:
+    """The adversarial term is on unless set off; by default it needs real samples: the emoji corpus always has
+    them, an SD3 teacher's run has them when it is given real images (real_images)."""
+    if cfg.adversarial is not None:
+        return bool(cfg.adversarial)
+    return not is_latent(teacher) or cfg.real_images is not None
+
+
+def gan_blocks(cfg, teacher) -> list[int]:
+    """The critic blocks the heads read: as set, or at about a quarter and five eighths of the depth."""
+    n = len(teacher.transformer.transformer_blocks)
+    blocks = list(cfg.gan_blocks) if cfg.gan_blocks is not None else sorted({n // 4, 5 * n // 8})
+    bad = [b for b in blocks if not (isinstance(b, int) and 0 <= b < n)]
+    if bad or not blocks:
+        raise FlowflashError(f"gan_blocks {blocks} must name blocks 0..{n - 1} of the teacher's {n}")
+    return blocks
+
+
 class DMD2(StudentMethod):
     name = "dmd2"
     uses = DM_FIELDS
@@ -71,9 +89,10 @@ class DMD2(StudentMethod):
         super().__init__(cfg, teacher, student)
         self.sharing = self.timestep_sharing(cfg.timestep_sharing)
         self.critic = (critic if critic is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
-        width = teacher.cfg.num_heads * teacher.cfg.head_dim
-        self.heads = Heads(width, len(cfg.gan_blocks))
-        self.tap = FeatureTap(self.critic, cfg.gan_blocks) if cfg.adversarial else None
+        self.adversarial = adversarial_on(cfg, teacher)
+        blocks = gan_blocks(cfg, teacher)
+        self.heads = Heads(teacher.cfg.num_heads * teacher.cfg.head_dim, len(blocks))
+        self.tap = FeatureTap(self.critic, blocks) if self.adversarial else None
         self.networks.update(critic=self.critic, heads=self.heads)
         betas = (0.0, 0.99)  # DMD2: no first moment for the two-player updates
         self.optimizers["student"] = torch.optim.AdamW(self.student.parameters(), lr=cfg.lr, betas=betas)
@@ -86,8 +105,8 @@ class DMD2(StudentMethod):
     @classmethod
     def check_config(cls, cfg, loop_fields: set[str]):
         super().check_config(cfg, loop_fields)
-        if not cfg.adversarial:
-            refuse(cls, set_fields(cfg, {"gan_weight", "gan_blocks", "head_reinit_p"}), " with adversarial: false")
+        if cfg.adversarial is False:
+            refuse(cls, set_fields(cfg, {"gan_weight", "gan_blocks", "head_reinit_p", "real_images"}), " with adversarial: false")
 
     def timestep_sharing(self, asked: bool | None) -> bool:
         if asked:
@@ -101,7 +120,7 @@ class DMD2(StudentMethod):
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         if not self.is_student_step(step):
             return self.critic_step(batch)
-        if self.cfg.adversarial:
+        if self.adversarial:
             self.heads.maybe_reinit(self.cfg.head_reinit_p, self.gen)
         return self.student_step(batch)
 
@@ -139,7 +158,7 @@ class DMD2(StudentMethod):
         dm, (x_i, v, x0_hat, t, i) = self.dm_loss(b)
         logs = {"dm": dm.detach()}
         loss = dm
-        if self.cfg.adversarial:
+        if self.adversarial:
             x_adv, t_adv = self.adversarial_point(x_i, v, x0_hat, t, i)
             self.tap.take()  # drop the features of the matching pass above
             self.critic.requires_grad_(False)  # the critic is a fixed judge here: no graph through its weights
@@ -159,7 +178,7 @@ class DMD2(StudentMethod):
             self.tap.take()
         critic = flow_matching(velocity(self.critic, add_noise(x0, eps, t), t, b), velocity_target(x0, eps))
         logs, loss = {"critic": critic.detach()}, critic
-        if self.cfg.adversarial:
+        if self.adversarial:
             fake_logits = self.heads(self.tap.take())
             real = b.real if b.real is not None else x0
             velocity(self.critic, add_noise(real, self.randn(*real.shape), t), t, b)

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..models.flow_model import FlowModel
 from .base import Method
-from .student import refuse_schedule_overrides, schedule_from, student_model
+from .student import is_latent, refuse_schedule_overrides, schedule_from, student_model
 
 
 class Naive(Method):
@@ -24,6 +24,13 @@ class Naive(Method):
         super().__init__(cfg, cfg.seed)
         self.teacher = teacher
         self.schedule = schedule_from(cfg, teacher)
+
+    def save_export(self, weights, folder: Path) -> Path:
+        if not is_latent(self.teacher):
+            return super().save_export(weights, folder)
+        from ..release.sd3_student import save_sd3_student
+        return save_sd3_student(self.teacher.cfg, self.teacher.state_dict(), self.schedule,
+                                self.teacher.cfg.sampling.guidance, None, folder)
 
     def export_model(self, weights: dict[str, Tensor] | None = None) -> FlowModel:
         """The teacher's own weights under the student schedule, keeping the teacher's CFG."""

@@ -21,7 +21,15 @@ from .schedule import split_range, steps_in_range, student_schedule
 
 # Fields every distillation method reads (the loop's are allowed everywhere).
 STUDENT_FIELDS = frozenset({"method", "teacher", "init_student", "student_steps", "student_shift", "schedule",
-                            "split", "split_at", "guidance"})
+                            "split", "split_at", "guidance", "prompts", "size", "drop", "max_sequence_length",
+                            "embed_cache", "fsdp", "grad_checkpointing"})
+LATENT_FIELDS = frozenset({"prompts", "size", "drop", "max_sequence_length", "real_images", "embed_cache"})
+
+
+def is_latent(teacher) -> bool:
+    """Whether the teacher is an SD3 pipeline's transformer (models/latent.py), not an emoji model."""
+    from ..models.latent import LatentFlow
+    return isinstance(teacher, LatentFlow)
 
 
 def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance: float = 1.0) -> FlowModel:
@@ -31,8 +39,26 @@ def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance
     return FlowModel(dataclasses.replace(teacher.cfg, kind="student", name=name, sampling=sampling))
 
 
-def schedule_from(cfg, teacher: FlowModel) -> list[float]:
-    """The student's times: explicit, or student_steps shifted by student_shift (default: the teacher's)."""
+def schedule_from(cfg, teacher) -> list[float]:
+    """The student's times: explicit, or student_steps shifted by student_shift (default: the teacher's). For an
+    SD3 teacher they are the sigmas its FlowMatchEulerDiscreteScheduler gives for student_steps (with
+    student_shift, when set, in place of its shift), so that the exported student runs in vanilla diffusers."""
+    if is_latent(teacher):
+        from ..models.sd3 import load_scheduler, scheduler_sigmas
+        from ..errors import FlowflashError
+
+        if cfg.schedule is not None:
+            raise FlowflashError("an SD3 teacher's student takes its scheduler's times (so that vanilla diffusers "
+                                 "runs the export); set student_steps and, if needed, student_shift, not schedule")
+        if cfg.student_steps < 1:
+            raise FlowflashError(f"student steps must be >= 1, got {cfg.student_steps}")
+        sched = load_scheduler(teacher.cfg.folder)
+        if cfg.student_shift is not None:
+            sched = type(sched).from_config({**sched.config, "shift": float(cfg.student_shift)})
+        c, (w, h) = teacher.cfg, teacher.cfg.size
+        p = teacher.transformer.config.patch_size
+        seq = (c.latent_shape[1] // p) * (c.latent_shape[2] // p)
+        return [float(t) for t in scheduler_sigmas(sched, cfg.student_steps, seq)]
     shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
     return student_schedule(cfg.student_steps, shift, cfg.schedule)
 
@@ -81,3 +107,9 @@ class StudentMethod(Method):
 
     def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
         return load_cast(student_model(self.teacher, self.schedule, Path(self.cfg.out).name), weights)
+
+    def save_export(self, weights: dict[str, Tensor], folder: Path) -> Path:
+        if not is_latent(self.teacher):
+            return super().save_export(weights, folder)
+        from ..release.sd3_student import save_sd3_student
+        return save_sd3_student(self.teacher.cfg, weights, self.schedule, 1.0, self.cfg, folder)

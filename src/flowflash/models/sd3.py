@@ -98,60 +98,43 @@ def load_component(cls, folder: Path, name: str, dtype: torch.dtype | None = Non
         raise FlowflashError(f"cannot load {folder / name}: {str(e).splitlines()[0]}") from None
 
 
-class SD3Model:
-    encoder_names = tuple(ENCODERS)
+def check_sequence_length(n: int):
+    if n < 1 or n > 512:
+        raise FlowflashError(f"max_sequence_length must lie in 1..512, got {n}")
 
-    def __init__(self, transformer, vae, scheduler, encoders: dict, name: str, sampling: SamplingDefaults,
-                 max_sequence_length: int = 256, clip_widths: dict[str, tuple[int, int]] | None = None):
-        self.transformer, self.vae, self.scheduler = transformer, vae, scheduler
-        self.clip_widths = clip_widths or {}  # name -> (hidden size, projection size)
-        self._sigmas: dict[tuple[int, int, int], Tensor] = {}
-        self._text: dict[tuple[str, frozenset], tuple[Tensor, Tensor, list[str]]] = {}
+
+def clip_widths(folder: Path) -> dict[str, tuple[int, int]]:
+    """name -> (hidden size, projection size) of both CLIPs, from their configs (known even when dropped)."""
+    widths = {}
+    for name in ("clip_l", "clip_g"):
+        cfg_path = Path(folder) / ENCODERS[name][0] / "config.json"
+        if not cfg_path.exists():
+            raise FlowflashError(f"{folder} lacks the {ENCODERS[name][0]}/ component")
+        c = json.loads(cfg_path.read_text())
+        widths[name] = (c["hidden_size"], c["projection_dim"])
+    return widths
+
+
+class SD3TextEncoders:
+    """The three text encoders of an SD3 folder (dropped ones absent) and SD3's prompt embedding. Apart from
+    the transformer, so that distillation encodes its prompts once without loading any other network."""
+
+    def __init__(self, encoders: dict, clip_widths: dict[str, tuple[int, int]], max_sequence_length: int,
+                 joint_dim: int, dtype: torch.dtype):
         self.encoders = encoders  # name -> (text model, tokenizer); dropped encoders are absent
-        self.name, self.sampling = name, sampling
-        self.max_sequence_length = max_sequence_length
-        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.multiple = self.vae_scale * transformer.config.patch_size
+        self.clip_widths, self.max_sequence_length = clip_widths, max_sequence_length
+        self.joint_dim, self.dtype, self.device = joint_dim, dtype, torch.device("cpu")
 
-    # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, drop=(), max_sequence_length: int = 256,
-             transformer_file: Path | None = None) -> "SD3Model":
-        """A diffusers folder; `transformer_file`: a single-file checkpoint whose configs come from `folder`."""
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    def load(cls, folder: Path, drop: frozenset[str], max_sequence_length: int, dtype: torch.dtype,
+             joint_dim: int | None = None, widths: dict | None = None) -> "SD3TextEncoders":
         from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
         quiet_loaders()
         folder = Path(folder)
-        drop = check_drop(drop, cls.encoder_names)
-        index = read_index(folder)
-        if "t5" not in drop and (not (index.get("text_encoder_3") or [None])[0]
-                                 or not (folder / "text_encoder_3").is_dir()):
-            raise FlowflashError(f"{folder} has no T5 text encoder (text_encoder_3); load it with --drop t5 "
-                                 "(Python: drop=['t5'])")
-        if max_sequence_length < 1 or max_sequence_length > 512:
-            raise FlowflashError(f"max_sequence_length must lie in 1..512, got {max_sequence_length}")
-        # everything cheap to check is checked before the (possibly multi-GB) weights are read
-        if not (folder / "scheduler" / "scheduler_config.json").is_file():
-            raise FlowflashError(f"{folder} lacks the scheduler/ component")
-        widths = {}
-        for name in ("clip_l", "clip_g"):
-            cfg_path = folder / ENCODERS[name][0] / "config.json"
-            if not cfg_path.exists():
-                raise FlowflashError(f"{folder} lacks the {ENCODERS[name][0]}/ component")
-            c = json.loads(cfg_path.read_text())
-            widths[name] = (c["hidden_size"], c["projection_dim"])
-        settings = read_settings(folder).get("sampling", {}) if (folder / SETTINGS).exists() else {}
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler",
-                                                                    local_files_only=True)
-        # a flowflash student records its own steps and guidance; else diffusers' defaults (28, 7)
-        sampling = SamplingDefaults(steps=settings.get("steps", 28), guidance=settings.get("guidance", 7.0),
-                                    shift=float(scheduler.config.get("shift", 1.0)))
-        if transformer_file is not None:
-            transformer = load_single_file(Path(transformer_file), folder, dtype)
-        else:
-            transformer = load_component(SD3Transformer2DModel, folder, "transformer", dtype)
-        vae = load_component(AutoencoderKL, folder, "vae", dtype)
+        check_sequence_length(max_sequence_length)
+        if joint_dim is None:  # T5's zeros take the transformer's context width
+            joint_dim = json.loads((folder / "transformer" / "config.json").read_text())["joint_attention_dim"]
         classes = {"clip_l": (CLIPTextModelWithProjection, CLIPTokenizer),
                    "clip_g": (CLIPTextModelWithProjection, CLIPTokenizer), "t5": (T5EncoderModel, T5TokenizerFast)}
         encoders = {}
@@ -159,85 +142,16 @@ class SD3Model:
             if name in drop:
                 continue  # never read from disk
             model_cls, tok_cls = classes[name]
-            encoders[name] = (load_component(model_cls, folder, model_dir, dtype).eval(),
+            encoders[name] = (load_component(model_cls, folder, model_dir, dtype).eval().requires_grad_(False),
                               load_component(tok_cls, folder, tok_dir))
-        vae = vae.to(memory_format=torch.channels_last)  # see decode
-        model = cls(transformer.eval(), vae.eval(), scheduler, encoders, folder.name, sampling, max_sequence_length,
-                    widths)
-        for m in (transformer, vae, *(e for e, _ in encoders.values())):
-            m.requires_grad_(False)
-        return model
+        return cls(encoders, widths or clip_widths(folder), max_sequence_length, joint_dim, dtype)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
-
-    @property
-    def denoiser(self) -> torch.nn.Module:
-        return self.transformer
-
-    def weights_id(self, path: Path) -> str:
-        """A short id of the transformer weights for PNG metadata, cheap on multi-GB files: sha256 over the
-        transformer config, each weight file's name and size, and its first MiB."""
-        import hashlib
-        path = Path(path)
-        files = [path] if path.is_file() else sorted((path / "transformer").glob("*.safetensors"))
-        h = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
-        for f in files:
-            h.update(f"{f.name}:{f.stat().st_size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-        return h.hexdigest()[:10]
-
-    @property
-    def device(self) -> torch.device:
-        return self.transformer.device
-
-    def to(self, device: torch.device | str) -> "SD3Model":
-        for m in (self.transformer, self.vae, *(e for e, _ in self.encoders.values())):
-            m.to(device)
-        self._text.clear()  # cached embeddings live on the old device
+    def to(self, device) -> "SD3TextEncoders":
+        self.device = torch.device(device)
+        for m, _ in self.encoders.values():
+            m.to(self.device)
         return self
 
-    # ------------------------------------------------------------------ sizes and schedule
-    def default_size(self) -> tuple[int, int]:
-        s = self.transformer.config.sample_size * self.vae_scale
-        return s, s
-
-    def check_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
-        w, h = self.default_size() if size is None else (size, size) if isinstance(size, int) else tuple(size)
-        if w % self.multiple or h % self.multiple or w < self.multiple or h < self.multiple:
-            raise FlowflashError(f"size {w}x{h} is not a positive multiple of {self.multiple} "
-                                 f"(VAE factor {self.vae_scale} x patch {self.transformer.config.patch_size})")
-        top = (self.transformer.config.pos_embed_max_size or 0) * self.multiple
-        if top and max(w, h) > top:  # the position table ends there
-            raise FlowflashError(f"size {w}x{h} is larger than this model's position embedding allows ({top} px a side)")
-        return w, h
-
-    def timesteps(self, steps: int | None, size: tuple[int, int] | None = None) -> Tensor:
-        """The scheduler's own sigmas (N + 1, ending at 0) for N steps at this size, as diffusers computes them."""
-        import copy
-
-        from ..sampling import dynamic_shift_mu
-
-        steps = steps or self.sampling.steps
-        w, h = size or self.default_size()
-        key = (steps, w, h)
-        if key in self._sigmas:  # computed once per (steps, size): a reused Pipeline skips the scheduler
-            return self._sigmas[key]
-        sched = copy.deepcopy(self.scheduler)  # set_timesteps mutates; keep the loaded one pristine
-        kw = {}
-        if sched.config.get("use_dynamic_shifting"):
-            p = self.transformer.config.patch_size
-            seq = (h // self.vae_scale // p) * (w // self.vae_scale // p)
-            c = sched.config
-            kw["mu"] = dynamic_shift_mu(seq, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                        c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-        sched.set_timesteps(steps, **kw)
-        self._sigmas[key] = sched.sigmas.to(torch.float64)
-        return self._sigmas[key]
-
-    # ------------------------------------------------------------------ text
     @staticmethod
     def _ids(tok, prompts: list[str], limit: int) -> tuple[Tensor, list[bool]]:
         """Token ids padded/truncated to `limit` as the tokenizer's own truncation makes them (the sequence cut,
@@ -282,7 +196,7 @@ class SD3Model:
                        for h, w in zip(clip_states, widths)]
         clip = torch.cat(clip_states, dim=-1)
         if "t5" in drop or "t5" not in self.encoders:
-            t5 = torch.zeros(b, self.max_sequence_length, self.transformer.config.joint_attention_dim,
+            t5 = torch.zeros(b, self.max_sequence_length, self.joint_dim,
                              device=self.device, dtype=self.dtype)
         else:
             t5, cut = self._t5(prompts)
@@ -295,6 +209,121 @@ class SD3Model:
         """Width of a CLIP's token states (or of its projection), known from its config even when dropped."""
         hidden, projection = self.clip_widths[name]
         return projection if pooled else hidden
+
+
+class SD3Model:
+    encoder_names = tuple(ENCODERS)
+
+    def __init__(self, transformer, vae, scheduler, text: "SD3TextEncoders", name: str, sampling: SamplingDefaults):
+        self.transformer, self.vae, self.scheduler, self.text = transformer, vae, scheduler, text
+        self._sigmas: dict[tuple[int, int, int], Tensor] = {}
+        self._text: dict[tuple[str, frozenset], tuple[Tensor, Tensor, list[str]]] = {}
+        self.name, self.sampling = name, sampling
+        self.vae_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.multiple = self.vae_scale * transformer.config.patch_size
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, folder: Path, dtype: torch.dtype = torch.float32, drop=(), max_sequence_length: int = 256,
+             transformer_file: Path | None = None) -> "SD3Model":
+        """A diffusers folder; `transformer_file`: a single-file checkpoint whose configs come from `folder`."""
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+        quiet_loaders()
+        folder = Path(folder)
+        drop = check_drop(drop, cls.encoder_names)
+        index = read_index(folder)
+        all_settings = read_settings(folder) if (folder / SETTINGS).exists() else {}
+        # a student distilled without an encoder runs without it (its embedding was zeros in training)
+        drop = drop | frozenset(all_settings.get("trained_without", []))
+        if "t5" not in drop and (not (index.get("text_encoder_3") or [None])[0]
+                                 or not (folder / "text_encoder_3").is_dir()):
+            raise FlowflashError(f"{folder} has no T5 text encoder (text_encoder_3); load it with --drop t5 "
+                                 "(Python: drop=['t5'])")
+        check_sequence_length(max_sequence_length)
+        # everything cheap to check is checked before the (possibly multi-GB) weights are read
+        widths = clip_widths(folder)
+        settings = all_settings.get("sampling", {})
+        scheduler = load_scheduler(folder)
+        # a flowflash student records its own steps and guidance; else diffusers' defaults (28, 7)
+        sampling = SamplingDefaults(steps=settings.get("steps", 28), guidance=settings.get("guidance", 7.0),
+                                    shift=float(scheduler.config.get("shift", 1.0)))
+        if transformer_file is not None:
+            transformer = load_single_file(Path(transformer_file), folder, dtype)
+        else:
+            transformer = load_component(SD3Transformer2DModel, folder, "transformer", dtype)
+        vae = load_component(AutoencoderKL, folder, "vae", dtype)
+        text = SD3TextEncoders.load(folder, drop, max_sequence_length, dtype, transformer.config.joint_attention_dim,
+                                    widths)
+        vae = vae.to(memory_format=torch.channels_last)  # see decode
+        model = cls(transformer.eval(), vae.eval(), scheduler, text, folder.name, sampling)
+        for m in (transformer, vae):
+            m.requires_grad_(False)
+        return model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        return self.transformer
+
+    def weights_id(self, path: Path) -> str:
+        """A short id of the transformer weights for PNG metadata, cheap on multi-GB files: sha256 over the
+        transformer config, each weight file's name and size, and its first MiB."""
+        import hashlib
+        path = Path(path)
+        files = [path] if path.is_file() else sorted((path / "transformer").glob("*.safetensors"))
+        h = hashlib.sha256(json.dumps(dict(self.transformer.config), sort_keys=True, default=str).encode())
+        for f in files:
+            h.update(f"{f.name}:{f.stat().st_size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+        return h.hexdigest()[:10]
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.device
+
+    def to(self, device: torch.device | str) -> "SD3Model":
+        for m in (self.transformer, self.vae):
+            m.to(device)
+        self.text.to(device)
+        self._text.clear()  # cached embeddings live on the old device
+        return self
+
+    # ------------------------------------------------------------------ sizes and schedule
+    def default_size(self) -> tuple[int, int]:
+        s = self.transformer.config.sample_size * self.vae_scale
+        return s, s
+
+    def check_size(self, size: int | tuple[int, int] | None) -> tuple[int, int]:
+        return check_size(size, self.default_size(), self.multiple, self.vae_scale,
+                          self.transformer.config.pos_embed_max_size)
+
+    def timesteps(self, steps: int | None, size: tuple[int, int] | None = None) -> Tensor:
+        """The scheduler's own sigmas (N + 1, ending at 0) for N steps at this size, as diffusers computes them."""
+        steps = steps or self.sampling.steps
+        w, h = size or self.default_size()
+        key = (steps, w, h)
+        if key not in self._sigmas:  # computed once per (steps, size): a reused Pipeline skips the scheduler
+            p = self.transformer.config.patch_size
+            seq = (h // self.vae_scale // p) * (w // self.vae_scale // p)
+            self._sigmas[key] = scheduler_sigmas(self.scheduler, steps, seq)
+        return self._sigmas[key]
+
+    # ------------------------------------------------------------------ text
+    @property
+    def encoders(self) -> dict:
+        return self.text.encoders
+
+    @property
+    def max_sequence_length(self) -> int:
+        return self.text.max_sequence_length
+
+    def encode_text(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, list[list[str]]]:
+        return self.text.encode_text(prompts, drop)
 
     CACHE = 8  # prompts whose embeddings a reused model keeps (SD3.5: ~5 MB each in fp32)
 
@@ -324,7 +353,7 @@ class SD3Model:
         if cfg:  # the unconditional rows encode the negative prompt ("" by default), as diffusers does
             nctx, npooled, _ = self.encode_cached(negative or [""] * len(prompts), drop)
             ctx, pooled = torch.cat([ctx, nctx]), torch.cat([pooled, npooled])
-        return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
+        return Conditioning(ctx.to(self.device, self.dtype), pooled.to(self.device, self.dtype), notes)
 
     # ------------------------------------------------------------------ denoising and images
     transformer_runner = None  # called in place of self.transformer when set (runtime/ov_backend.py)
@@ -372,6 +401,60 @@ class SD3Model:
             out.append((z - c.shift_factor) * c.scaling_factor)
             noise.append(torch.randn(out[-1].shape, generator=g, dtype=self.dtype).to(self.device))
         return torch.cat(out), torch.cat(noise)
+
+
+def check_size(size, default: tuple[int, int], multiple: int, vae_scale: int,
+               pos_embed_max_size: int | None) -> tuple[int, int]:
+    """(width, height) for a size request; one error naming the rule it breaks."""
+    w, h = default if size is None else (size, size) if isinstance(size, int) else tuple(size)
+    if w % multiple or h % multiple or w < multiple or h < multiple:
+        raise FlowflashError(f"size {w}x{h} is not a positive multiple of {multiple} "
+                             f"(VAE factor {vae_scale} x patch {multiple // vae_scale})")
+    top = (pos_embed_max_size or 0) * multiple
+    if top and max(w, h) > top:  # the position table ends there
+        raise FlowflashError(f"size {w}x{h} is larger than this model's position embedding allows ({top} px a side)")
+    return w, h
+
+
+def size_rule(folder: Path, transformer_config, size) -> tuple[int, int, int]:
+    """(width, height, VAE factor) of a size request for a diffusers folder, from its configs alone."""
+    vae_cfg = Path(folder) / "vae" / "config.json"
+    if not vae_cfg.is_file():
+        raise FlowflashError(f"{folder} lacks the vae/ component")
+    vae_scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1)
+    c = transformer_config
+    default = (c.sample_size * vae_scale,) * 2
+    w, h = check_size(size, default, vae_scale * c.patch_size, vae_scale, c.pos_embed_max_size)
+    return w, h, vae_scale
+
+
+def load_scheduler(folder: Path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if not (Path(folder) / "scheduler" / "scheduler_config.json").is_file():
+        raise FlowflashError(f"{folder} lacks the scheduler/ component")
+    return FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+
+
+def scheduler_shift(folder: Path) -> float:
+    return float(load_scheduler(folder).config.get("shift", 1.0))
+
+
+def scheduler_sigmas(scheduler, steps: int, image_seq_len: int) -> Tensor:
+    """The scheduler's sigmas (N + 1, ending at 0) for N steps, as diffusers computes them (its shift, or its
+    dynamic shift for this many image tokens)."""
+    import copy
+
+    from ..sampling import dynamic_shift_mu
+
+    sched = copy.deepcopy(scheduler)  # set_timesteps mutates; keep the loaded one pristine
+    kw = {}
+    if sched.config.get("use_dynamic_shifting"):
+        c = sched.config
+        kw["mu"] = dynamic_shift_mu(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                    c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+    sched.set_timesteps(steps, **kw)
+    return sched.sigmas.to(torch.float64)
 
 
 def load_single_file(path: Path, config: Path, dtype: torch.dtype):

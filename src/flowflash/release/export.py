@@ -20,6 +20,11 @@ def link_or_copy(src: Path, dst: Path):
         shutil.copy2(src, dst)
 
 
+def no_t5_kwargs(drop) -> str:
+    """What diffusers needs to load a folder whose model_index has no T5 (it asks for the null parts by name)."""
+    return ", text_encoder_3=None, tokenizer_3=None" if "t5" in set(drop) else ""
+
+
 def export(model: Path, to: Path) -> Path:
     model, to = Path(model), Path(to)
     if not is_diffusers_folder(model):
@@ -51,7 +56,7 @@ Exported by `flowflash export {model}` as a diffusers `StableDiffusion3Pipeline`
 ```python
 import torch
 from diffusers import StableDiffusion3Pipeline
-pipe = StableDiffusion3Pipeline.from_pretrained("{to}", local_files_only=True)
+pipe = StableDiffusion3Pipeline.from_pretrained("{to}", local_files_only=True{no_t5_kwargs(settings.get("trained_without", []))})
 image = pipe("a red apple", num_inference_steps={steps}, guidance_scale={guidance},
              generator=torch.Generator().manual_seed(0)).images[0]
 ```

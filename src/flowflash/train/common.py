@@ -82,6 +82,10 @@ def sync_grads(params: list[torch.nn.Parameter]):
     """Average gradients across ranks (what DDP does), in one flattened all-reduce per call."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return
+    from torch.distributed.tensor import DTensor
+    params = [p for p in params if not isinstance(p, DTensor)]  # FSDP2 reduced those in backward already
+    if not params:
+        return
     # A parameter that some rank's batch reached and this one's did not counts here as a zero gradient (as in
     # DDP), so every rank reduces a buffer of the same layout (unequal buffers abort gloo); one no rank
     # reached keeps no gradient, so its optimizer skips it as in a single process.

@@ -58,9 +58,9 @@ class DistillConfig(LoopConfig):
     critic_ratio: int = 5  # critic updates per student update (DMD2: 5)
     timestep_sharing: bool | None = None  # flash: on unless set false (the ablation); dmd2: always off
     t_match_min: float = 0.02
-    adversarial: bool = True
+    adversarial: bool | None = None  # None: on where real samples exist (the emoji corpus; SD3: real_images)
     gan_weight: float = 0.05
-    gan_blocks: list = field(default_factory=lambda: [2, 5])  # critic blocks whose features the heads read
+    gan_blocks: list | None = None  # critic blocks whose features the heads read (None: depth/4 and 5 depth/8)
     head_reinit_p: float = 0.01
     split: str | None = None  # split-timestep fine-tuning branch: low (t <= split_at) or high (t > split_at)
     split_at: float = 0.5  # the boundary; a 2-step schedule (1, 0.6) needs one between its two times
@@ -68,3 +68,12 @@ class DistillConfig(LoopConfig):
     # tg only: a fixed pool of N (caption, noise) pairs whose teacher trajectories are computed once and
     # reused every epoch (the teacher's CFG ODE is ~20x the cost of a student step); 0 = fresh each step
     tg_pool: int = 0
+    # ---- an SD3 teacher (a diffusers StableDiffusion3Pipeline folder): training runs in its VAE latent space
+    prompts: str | None = None  # the training prompts: text, one a line, or JSONL with a "prompt" field
+    size: list | int | None = None  # training image size, px (int or [width, height]); None: the teacher's default
+    drop: list = field(default_factory=list)  # text encoders to train (and later run) without, e.g. [t5]
+    max_sequence_length: int = 256  # T5 tokens (diffusers' default)
+    real_images: str | None = None  # a folder of real images for the adversarial heads (VAE-encoded once)
+    embed_cache: str | None = None  # where text embeddings and real latents are cached (None: ~/.cache/flowflash)
+    fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per transformer block) for student, critic and teacher
+    grad_checkpointing: bool = False  # recompute each transformer block in backward (less memory, ~1.3x time)

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from ..data.dataset import Corpus, load_corpus
 from ..errors import FlowflashError
 from ..images import to_unit
-from ..models.text import MiniLMEncoder, WordTokenizer
+from ..models.text import MiniLMEncoder, WordTokenizer, combine
 from .common import Dist, barrier
 
 
@@ -35,6 +35,10 @@ class Batch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
         return Batch(move(self.ids), move(self.mini_h), move(self.mini_p), move(self.noise), move(self.real),
                      move(self.key))
+
+    def condition(self, model, use_light: Tensor, use_minilm: Tensor) -> tuple[Tensor, Tensor]:
+        """(context, pooled) through `model`'s own light encoder and the cached MiniLM states."""
+        return combine(model.light, self.ids, self.mini_h, self.mini_p, use_light, use_minilm)
 
     def rows(self, idx: Tensor) -> "Batch":
         return replace(self, ids=self.ids[idx], mini_h=self.mini_h[idx], mini_p=self.mini_p[idx],

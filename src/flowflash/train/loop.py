@@ -127,9 +127,20 @@ class JsonlLog:
         return False
 
 
-def export(method: Method, ema: EMA, folder: Path) -> Path:
-    from ..models.flow_model import save_model
-    return save_model(method.export_model(ema.shadow), folder)
+def export(method: Method, ema: EMA, folder: Path, d: Dist | None = None, sharded: bool = False) -> Path:
+    """The main rank writes the exported model; sharded weights are gathered first (every rank takes part)."""
+    weights = ema.shadow
+    if sharded:
+        from .scale import full_weights
+        weights = full_weights(weights)
+    if d is None or d.main:
+        method.save_export(weights, folder)
+    return folder
+
+
+def full(v: torch.Tensor) -> torch.Tensor:
+    """A whole tensor of a (possibly) sharded result (FSDP2's gradient norms are DTensors)."""
+    return v.full_tensor() if hasattr(v, "full_tensor") else v
 
 
 def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resume: bool = False,
@@ -144,20 +155,33 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlowflashError("device 'cuda' asked for, but this torch sees no CUDA GPU")
     method.to(device)  # before the checkpoint, so optimizer state lands next to its parameters
+    sharded = bool(getattr(cfg, "fsdp", False)) and d.world > 1
+    if sharded:  # before the EMA and the learning rates are taken: the optimizers are rebuilt on the shards
+        from .scale import shard_method
+        shard_method(method, d, device, cfg.precision == "bf16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # Each group's base rate as the config sets it now: a resume with a changed lr takes the new one.
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in method.optimizers.values()]
     net = method.networks[method.ema_network]
     ema = EMA(net, cfg.ema, warmup=ema_warmup)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + d.rank)
-    method.gen.manual_seed(cfg.seed * 1000 + 17 + d.rank)
+    # Draws are per rank, unless the sampler draws for the global batch and slices (then alike on every rank,
+    # and the method does the same), which makes a run independent of its number of processes.
+    shared = getattr(draw, "global_draws", False)
+    rank_seed = 0 if shared else d.rank
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank_seed)
+    method.gen.manual_seed(cfg.seed * 1000 + 17 + rank_seed)
+    if shared:
+        method.share_draws(d.rank, d.world)
     ckpt = out / "checkpoint"
     emas, gens = {method.ema_network: ema}, {"data": gen, "method": method.gen}
     place = getattr(draw, "place", None)
     if place is not None and device.type != "cpu":  # batches gathered and noise drawn on the accelerator
         gens.update(place(device, cfg.seed * 1000 + 31 + d.rank))
     step = 0
-    if resume:
+    if resume and sharded:
+        from .scale import load_sharded
+        step = load_sharded(ckpt, method, emas, gens, d)["step"]
+    elif resume:
         step = load_checkpoint(ckpt, method.networks, method.optimizers, emas, gens, d.rank)["step"]
     for opt, lrs in zip(method.optimizers.values(), base_lrs):
         for g, lr in zip(opt.param_groups, lrs):
@@ -207,17 +231,21 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
                     rate = seen / (time.time() - t0)
                     bar.set_postfix({**{k: f"{v:.4f}" for k, v in vals.items()}, "img_s": f"{rate:.1f}"})
                     lrs = {f"lr_{n}": o.param_groups[0]["lr"] for n, o in method.optimizers.items()}
-                    log.write({"step": step, **vals, **{k: float(v) for k, v in norms.items()}, **lrs,
+                    log.write({"step": step, **vals, **{k: float(full(v)) for k, v in norms.items()}, **lrs,
                                "img_s": rate, "time": time.time()})
             if saving:
                 rng = rank_states(gens, d, device)
-                if d.main:
+                if sharded:
+                    from .scale import save_sharded
+                    save_sharded(ckpt, method, emas, rng, {"step": step}, d)
+                elif d.main:
                     save_checkpoint(ckpt, method.networks, method.optimizers, emas, rng, {"step": step})
                 barrier(d)
-            if d.main and sample is not None and cfg.sample_every > 0 and (step % cfg.sample_every == 0
-                                                                           or step == cfg.steps):
-                sample(export(method, ema, out / method.export_dir), out / f"samples/step{step:06d}.png")
+            if sample is not None and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+                folder = export(method, ema, out / method.export_dir, d, sharded)
+                if d.main:
+                    sample(folder, out / f"samples/step{step:06d}.png")
+                barrier(d)
     bar.close()
-    if d.main:
-        export(method, ema, out / method.export_dir)
+    export(method, ema, out / method.export_dir, d, sharded)
     return out / method.export_dir

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,11 +19,14 @@ from ..images import image_grid
 from ..models.flow_model import FlowModel, ModelConfig, load_model, save_model
 from ..models.text import WordTokenizer
 from ..methods import DISTILL_METHODS, Method
+from ..methods.base import set_fields
+from ..methods.student import LATENT_FIELDS
+from ..models.sd3 import is_diffusers_folder
 from ..runtime.pipeline import resolve_model
 from .common import EMA, Dist, close_dist, init_dist, load_checkpoint
 from .configs import DistillConfig, TeacherConfig
 from .data import CaptionBank, PoolSampler, RowSampler
-from .loop import LOOP_FIELDS, train_loop
+from .loop import LOOP_FIELDS, LoopConfig, Sampler, train_loop
 
 DISTILL_SAMPLE_PROMPTS = ["grinning face, twemoji style", "red apple, fluent flat style"]
 
@@ -80,16 +84,25 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
 @dataclass
 class DistillSetup:
     method: Method
-    bank: CaptionBank | None  # None for `naive`, which trains nothing
+    bank: CaptionBank | None  # the emoji corpus's encoded captions (None for an SD3 teacher or `naive`)
+    draw: Sampler | None = None  # batches for the loop (None: `naive`, which trains nothing)
+    sample_prompts: list[str] | None = None
 
 
 def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
-    """Roles, method and the encoded training captions: what training and diagnostics both need."""
+    """Roles, method and the training data: what training and diagnostics both need. Every check of the
+    config and its inputs runs before the run folder is made."""
     if cfg.method not in DISTILL_METHODS:
         raise FlowflashError(f"unknown method {cfg.method!r}; known: {', '.join(DISTILL_METHODS)}")
     method_cls = DISTILL_METHODS[cfg.method]
     method_cls.check_config(cfg, LOOP_FIELDS)
     teacher_dir = resolve_model(cfg.teacher)  # a wrong teacher fails before the run folder exists
+    if is_diffusers_folder(teacher_dir):
+        return latent_setup(cfg, d, method_cls, teacher_dir)
+    latent_only = set_fields(cfg, LATENT_FIELDS | {"fsdp", "grad_checkpointing"})
+    if latent_only:
+        raise FlowflashError(f"{', '.join(latent_only)}: for an SD3 teacher (a diffusers folder); the emoji teacher "
+                             f"{teacher_dir} trains on the captions of its corpus (data:)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -104,7 +117,66 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
         return DistillSetup(method, None)
     c = teacher.cfg
     bank = CaptionBank.build(Path(cfg.data), c.vocab, c.light_max_tokens, c.minilm_max_tokens, out, d, c.image_size)
-    return DistillSetup(method, bank)
+    if cfg.tg_pool:  # the same pool on every rank and after resume
+        draw = PoolSampler(bank, cfg.tg_pool, cfg.seed * 1000 + 5)
+    else:
+        all_rows = torch.arange(len(bank))
+        draw = RowSampler(bank, all_rows, all_rows[:0])
+    return DistillSetup(method, bank, draw, DISTILL_SAMPLE_PROMPTS)
+
+
+def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> DistillSetup:
+    """An SD3 teacher: roles are its transformer (frozen) and copies of it (trainable), data are cached prompt
+    embeddings, training runs in the VAE latent space at cfg.size."""
+    from ..methods.dmd2 import DMD2
+    from ..models.latent import LatentFlow
+    from ..models.protocol import check_drop
+    from ..models.sd3 import ENCODERS
+    from .latent_data import PromptSampler, default_cache_dir, prompt_bank, read_prompts, real_latents
+    from .scale import prepare_roles
+
+    if cfg.data != LoopConfig.data:
+        raise FlowflashError("data: is the emoji corpus; an SD3 teacher trains on prompts (prompts:) and, for the "
+                             "adversarial heads, real images (real_images:)")
+    drop = check_drop(cfg.drop, tuple(ENCODERS))
+    trains = method_cls.name != "naive"
+    if trains and not cfg.prompts:
+        raise FlowflashError("an SD3 teacher trains on prompts: give a prompt file (--prompts FILE, one prompt a "
+                             "line or JSONL with a 'prompt' field)")
+    prompts = read_prompts(cfg.prompts) if trains else None
+    if cfg.fsdp and d.world == 1 and "WORLD_SIZE" not in os.environ:
+        raise FlowflashError("fsdp shards the roles across processes: start the run with torchrun "
+                             "(torchrun --nproc-per-node N -m flowflash distill ...)")
+    if cfg.batch_size % d.world:
+        raise FlowflashError(f"batch_size {cfg.batch_size} does not split evenly across {d.world} processes")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlowflashError("device 'cuda' asked for, but this torch sees no CUDA GPU")
+    # the frozen teacher needs no fp32 master copy: under bf16 it is held in bf16 (half its memory)
+    teacher = LatentFlow.load(teacher_dir, cfg.size, torch.bfloat16 if cfg.precision == "bf16" else torch.float32,
+                              drop)
+    student = LatentFlow.load(Path(cfg.init_student), teacher.cfg.size, torch.float32, drop) if cfg.init_student \
+        else None
+    if student is not None and student.transformer.config != teacher.transformer.config:
+        raise FlowflashError(f"init_student {cfg.init_student} does not match the teacher's transformer config")
+    if trains and cfg.real_images:
+        from .latent_data import image_files
+        image_files(Path(cfg.real_images))  # an empty or missing folder fails before the run folder exists
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    if not trains:
+        return DistillSetup(method_cls(cfg, teacher), None)
+    cache = Path(cfg.embed_cache) if cfg.embed_cache else default_cache_dir()
+    bank = prompt_bank(teacher_dir, prompts, drop, cfg.max_sequence_length, cache, d)
+    real = real_latents(teacher_dir, Path(cfg.real_images), teacher.cfg.size, cache, d) if cfg.real_images else None
+    roles = prepare_roles(cfg, d, teacher, student, critic=issubclass(method_cls, DMD2))
+    method = method_cls(cfg, teacher, roles.student, **({"critic": roles.critic} if roles.critic is not None else {}))
+    if issubclass(method_cls, DMD2) and not method.adversarial and cfg.adversarial is None and d.main:
+        print("adversarial term off: an SD3 teacher's run has no real samples without real_images (--real-images "
+              "DIR); distribution matching alone trains the student")
+    draw = PromptSampler(bank, teacher.cfg.latent_shape, d, real, cfg.tg_pool, cfg.seed * 1000 + 5)
+    return DistillSetup(method, None, draw, prompts[:4])
 
 
 def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:
@@ -112,19 +184,14 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
     su = distill_setup(cfg, d)
     write_config(cfg, d)
     out = Path(cfg.out)
-    if su.bank is None:  # naive: export and stop
+    if su.draw is None:  # naive: export and stop
         if d.main:
-            save_model(su.method.export_model(), out / "student")
+            su.method.save_export(None, out / "student")
         close_dist(d)
         return out / "student"
-    if cfg.tg_pool:  # the same pool on every rank and after resume
-        draw = PoolSampler(su.bank, cfg.tg_pool, cfg.seed * 1000 + 5)
-    else:
-        all_rows = torch.arange(len(su.bank))
-        draw = RowSampler(su.bank, all_rows, all_rows[:0])
-    sample = lambda folder, png: sample_grid(folder, DISTILL_SAMPLE_PROMPTS, png)
+    sample = lambda folder, png: sample_grid(folder, su.sample_prompts, png)
     # a split branch's EMA stays anchored to the common start (no warm-up)
-    folder = train_loop(su.method, draw, cfg, d, resume=resume, max_steps=max_steps,
+    folder = train_loop(su.method, su.draw, cfg, d, resume=resume, max_steps=max_steps,
                         ema_warmup=cfg.split is None, sample=sample)
     close_dist(d)
     return folder
