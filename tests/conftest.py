@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -101,10 +102,13 @@ def torchrun(tmp_path):
     import subprocess
     import sys
 
-    def run(args: list[str]) -> None:
+    def run(args: list[str], script: str | None = None) -> None:
+        """`script`: a Python file to run in place of the flowflash CLI."""
         logs = tmp_path / "torchrun-logs"
+        shutil.rmtree(logs, ignore_errors=True)  # a second run in one test reads only its own logs
+        entry = [script] if script else ["-m", "flowflash.cli"]
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "--log-dir", str(logs), "--redirects", "3", "-m", "flowflash.cli", *args]
+               "--log-dir", str(logs), "--redirects", "3", *entry, *args]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         if proc.returncode != 0:

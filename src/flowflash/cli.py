@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 import warnings
@@ -478,7 +479,9 @@ def cmd_distill(a) -> int:
         res = measure_variance(cfg, a.measure_variance, a.variance_batch, from_checkpoint=a.from_checkpoint)
         print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
         return 0
-    print(distill(cfg, resume=a.resume, max_steps=a.max_steps))
+    folder = distill(cfg, resume=a.resume, max_steps=a.max_steps)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        print(folder)
     return 0
 
 

@@ -82,6 +82,9 @@ class Method:
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         raise NotImplementedError
 
+    def after_backward(self):
+        """Called by the loop once the step's backward has run (e.g. to unfreeze a role frozen for it)."""
+
     def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
         """The exported model folder's network, carrying `weights` (the EMA of `ema_network`)."""
         raise NotImplementedError

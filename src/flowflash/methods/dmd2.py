@@ -161,15 +161,20 @@ class DMD2(StudentMethod):
         if self.adversarial:
             x_adv, t_adv = self.adversarial_point(x_i, v, x0_hat, t, i)
             self.tap.take()  # drop the features of the matching pass above
-            self.critic.requires_grad_(False)  # the critic is a fixed judge here: no graph through its weights
+            # the critic is a fixed judge here: no graph through its weights. It stays frozen until after backward
+            # (after_backward), so that a checkpointed block recomputes the same graph it saved.
+            self.critic.requires_grad_(False)
             velocity(self.critic, x_adv, t_adv, b)
             gan_g = gan_generator(self.heads(self.tap.take()))
-            self.critic.requires_grad_(True)
             logs["gan_g"] = gan_g.detach()
             loss = loss + self.cfg.gan_weight * gan_g
         return StepOutput(loss, ("student",), logs)
 
+    def after_backward(self):
+        self.critic.requires_grad_(True)
+
     def critic_step(self, b: Batch) -> StepOutput:
+        self.critic.requires_grad_(True)  # also when the last student step's backward never ran (diagnostics)
         with torch.no_grad():
             x0 = self.rollout(b, len(self.schedule) - 1)
         t = self.rand(x0.shape[0]).clamp(self.cfg.t_match_min, 1 - self.cfg.t_match_min)

@@ -88,6 +88,7 @@ def apply_step(method: Method, out: StepOutput, grad_clip: float) -> dict[str, t
     for opt in method.optimizers.values():
         opt.zero_grad(set_to_none=True)
     out.loss.backward()
+    method.after_backward()
     norms = {}
     for name in out.step:
         opt = method.optimizers[name]
@@ -204,8 +205,9 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
             for opt in method.optimizers.values():
                 for g in opt.param_groups:
                     g["lr"] = g["base_lr"] * f
+            batch = draw(local_b, gen).to(device)  # data stays in its own dtypes: autocast is for the networks
             with autocast:
-                res = method.train_step(draw(local_b, gen).to(device), step)
+                res = method.train_step(batch, step)
             bad = bad | nonfinite(res).any()
             if check_each_step:
                 check_finite(res, bad, str(step), ckpt)

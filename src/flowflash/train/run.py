@@ -101,7 +101,7 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
         return latent_setup(cfg, d, method_cls, teacher_dir)
     latent_only = set_fields(cfg, LATENT_FIELDS | {"fsdp", "grad_checkpointing"})
     if latent_only:
-        raise FlowflashError(f"{', '.join(latent_only)}: for an SD3 teacher (a diffusers folder); the emoji teacher "
+        raise FlowflashError(f"{', '.join(latent_only)}: only for an SD3 teacher (a diffusers folder); the emoji teacher "
                              f"{teacher_dir} trains on the captions of its corpus (data:)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
