@@ -1,4 +1,5 @@
-"""One critic step and one student step of `flash` on the SD3 fixture, alone or under torchrun with FSDP2.
+"""One critic step and one student step of `flash` on the SD3 fixture, alone or under torchrun with FSDP2
+(the config's fsdp: sharded; else replicated on FSDP2's engine, i.e. data parallel).
 
     python tests/fsdp_step.py CONFIG_JSON OUT            # one process, the reference
     torchrun --nproc-per-node 2 tests/fsdp_step.py CONFIG_JSON OUT   # sharded
@@ -10,6 +11,7 @@ Rank 0 writes OUT/losses.json and OUT/weights.safetensors (whole tensors of the 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,14 +26,17 @@ from flowflash.train.scale import full_weights, shard_method
 
 
 def main(cfg_path: str, out: str):
-    cfg = DistillConfig(**json.loads(Path(cfg_path).read_text()))
+    fields = json.loads(Path(cfg_path).read_text())
+    if "WORLD_SIZE" not in os.environ:  # the one-process reference: nothing to shard
+        fields["fsdp"] = False
+    cfg = DistillConfig(**fields)
     d = init_dist()
     su = distill_setup(cfg, d)
     m = su.method
     for name, opt in list(m.optimizers.items()):
         m.optimizers[name] = torch.optim.SGD([p for g in opt.param_groups for p in g["params"]], lr=0.5)
     if d.world > 1:
-        shard_method(m, d, torch.device("cpu"), bf16=False)
+        shard_method(m, d, torch.device("cpu"), bf16=False, replicate=not cfg.fsdp)
     m.share_draws(d.rank, d.world)
     m.gen.manual_seed(7)
     gen = torch.Generator().manual_seed(3)

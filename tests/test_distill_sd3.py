@@ -194,12 +194,13 @@ def test_the_cached_embedding_is_the_pipelines(sd3, tmp_path):
 
 
 # ------------------------------------------------------------------ scale
-def test_fsdp2_step_equals_one_process_on_the_same_global_batch(sd3, tmp_path, torchrun):
+@pytest.mark.parametrize("fsdp", [True, False], ids=["fsdp2-sharded", "data-parallel"])
+def test_fsdp2_step_equals_one_process_on_the_same_global_batch(sd3, tmp_path, torchrun, fsdp):
     teacher, prompts, real = sd3
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps(dict(method="flash", teacher=str(teacher), prompts=str(prompts), size=64,
                                    real_images=str(real), embed_cache=str(tmp_path / "cache"), batch_size=4,
-                                   critic_ratio=1, out=str(tmp_path / "run"), sample_every=0)))
+                                   critic_ratio=1, out=str(tmp_path / "run"), sample_every=0, fsdp=fsdp)))
     script = str(HERE / "fsdp_step.py")
     subprocess.run([sys.executable, script, str(cfg), str(tmp_path / "one")], check=True, capture_output=True,
                    timeout=300)

@@ -156,10 +156,13 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlowflashError("device 'cuda' asked for, but this torch sees no CUDA GPU")
     method.to(device)  # before the checkpoint, so optimizer state lands next to its parameters
-    sharded = bool(getattr(cfg, "fsdp", False)) and d.world > 1
+    # A method whose set-up asks for PyTorch's FSDP2 engine ("shard", or "replicate": data parallel) runs on it
+    # under torchrun; otherwise gradients are averaged across ranks by sync_grads.
+    parallel = getattr(method, "parallel", None) if d.world > 1 else None
+    sharded = parallel is not None
     if sharded:  # before the EMA and the learning rates are taken: the optimizers are rebuilt on the shards
         from .scale import shard_method
-        shard_method(method, d, device, cfg.precision == "bf16")
+        shard_method(method, d, device, cfg.precision == "bf16", replicate=parallel == "replicate")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # Each group's base rate as the config sets it now: a resume with a changed lr takes the new one.
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in method.optimizers.values()]

@@ -172,6 +172,7 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
     real = real_latents(teacher_dir, Path(cfg.real_images), teacher.cfg.size, cache, d) if cfg.real_images else None
     roles = prepare_roles(cfg, d, teacher, student, critic=issubclass(method_cls, DMD2))
     method = method_cls(cfg, teacher, roles.student, **({"critic": roles.critic} if roles.critic is not None else {}))
+    method.parallel = "shard" if cfg.fsdp else "replicate"  # under torchrun: FSDP2, or data parallel on its engine
     if issubclass(method_cls, DMD2) and not method.adversarial and cfg.adversarial is None and d.main:
         print("adversarial term off: an SD3 teacher's run has no real samples without real_images (--real-images "
               "DIR); distribution matching alone trains the student")

@@ -2,7 +2,8 @@
 
 FSDP2 (`torch.distributed.fsdp.fully_shard`) shards every transformer block and then the whole role, for the
 student, the critic and the frozen teacher alike, so each process holds 1/N of every role's parameters,
-gradients and optimizer state (and of the student's EMA). Under bf16 the shards compute in bf16
+gradients and optimizer state (and of the student's EMA). Without `fsdp`, a multi-process run uses the same
+engine to replicate (HSDP whose shard groups are single processes: data parallelism, as DDP). Under bf16 the shards compute in bf16
 (`MixedPrecisionPolicy`) and reduce gradients in fp32; master weights and optimizer state stay fp32. Sharded
 checkpoints are written with `torch.distributed.checkpoint` (every rank writes its own shards).
 
@@ -68,12 +69,14 @@ def param_names(method) -> dict[int, str]:
     return {id(p): f"{net}.{n}" for net, m in method.networks.items() for n, p in m.named_parameters()}
 
 
-def shard_method(method, d: Dist, device: torch.device, bf16: bool):
+def shard_method(method, d: Dist, device: torch.device, bf16: bool, replicate: bool = False):
     """Shard every network of `method` and its frozen teacher over all ranks, then rebuild its optimizers on
-    the sharded parameters (same groups, same hyper-parameters)."""
+    the sharded parameters (same groups, same hyper-parameters). `replicate`: data parallelism on the same
+    engine (HSDP with shards of one process: every rank holds whole roles, gradients are all-reduced), i.e. DDP."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    mesh = init_device_mesh(device.type, (d.world,))
+    shape = (d.world, 1) if replicate else (d.world,)
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("replicate", "shard")[-len(shape):])
     before = param_names(method)
     groups = {name: [[before[id(p)] for p in g["params"]] for g in opt.param_groups]
               for name, opt in method.optimizers.items()}
