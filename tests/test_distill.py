@@ -158,9 +158,11 @@ def test_unknown_method_and_mismatched_data(teacher_dir, tmp_path, tiny_corpus):
 
 def test_gradient_variance_sharing_vs_renoise(teacher_dir, tmp_path, tiny_corpus):
     from flowflash.methods.diagnostics import compare_sharing, gradient_variance
-    # One trainable student step (split high of a 2-step schedule): with timestep sharing nothing is left
-    # to sample, so the draws agree exactly; re-noising draws fresh noise and times, so they do not.
-    m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus, split="high", adversarial=False)
+    # One trainable student step (split high of a 2-step schedule): with timestep sharing and the normaliser at
+    # the matching point (the old arm) nothing is left to sample, so the draws agree exactly; re-noising draws
+    # fresh noise and times, so they do not.
+    m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus, split="high", adversarial=False,
+                      dm_norm="matching")
     b = tiny_batch(teacher)
     s0 = snapshot(m.student)
     res = compare_sharing(m, b, draws=4)

@@ -16,14 +16,16 @@ import torch
 import torch.nn as nn
 
 from ..errors import FlowflashError
-from ..sampling import add_noise, velocity_target, x0_from_v
+from ..sampling import add_noise, time_shift, velocity_target, x0_from_v
 from ..train.data import Batch
 from .base import StepOutput, refuse, set_fields, velocity
 from .losses import distribution_matching, dmd_direction, flow_matching, gan_discriminator, gan_generator
 from .student import STUDENT_FIELDS, StudentMethod, is_latent
 
 DM_FIELDS = STUDENT_FIELDS | {"lr_critic", "critic_ratio", "timestep_sharing", "t_match_min", "adversarial",
-                              "gan_weight", "gan_blocks", "head_reinit_p", "real_images"}
+                              "gan_weight", "gan_blocks", "head_reinit_p", "real_images", "init_critic",
+                              "critic_warmup", "dm_norm", "match_point", "critic_t", "adversarial_floor"}
+DM_NORMS, MATCH_POINTS, CRITIC_TS = ("renoised", "matching", "none"), ("start", "interval"), ("teacher", "uniform")
 
 
 class Heads(nn.Module):
@@ -100,13 +102,28 @@ class DMD2(StudentMethod):
         self.optimizers["critic"] = torch.optim.AdamW(list(self.critic.parameters()) + list(self.heads.parameters()),
                                                       lr=cfg.lr_critic, betas=betas)
         self.last_match_t: torch.Tensor | None = None  # for tests and diagnostics
-        self.fresh_noise_draws = 0
+        self.fresh_noise_draws = 0  # fresh noise of the matching point (not the normaliser's)
+        # lowest time the critic trains at and the scores are matched at: a model that clamps t (x-prediction)
+        # is not asked below its clamp
+        floor = getattr(teacher.cfg, "t_min", 0.02)
+        self.t_min = cfg.t_match_min if cfg.t_match_min is not None else floor
 
     @classmethod
     def check_config(cls, cfg, loop_fields: set[str]):
         super().check_config(cfg, loop_fields)
         if cfg.adversarial is False:
-            refuse(cls, set_fields(cfg, {"gan_weight", "gan_blocks", "head_reinit_p", "real_images"}), " with adversarial: false")
+            refuse(cls, set_fields(cfg, {"gan_weight", "gan_blocks", "head_reinit_p", "real_images",
+                                         "adversarial_floor"}), " with adversarial: false")
+        for name, value, known in (("dm_norm", cfg.dm_norm, DM_NORMS), ("match_point", cfg.match_point, MATCH_POINTS),
+                                   ("critic_t", cfg.critic_t, CRITIC_TS)):
+            if value not in known:
+                raise FlowflashError(f"{name} must be one of {', '.join(known)}, got {value!r}")
+        if cls is DMD2:  # these read the student's own trajectory: flash's
+            refuse(cls, set_fields(cfg, {"match_point", "adversarial_floor"}), " (no timestep sharing)")
+        if cfg.critic_warmup < 0:
+            raise FlowflashError(f"critic_warmup must be >= 0, got {cfg.critic_warmup}")
+        if cfg.t_match_min is not None and not 0 <= cfg.t_match_min < 0.5:
+            raise FlowflashError(f"t_match_min must lie in [0, 0.5), got {cfg.t_match_min}")
 
     def timestep_sharing(self, asked: bool | None) -> bool:
         if asked:
@@ -115,7 +132,9 @@ class DMD2(StudentMethod):
 
     # ------------------------------------------------------------------ which step
     def is_student_step(self, step: int) -> bool:
-        return step % (self.cfg.critic_ratio + 1) == self.cfg.critic_ratio
+        """critic_warmup critic-only iterations, then critic_ratio critic updates per student update."""
+        k = step - self.cfg.critic_warmup
+        return k >= 0 and k % (self.cfg.critic_ratio + 1) == self.cfg.critic_ratio
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
         if not self.is_student_step(step):
@@ -129,13 +148,22 @@ class DMD2(StudentMethod):
         self.fresh_noise_draws += 1
         return self.randn(*like.shape).to(like.dtype)
 
-    def matching_point(self, x_i: torch.Tensor, x0_hat: torch.Tensor, i: int):
+    def matching_point(self, x_i: torch.Tensor, v: torch.Tensor, x0_hat: torch.Tensor, i: torch.Tensor):
         """(x_match, t_match): the student's x0 re-noised to a random t with fresh noise (no gradient there)."""
         u = self.rand(x_i.shape[0]).to(x_i.dtype)
-        t = self.cfg.t_match_min + u * (1 - 2 * self.cfg.t_match_min)
+        t = self.t_min + u * (1 - 2 * self.t_min)
         self._eps = self.fresh(x0_hat)
         self.last_match_t = t.detach()
         return add_noise(x0_hat.detach(), self._eps, t), t
+
+    def critic_times(self, n: int) -> torch.Tensor:
+        """Times the critic trains at: the teacher's training density (logit-normal, its shift), or uniform;
+        both kept inside [t_min, 1 - t_min]."""
+        if self.cfg.critic_t == "uniform":
+            t = self.rand(n)
+        else:
+            t = time_shift(torch.sigmoid(self.randn(n)), self.teacher.cfg.sampling.shift)
+        return t.clamp(self.t_min, 1 - self.t_min)
 
     def adversarial_point(self, x_i, v, x0_hat, t, i):
         """Where the heads judge the student, gradient path kept: its output re-noised with the matching noise."""
@@ -145,13 +173,21 @@ class DMD2(StudentMethod):
     def dm_loss(self, b: Batch):
         """The student's distribution-matching surrogate at a drawn step, and the tensors the adversarial
         term reuses: (loss, (x_i, v, x0_hat, t_match, i))."""
-        i = self.pick_step()
+        i = self.pick_steps(b.noise.shape[0])
         x_i, v, x0_hat = self.student_x0(b, i)
-        x, t = self.matching_point(x_i, x0_hat, i)
+        x, t = self.matching_point(x_i, v, x0_hat, i)
         with torch.no_grad():
             x0_real = x0_from_v(x, t, velocity(self.teacher, x, t, b, self.cfg.guidance))
             x0_fake = x0_from_v(x, t, velocity(self.critic, x, t, b))
-        direction = dmd_direction(x0_hat.detach(), x0_real, x0_fake)
+            norm_real = None
+            if self.cfg.dm_norm == "renoised" and self.sharing:
+                # Under sharing x0_hat and x0_real come from the same point, so |x0_hat - x0_real| is t |v_s -
+                # v_real| and the normalised step stays order 1 however close the student is; DMD2's normaliser
+                # is taken at a fresh re-noising of x0_hat instead (its own noise, the same t).
+                xr = add_noise(x0_hat.detach(), self.randn(*x0_hat.shape).to(x0_hat.dtype), t)
+                norm_real = x0_from_v(xr, t, velocity(self.teacher, xr, t, b, self.cfg.guidance))
+        direction = dmd_direction(x0_hat.detach(), x0_real, x0_fake, norm_real=norm_real,
+                                  normalise=self.cfg.dm_norm != "none")
         return distribution_matching(x0_hat, direction), (x_i, v, x0_hat, t, i)
 
     def student_step(self, b: Batch) -> StepOutput:
@@ -177,7 +213,7 @@ class DMD2(StudentMethod):
         self.critic.requires_grad_(True)  # also when the last student step's backward never ran (diagnostics)
         with torch.no_grad():
             x0 = self.rollout(b, len(self.schedule) - 1)
-        t = self.rand(x0.shape[0]).clamp(self.cfg.t_match_min, 1 - self.cfg.t_match_min)
+        t = self.critic_times(x0.shape[0]).to(x0.dtype)
         eps = self.randn(*x0.shape)
         if self.tap:
             self.tap.take()

@@ -16,10 +16,15 @@ def trajectory_regression(student_x: Tensor, teacher_x: Tensor) -> Tensor:
     return F.mse_loss(student_x, teacher_x)
 
 
-def dmd_direction(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-6) -> Tensor:
-    """DMD2's normalised update direction (fake - real), scaled per sample by mean |x0 - x0_real|."""
+def dmd_direction(x0_student: Tensor, x0_real: Tensor, x0_fake: Tensor, eps: float = 1e-6,
+                  norm_real: Tensor | None = None, normalise: bool = True) -> Tensor:
+    """DMD2's normalised update direction (fake - real), scaled per sample by mean |x0 - x0_real|. `norm_real`:
+    the real score's x0 to normalise against, when it is taken at another point than the direction's."""
+    if not normalise:
+        return x0_fake - x0_real
     dims = tuple(range(1, x0_student.dim()))
-    norm = (x0_student - x0_real).abs().mean(dim=dims, keepdim=True).clamp(min=eps)
+    ref = x0_real if norm_real is None else norm_real
+    norm = (x0_student - ref).abs().mean(dim=dims, keepdim=True).clamp(min=eps)
     return (x0_fake - x0_real) / norm
 
 

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..models.flow_model import FlowModel
 from ..models.protocol import SamplingDefaults
-from ..sampling import sample, x0_from_v
+from ..sampling import euler_step, sample, x0_from_v
 from ..train.common import load_cast
 from ..train.data import Batch
 from .base import Method, full_t, refuse, set_fields, velocity
@@ -22,7 +22,7 @@ from .schedule import split_range, steps_in_range, student_schedule
 # Fields every distillation method reads (the loop's are allowed everywhere).
 STUDENT_FIELDS = frozenset({"method", "teacher", "init_student", "student_steps", "student_shift", "schedule",
                             "split", "split_at", "guidance", "prompts", "size", "drop", "max_sequence_length",
-                            "embed_cache", "fsdp", "grad_checkpointing"})
+                            "embed_cache", "fsdp", "grad_checkpointing", "step_per_sample"})
 LATENT_FIELDS = frozenset({"prompts", "size", "drop", "max_sequence_length", "real_images", "embed_cache"})
 
 
@@ -87,21 +87,39 @@ class StudentMethod(Method):
         if cfg.split is None:
             refuse(cls, set_fields(cfg, {"split_at"}), " without a split branch")
 
-    def pick_step(self) -> int:
-        """A student step index i (restricted to the split's range)."""
-        j = int(torch.randint(len(self.train_steps), (1,), generator=self.gen))
-        return self.train_steps[j]
+    def pick_steps(self, n: int) -> Tensor:
+        """Student step indices for n samples (restricted to the split's range): one per sample, or with
+        step_per_sample false one for the whole batch (the old behaviour, an ablation arm)."""
+        steps = torch.tensor(self.train_steps)
+        if self.cfg.step_per_sample:
+            j = (self.rand(n).cpu() * len(steps)).long().clamp(max=len(steps) - 1)
+        else:
+            j = torch.randint(len(steps), (1,), generator=self.gen).expand(n)
+        return steps[j].to(self.device)
+
+    def times(self, i: Tensor, like: Tensor, offset: int = 0) -> Tensor:
+        """t_{i + offset} per sample, in like's dtype (at least fp32) and on its device."""
+        sched = torch.tensor(self.schedule, dtype=torch.float64, device=like.device)
+        dtype = like.dtype if torch.finfo(like.dtype).bits >= 32 else torch.float32
+        return sched[i + offset].to(dtype)
 
     @torch.no_grad()
-    def rollout(self, b: Batch, upto: int) -> Tensor:
-        """The student's own state at t_upto, reached from the noise by its own Euler steps."""
-        ts = torch.tensor(self.schedule[: upto + 1], dtype=torch.float64)
-        return sample(lambda x, t: velocity(self.student, x, t, b), b.noise, ts)
+    def rollout(self, b: Batch, upto: Tensor | int) -> Tensor:
+        """The student's own state at t_upto (per sample), reached from the noise by its own Euler steps."""
+        if not torch.is_tensor(upto):
+            ts = torch.tensor(self.schedule[: upto + 1], dtype=torch.float64)
+            return sample(lambda x, t: velocity(self.student, x, t, b), b.noise, ts)
+        x, states = b.noise, [b.noise]
+        for k in range(int(upto.max())):  # every sample through the deepest index asked; each keeps its own
+            t = full_t(x, self.schedule[k])
+            x = euler_step(x, velocity(self.student, x, t, b), self.schedule[k], self.schedule[k + 1])
+            states.append(x)
+        return torch.stack(states)[upto, torch.arange(x.shape[0], device=x.device)]
 
-    def student_x0(self, b: Batch, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        """(x_{t_i}, v_student with grad, x0_hat with grad) at student step i."""
+    def student_x0(self, b: Batch, i: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(x_{t_i}, v_student with grad, x0_hat with grad) at student steps i (one per sample)."""
         x = self.rollout(b, i)
-        t = full_t(x, self.schedule[i])
+        t = self.times(i, x)
         v = velocity(self.student, x, t, b)
         return x, v, x0_from_v(x, t, v)
 

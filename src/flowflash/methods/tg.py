@@ -6,7 +6,7 @@ import torch
 
 from ..sampling import euler_step, sample, subdivide
 from ..train.data import Batch
-from .base import StepOutput, full_t, velocity
+from .base import StepOutput, velocity
 from .losses import trajectory_regression
 from .student import STUDENT_FIELDS, StudentMethod
 
@@ -48,9 +48,11 @@ class TrajectoryGuidance(StudentMethod):
         return states
 
     def train_step(self, batch: Batch, step: int) -> StepOutput:
-        states = self.teacher_states(batch)
-        i = self.pick_step()
-        s, x = self.schedule, states[i]
-        pred = euler_step(x, velocity(self.student, x, full_t(x, s[i]), batch), s[i], s[i + 1])
-        loss = trajectory_regression(pred, states[i + 1])
+        states = torch.stack(self.teacher_states(batch))  # (n + 1, B, ...)
+        i = self.pick_steps(batch.noise.shape[0])
+        rows = torch.arange(len(i), device=i.device)
+        x, target = states[i, rows], states[i + 1, rows]
+        t, t_next = self.times(i, x), self.times(i, x, 1)
+        pred = euler_step(x, velocity(self.student, x, t, batch), t, t_next)
+        loss = trajectory_regression(pred, target)
         return StepOutput(loss, ("student",), {"tg": loss.detach()})

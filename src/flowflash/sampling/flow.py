@@ -113,11 +113,13 @@ def logit_normal_t(n: int, mean: float, std: float, gen: torch.Generator) -> Ten
 
 
 # ------------------------------------------------------------------ the sampler
-def euler_step(x: Tensor, v: Tensor, t: float, t_next: float) -> Tensor:
-    """One step, computed in at least fp32 and returned in x's dtype (as diffusers' scheduler steps)."""
+def euler_step(x: Tensor, v: Tensor, t: float | Tensor, t_next: float | Tensor) -> Tensor:
+    """One step, computed in at least fp32 and returned in x's dtype (as diffusers' scheduler steps). The times
+    are numbers, or one per sample."""
+    dt = _bc(t_next - t, x)
     if torch.finfo(x.dtype).bits >= 32:
-        return x + (t_next - t) * v
-    return (x.float() + (t_next - t) * v).to(x.dtype)  # the product in v's dtype, the sum in fp32, as diffusers
+        return x + dt * v
+    return (x.float() + dt * v).to(x.dtype)  # the product in v's dtype, the sum in fp32, as diffusers
 
 
 def sample(velocity: Velocity, noise: Tensor, ts: Tensor, callback: Callable[[int], None] | None = None) -> Tensor:

@@ -57,7 +57,7 @@ class DistillConfig(LoopConfig):
     guidance: float = 4.0  # the real score (teacher) uses CFG at this scale
     critic_ratio: int = 5  # critic updates per student update (DMD2: 5)
     timestep_sharing: bool | None = None  # flash: on unless set false (the ablation); dmd2: always off
-    t_match_min: float = 0.02
+    t_match_min: float | None = None  # lowest matching/critic time; None: the teacher's t_min (emoji 0.05), else 0.02
     adversarial: bool | None = None  # None: on where real samples exist (the emoji corpus; SD3: real_images)
     gan_weight: float = 0.05
     gan_blocks: list | None = None  # critic blocks whose features the heads read (None: depth/4 and 5 depth/8)
@@ -68,6 +68,15 @@ class DistillConfig(LoopConfig):
     # tg only: a fixed pool of N (caption, noise) pairs whose teacher trajectories are computed once and
     # reused every epoch (the teacher's CFG ODE is ~20x the cost of a student step); 0 = fresh each step
     tg_pool: int = 0
+    # ---- fixes of the recipe's confounds (issue 14); the old behaviour of each stays as an ablation arm
+    init_critic: str | None = None  # a run folder whose checkpoint's critic and heads start this run's (None: teacher)
+    critic_warmup: int = 0  # critic-only iterations before the first student update
+    dm_norm: str = "renoised"  # DM normaliser mean|x0 - x0_real|: renoised (at a fresh re-noising of the student's
+    #   x0, as DMD2) | matching (at the matching point; under sharing it collapses to t |v_s - v_real|) | none
+    match_point: str = "start"  # flash's matching point: start (x_{t_i}) | interval (t' in [t_{i+1}, t_i] along v)
+    critic_t: str = "teacher"  # critic's training times: teacher (logit-normal + its shift, as rf) | uniform
+    adversarial_floor: bool = True  # a last-step adversarial point (t = 0) is re-noised to t_match_min
+    step_per_sample: bool = True  # one student step index per sample (false: one per batch)
     # ---- an SD3 teacher (a diffusers StableDiffusion3Pipeline folder): training runs in its VAE latent space
     prompts: str | None = None  # the training prompts: text, one a line, or JSONL with a "prompt" field
     size: list | int | None = None  # training image size, px (int or [width, height]); None: the teacher's default

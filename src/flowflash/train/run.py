@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from ..data.dataset import load_concept_list
 from ..errors import FlowflashError
@@ -97,6 +98,9 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
     method_cls = DISTILL_METHODS[cfg.method]
     method_cls.check_config(cfg, LOOP_FIELDS)
     teacher_dir = resolve_model(cfg.teacher)  # a wrong teacher fails before the run folder exists
+    if cfg.init_critic and not (Path(cfg.init_critic) / "checkpoint" / "critic.safetensors").exists():
+        raise FlowflashError(f"init_critic: {Path(cfg.init_critic) / 'checkpoint'} holds no critic checkpoint (a "
+                             "flash or dmd2 run's, written by one process)")
     if is_diffusers_folder(teacher_dir):
         return latent_setup(cfg, d, method_cls, teacher_dir)
     latent_only = set_fields(cfg, LATENT_FIELDS | {"fsdp", "grad_checkpointing"})
@@ -113,6 +117,8 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
         if not student.cfg.same_network(teacher.cfg):
             raise FlowflashError(f"init_student {cfg.init_student} does not match the teacher's architecture/vocabulary")
     method = method_cls(cfg, teacher, student)
+    if cfg.init_critic:
+        carry_critic(method, Path(cfg.init_critic))
     if not method.optimizers:
         return DistillSetup(method, None)
     c = teacher.cfg
@@ -172,12 +178,34 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
     real = real_latents(teacher_dir, Path(cfg.real_images), teacher.cfg.size, cache, d) if cfg.real_images else None
     roles = prepare_roles(cfg, d, teacher, student, critic=issubclass(method_cls, DMD2))
     method = method_cls(cfg, teacher, roles.student, **({"critic": roles.critic} if roles.critic is not None else {}))
+    if cfg.init_critic:
+        carry_critic(method, Path(cfg.init_critic))
     method.parallel = "shard" if cfg.fsdp else "replicate"  # under torchrun: FSDP2, or data parallel on its engine
     if issubclass(method_cls, DMD2) and not method.adversarial and cfg.adversarial is None and d.main:
         print("adversarial term off: an SD3 teacher's run has no real samples without real_images (--real-images "
               "DIR); distribution matching alone trains the student")
     draw = PromptSampler(bank, teacher.cfg.latent_shape, d, real, cfg.tg_pool, cfg.seed * 1000 + 5)
     return DistillSetup(method, None, draw, prompts[:4])
+
+
+def carry_critic(method, run: Path):
+    """Start the critic and its heads from a previous stage's last checkpoint (run/checkpoint), so a stage or a
+    split branch does not restart the critic from the teacher (a fresh critic lags a warm-started student)."""
+    ckpt = run / "checkpoint"
+    if not (ckpt / "critic.safetensors").exists():
+        raise FlowflashError(f"init_critic: {ckpt} holds no critic checkpoint (a flash or dmd2 run's, written by "
+                             "one process)")
+    for name in ("critic", "heads"):
+        weights = load_file(ckpt / f"{name}.safetensors")
+        module = method.networks[name]
+        own = module.state_dict()
+        if name == "heads" and {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in own.items()}:
+            continue  # other gan_blocks: the heads start fresh, the critic is still carried
+        try:
+            module.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
+        except (RuntimeError, KeyError) as e:
+            raise FlowflashError(f"init_critic: the critic in {ckpt} does not fit this teacher: "
+                                 f"{str(e).splitlines()[0]}") from None
 
 
 def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:

@@ -1,0 +1,133 @@
+"""The stage-2 confounds the review found (issue 14), each fixed behind a switch whose old value is an
+ablation arm; every test here fails on the old behaviour."""
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flowflash.errors import FlowflashError
+from flowflash.methods.dmd2 import DMD2
+from flowflash.methods.flash import Flash
+from flowflash.sampling import x0_from_v
+from flowflash.train.loop import LOOP_FIELDS, run_step
+from flowflash.train.run import distill
+from tests.test_distill import cfg, make, snapshot, teacher_dir, tiny_batch  # noqa: F401 (teacher_dir: a fixture)
+
+
+# ------------------------------------------------------------------ 1. the critic is carried, and warmed up
+def test_the_critic_carried_into_the_next_stage_is_the_one_saved_at_the_end_of_the_last(teacher_dir, tmp_path,
+                                                                                       tiny_corpus):
+    from flowflash.train.common import init_dist
+    from flowflash.train.run import distill_setup
+
+    first = tmp_path / "stage2"
+    distill(cfg(teacher_dir, tiny_corpus, first, "flash", steps=4))
+    saved = {n: load_file(first / "checkpoint" / f"{n}.safetensors") for n in ("critic", "heads")}
+    su = distill_setup(cfg(teacher_dir, tiny_corpus, tmp_path / "branch", "flash", split="low", student_steps=4,
+                           student_shift=1.0, init_critic=str(first)), init_dist())
+    for name in ("critic", "heads"):
+        own = su.method.networks[name].state_dict()
+        assert own.keys() == saved[name].keys()
+        assert all(torch.equal(own[k], saved[name][k]) for k in own)
+    teacher = su.method.teacher.state_dict()
+    assert any(not torch.equal(su.method.critic.state_dict()[k], teacher[k]) for k in teacher)  # not the teacher
+    with pytest.raises(FlowflashError, match="holds no critic checkpoint"):
+        distill_setup(cfg(teacher_dir, tiny_corpus, tmp_path / "x", "flash", init_critic=str(tmp_path)), init_dist())
+
+
+def test_critic_warmup_runs_critic_only_iterations_first(teacher_dir, tmp_path, tiny_corpus):
+    m, _ = make("dmd2", teacher_dir, tmp_path, tiny_corpus, critic_ratio=2, critic_warmup=5)
+    assert [m.is_student_step(s) for s in range(12)] == [False] * 5 + [False, False, True] * 2 + [False]
+    with pytest.raises(FlowflashError, match="critic_warmup"):
+        DMD2.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "dmd2", critic_warmup=-1), LOOP_FIELDS)
+
+
+# ------------------------------------------------------------------ 2. the DM normaliser under sharing
+def test_shared_normaliser_is_taken_at_a_renoised_point_not_the_matching_point(teacher_dir, tmp_path, tiny_corpus):
+    seen = []
+    for norm in ("matching", "renoised"):
+        m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus, adversarial=False, dm_norm=norm)
+        inputs = []
+        hook = m.teacher.register_forward_hook(lambda mod, args, out: inputs.append(args[0].detach().clone()))
+        b = tiny_batch(teacher)
+        m.dm_loss(b)
+        hook.remove()
+        seen.append(len(inputs))
+        if norm == "renoised":  # the second teacher call is not at the student's trajectory point
+            assert not torch.equal(inputs[0][: b.noise.shape[0]], inputs[1][: b.noise.shape[0]])
+    assert seen == [1, 2]
+
+
+def test_a_normaliser_apart_from_the_matching_point_does_not_blow_up_a_converged_student():
+    from flowflash.methods.losses import dmd_direction
+
+    x0 = torch.randn(2, 3, 4, 4)
+    real, fake = x0.clone(), x0 + 0.01  # the student already agrees with the real score at the shared point
+    old = dmd_direction(x0, real, fake)
+    new = dmd_direction(x0, real, fake, norm_real=x0 + 0.5)
+    assert old.abs().mean() > 1e3 and new.abs().mean() < 0.1
+    assert torch.equal(dmd_direction(x0, real, fake, normalise=False), fake - real)
+
+
+# ------------------------------------------------------------------ 3. the in-interval matching point
+def test_interval_matching_point_lies_inside_the_step_on_the_students_line(teacher_dir, tmp_path, tiny_corpus):
+    m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus, adversarial=False, match_point="interval",
+                      student_steps=4)
+    b = tiny_batch(teacher, b=8)
+    i = m.pick_steps(8)
+    x_i, v, x0_hat = m.student_x0(b, i)
+    x, t = m.matching_point(x_i, v, x0_hat, i)
+    t_i, t_next = m.times(i, x_i), m.times(i, x_i, 1)
+    assert bool(((t <= t_i) & (t >= t_next.clamp(min=m.t_min))).all()) and not bool((t == t_i).all())
+    torch.testing.assert_close(x0_from_v(x, t, v.detach()), x0_hat.detach(), atol=1e-5, rtol=1e-5)
+    with pytest.raises(FlowflashError, match="match_point"):
+        DMD2.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "dmd2", match_point="interval"), LOOP_FIELDS)
+    with pytest.raises(FlowflashError, match="match_point must be one of"):
+        Flash.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "flash", match_point="middle"), LOOP_FIELDS)
+
+
+# ------------------------------------------------------------------ 4. critic times and the adversarial floor
+def test_critic_trains_at_the_teachers_times_inside_its_clamp(teacher_dir, tmp_path, tiny_corpus):
+    m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus)
+    assert m.t_min == teacher.cfg.t_min == 0.05  # not 0.02: below the x-prediction clamp
+    t = m.critic_times(4000)
+    assert float(t.min()) >= 0.05 and float(t.max()) <= 0.95
+    # the tiny teacher's shift is 1: logit-normal(0, 1) has the mean of the uniform but gathers near 0.5
+    assert abs(float(t.mean()) - 0.5) < 0.02 and float(t.std()) < 0.23
+    u, _ = make("flash", teacher_dir, tmp_path, tiny_corpus, critic_t="uniform", t_match_min=0.02)
+    assert float(u.critic_times(4000).std()) > 0.27 and u.t_min == 0.02
+    shifted, _ = make("flash", teacher_dir, tmp_path, tiny_corpus)
+    shifted.teacher.cfg.sampling = dataclasses.replace(shifted.teacher.cfg.sampling, shift=3.0)
+    assert float(shifted.critic_times(4000).mean()) > 0.65  # the teacher's shift leans it to noise, as in training
+
+
+def test_the_last_steps_adversarial_point_is_not_at_t_zero(teacher_dir, tmp_path, tiny_corpus):
+    for floor in (True, False):
+        m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus, adversarial_floor=floor, student_steps=2)
+        b = tiny_batch(teacher, b=4)
+        last = torch.full((4,), len(m.schedule) - 2)
+        x_i, v, x0_hat = m.student_x0(b, last)
+        _, t = m.adversarial_point(x_i, v, x0_hat, None, last)
+        assert bool((t == m.t_min).all()) if floor else bool((t == 0).all())
+
+
+# ------------------------------------------------------------------ 5. per-sample step indices
+def test_step_indices_are_drawn_per_sample(teacher_dir, tmp_path, tiny_corpus):
+    m, teacher = make("flash", teacher_dir, tmp_path, tiny_corpus, student_steps=4)
+    assert len(set(m.pick_steps(64).tolist())) == 4
+    old, _ = make("flash", teacher_dir, tmp_path, tiny_corpus, student_steps=4, step_per_sample=False)
+    assert len(set(old.pick_steps(64).tolist())) == 1
+    # each sample's rollout stops at its own index: the same states as rolling each out alone
+    b = tiny_batch(teacher, b=3)
+    i = torch.tensor([0, 3, 1])
+    got = m.rollout(b, i)
+    for k in range(3):
+        torch.testing.assert_close(got[k], m.rollout(b, int(i[k]))[k])
+
+
+def test_tg_trains_each_sample_at_its_own_step(teacher_dir, tmp_path, tiny_corpus):
+    m, teacher = make("tg", teacher_dir, tmp_path, tiny_corpus, student_steps=4)
+    s0 = snapshot(m.student)
+    out = run_step(m, tiny_batch(teacher, b=6), 0)
+    assert torch.isfinite(out.loss) and any(not torch.equal(s0[k], v) for k, v in m.student.state_dict().items())
