@@ -316,3 +316,18 @@ def test_bad_input_is_one_line_exit_2_and_no_run_folder(sd3, tmp_path, capsys, c
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
     assert not out.exists()
+
+
+def test_a_local_model_folder_wins_over_a_shipped_name(sd3, tmp_path, monkeypatch):
+    """`--teacher teacher` in a folder holding a model folder named teacher means that folder."""
+    import shutil
+
+    from flowflash.runtime.pipeline import WEIGHTS, resolve_model
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("teacher") == WEIGHTS / "emoji-teacher"  # nothing local of that name
+    (tmp_path / "teacher").mkdir()
+    assert resolve_model("teacher") == WEIGHTS / "emoji-teacher"  # a folder that is no model: still the shipped one
+    shutil.rmtree(tmp_path / "teacher")
+    shutil.copytree(sd3[0], tmp_path / "teacher")
+    assert resolve_model("teacher") == Path("teacher")

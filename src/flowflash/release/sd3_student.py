@@ -83,7 +83,7 @@ def save_sd3_student(latent_cfg, weights: dict[str, Tensor], schedule: list[floa
             sc_path.write_text(json.dumps({**sc, "shift": float(shift)}, indent=1))
         (tmp / "model_index.json").write_text(json.dumps(index, indent=1))
         settings = {"sampling": {"steps": steps, "guidance": guidance}, "trained_without": sorted(drop),
-                    "schedule": schedule, "distilled_from": str(teacher),
+                    "schedule": schedule, "trained_size": list(latent_cfg.size), "distilled_from": str(teacher),
                     "run": {k: v for k, v in dataclasses.asdict(run_cfg).items()} if run_cfg is not None else None}
         (tmp / "flowflash.json").write_text(json.dumps(settings, indent=1))
         (tmp / "README.md").write_text(card(teacher, folder, steps, guidance, drop, run_cfg))

@@ -31,10 +31,13 @@ BACKENDS = ("torch", "openvino")
 def resolve_model(name_or_path: str | Path | None) -> Path:
     """A shipped model's name (or alias), or a folder path (a flowflash model or a diffusers SD3 pipeline)."""
     name = str(name_or_path or DEFAULT_MODEL)
+    path = Path(name)
+    # a model folder at that path wins over a shipped model of the same name (as from_pretrained's local dirs do)
+    if path.is_dir() and any((path / f).is_file() for f in ("config.json", "model_index.json")):
+        return path
     shipped = WEIGHTS / ALIASES.get(name, name)
     if "/" not in name and shipped.is_dir():
         return shipped
-    path = Path(name)
     if path.is_dir():
         return path
     known = sorted(set(ALIASES) | {p.name for p in WEIGHTS.glob("*") if p.is_dir() and p.name != "judge"})
