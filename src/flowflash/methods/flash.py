@@ -32,17 +32,17 @@ class Flash(DMD2):
         if not self.sharing:
             return super().matching_point(x_i, v, x0_hat, i)
         t = self.times(i, x_i)
+        t_new = t
         if self.cfg.match_point == "interval":
             # a point inside the step's interval, on the student's own line x_t' = x_i + (t' - t_i) v: its x0 along
             # v is x0_hat, and the scores are taken where the student's step passes, not only at its start
             t_next = self.times(i, x_i, 1)
             t_new = t_next + self.rand(x_i.shape[0]).to(t.dtype) * (t - t_next)
-            t_new = t_new.clamp(min=self.t_min)
-            x = euler_step(x_i, v.detach(), t, t_new)
-            self.last_match_t = t_new.detach()
-            return x, t_new
-        self.last_match_t = t.detach()
-        return x_i, t
+        # never below the critic's training range (an SD3 schedule's last step starts at t ~ 0.009): such a point
+        # moves up the student's own line to t_min, which keeps its x0_hat
+        t_new = t_new.clamp(min=self.t_min)
+        self.last_match_t = t_new.detach()
+        return euler_step(x_i, v.detach(), t, t_new), t_new
 
     def adversarial_point(self, x_i, v, x0_hat, t, i):
         if not self.sharing:
@@ -51,10 +51,10 @@ class Flash(DMD2):
         x = euler_step(x_i, v, t_i, t_next)
         if self.cfg.adversarial_floor:
             # the heads never train at t < t_min (the last step ends at t = 0): such a point is re-noised to t_min
+            # (computed for every row and picked with where: no host sync on an accelerator)
             low = t_next < self.t_min
-            if bool(low.any()):
-                floor = torch.full_like(t_next, self.t_min)
-                noised = add_noise(x, self.randn(*x.shape).to(x.dtype), floor)
-                x = torch.where(low.view(-1, *([1] * (x.dim() - 1))), noised, x)
-                t_next = torch.where(low, floor, t_next)
+            floor = torch.full_like(t_next, self.t_min)
+            noised = add_noise(x, self.randn(*x.shape).to(x.dtype), floor)
+            x = torch.where(low.view(-1, *([1] * (x.dim() - 1))), noised, x)
+            t_next = torch.where(low, floor, t_next)
         return x, t_next
