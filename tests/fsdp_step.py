@@ -1,4 +1,4 @@
-"""One critic step and one student step of `flash` on the SD3 fixture, alone or under torchrun with FSDP2
+"""Two critic steps and two student steps of `flash` (4 student steps, one drawn per sample) on the SD3 fixture, alone or under torchrun with FSDP2
 (the config's fsdp: sharded; else replicated on FSDP2's engine, i.e. data parallel).
 
     python tests/fsdp_step.py CONFIG_JSON OUT            # one process, the reference
@@ -41,7 +41,7 @@ def main(cfg_path: str, out: str):
     m.gen.manual_seed(7)
     gen = torch.Generator().manual_seed(3)
     losses = []
-    for step in (0, 1):  # critic_ratio 1: step 0 trains the critic, step 1 the student
+    for step in range(4):  # critic_ratio 1: even steps train the critic, odd ones the student
         res = m.train_step(su.draw(cfg.batch_size // d.world, gen), step)
         apply_step(m, res, cfg.grad_clip)
         losses.append({k: all_reduce_mean(v.detach(), d).item() for k, v in res.logs.items()})

@@ -221,14 +221,23 @@ def test_fsdp2_step_equals_one_process_on_the_same_global_batch(sd3, tmp_path, t
 
 
 def test_fsdp2_resume_continues_the_run_exactly(sd3, tmp_path, torchrun):
-    args = lambda out, iters: distill_args(sd3, out, tmp_path / "cache", "dmd2", 4, iters, "--fsdp",
-                                           "--real-images", str(sd3[2]))
-    torchrun(args(tmp_path / "whole", 4) + ["--batch-size", "4"])
-    torchrun(args(tmp_path / "split", 2) + ["--batch-size", "4"])
+    """Split after the first (critic-only) iteration: the checkpoint then holds no student optimizer state, and
+    resuming must not count a phantom Adam step for it; the student updates draw steps per sample."""
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("critic_ratio: 1\nckpt_every: 100\nsample_every: 0\nlog_every: 1\n")
+    args = lambda out, iters: distill_args(sd3, out, tmp_path / "cache", "flash", 4, iters, "--fsdp",
+                                           "--real-images", str(sd3[2]), "--config", str(cfg))
+    torchrun(args(tmp_path / "whole", 5) + ["--batch-size", "4"])
+    torchrun(args(tmp_path / "split", 1) + ["--batch-size", "4"])
     state = json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())
-    assert state["format"] == "dcp" and state["state"]["step"] == 2
+    assert state["format"] == "dcp" and state["state"]["step"] == 1 and state["optimizers"] == ["critic"]
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoint").glob("*.distcp"))  # each rank's shards
-    torchrun(args(tmp_path / "split", 4) + ["--batch-size", "4", "--resume"])
+    torchrun(args(tmp_path / "split", 5) + ["--batch-size", "4", "--resume"])
+    logs = [[json.loads(r) for r in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("whole", "split")]
+    assert [r["step"] for r in logs[1]] == [1, 2, 3, 4, 5]
+    for a, b in zip(*logs):
+        assert {k: v for k, v in a.items() if k not in ("time", "img_s")} == pytest.approx(
+            {k: v for k, v in b.items() if k not in ("time", "img_s")}, rel=1e-5)
     f = "student/transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "split" / f)
     for k in a:
@@ -280,9 +289,13 @@ def write_index(folder: Path, cls: str) -> Path:
     ("steps 0", "--student-steps must be >= 1"),
     ("size", "not a positive multiple of 16"),
     ("too large", "larger than this model's position embedding"),
-    ("fsdp alone", "torchrun"),
+    ("fsdp alone", "torchrun --nproc-per-node N -m flowflash.cli distill"),
     ("drop unknown", "cannot drop minilm"),
     ("emoji with prompts", "prompts, size, embed_cache: only for an SD3 teacher"),
+    ("yaml steps 0", "student_steps must be an integer >= 1"),
+    ("shift 0", "student_shift must be > 0"),
+    ("measure variance", "--measure-variance runs on an emoji teacher"),
+    ("init critic", "holds no critic checkpoint"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run_folder(sd3, tmp_path, capsys, case, message):
     teacher, prompts, _ = sd3
@@ -312,6 +325,15 @@ def test_bad_input_is_one_line_exit_2_and_no_run_folder(sd3, tmp_path, capsys, c
         args += ["--drop", "minilm"]
     elif case == "emoji with prompts":
         swap("--teacher", "teacher")
+    elif case in ("yaml steps 0", "shift 0", "init critic"):
+        i = args.index("--student-steps")
+        del args[i: i + 2]
+        line = {"yaml steps 0": "student_steps: 0", "shift 0": "student_shift: 0",
+                "init critic": f"init_critic: {tmp_path}"}[case]
+        (tmp_path / "c.yaml").write_text(line + "\n")
+        args += ["--config", str(tmp_path / "c.yaml")]
+    elif case == "measure variance":
+        args += ["--measure-variance", "2"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
@@ -331,3 +353,20 @@ def test_a_local_model_folder_wins_over_a_shipped_name(sd3, tmp_path, monkeypatc
     shutil.rmtree(tmp_path / "teacher")
     shutil.copytree(sd3[0], tmp_path / "teacher")
     assert resolve_model("teacher") == Path("teacher")
+
+
+def test_a_tg_student_warm_starts_flash(sd3, tmp_path):
+    """Stage 1 -> stage 2 on an SD3 teacher: the tg student folder is flash's init_student."""
+    from flowflash.train.common import Dist
+    from flowflash.train.configs import DistillConfig
+    from flowflash.train.run import distill_setup
+
+    assert main(distill_args(sd3, tmp_path / "tg", tmp_path / "cache", "tg", 4, 2)) == 0
+    tg = load_file(tmp_path / "tg" / "student" / "transformer" / "diffusion_pytorch_model.safetensors")
+    teacher, prompts, _ = sd3
+    su = distill_setup(DistillConfig(method="flash", teacher=str(teacher), prompts=str(prompts), size=64,
+                                     init_student=str(tmp_path / "tg" / "student"),
+                                     embed_cache=str(tmp_path / "cache"), out=str(tmp_path / "flash")), Dist())
+    own = su.method.student.transformer.state_dict()
+    assert all(torch.equal(own[k], tg[k].float()) for k in tg)
+    assert any(not torch.equal(own[k], v) for k, v in su.method.teacher.transformer.state_dict().items())

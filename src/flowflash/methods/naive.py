@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..models.flow_model import FlowModel
 from .base import Method
-from .student import is_latent, refuse_schedule_overrides, schedule_from, student_model
+from .student import check_steps, is_latent, refuse_schedule_overrides, schedule_from, student_model
 
 
 class Naive(Method):
@@ -19,6 +19,7 @@ class Naive(Method):
     def check_config(cls, cfg, loop_fields: set[str]):
         super().check_config(cfg, loop_fields)
         refuse_schedule_overrides(cls, cfg)
+        check_steps(cfg)
 
     def __init__(self, cfg, teacher: FlowModel, student=None):
         super().__init__(cfg, cfg.seed)

@@ -63,6 +63,15 @@ def schedule_from(cfg, teacher) -> list[float]:
     return student_schedule(cfg.student_steps, shift, cfg.schedule)
 
 
+def check_steps(cfg):
+    """The student's step count and shift, checked before anything is built."""
+    from ..errors import FlowflashError
+    if not isinstance(cfg.student_steps, int) or cfg.student_steps < 1:
+        raise FlowflashError(f"student_steps must be an integer >= 1, got {cfg.student_steps!r}")
+    if cfg.student_shift is not None and not cfg.student_shift > 0:
+        raise FlowflashError(f"student_shift must be > 0, got {cfg.student_shift!r}")
+
+
 def refuse_schedule_overrides(method: type[Method], cfg):
     if cfg.schedule is not None:
         refuse(method, set_fields(cfg, {"student_steps", "student_shift"}), " when an explicit schedule is given")
@@ -84,6 +93,7 @@ class StudentMethod(Method):
     def check_config(cls, cfg, loop_fields: set[str]):
         super().check_config(cfg, loop_fields)
         refuse_schedule_overrides(cls, cfg)
+        check_steps(cfg)
         if cfg.split is None:
             refuse(cls, set_fields(cfg, {"split_at"}), " without a split branch")
 
@@ -92,9 +102,16 @@ class StudentMethod(Method):
         step_per_sample false one for the whole batch (the old behaviour, an ablation arm)."""
         steps = torch.tensor(self.train_steps)
         if self.cfg.step_per_sample:
-            j = (self.rand(n).cpu() * len(steps)).long().clamp(max=len(steps) - 1)
+            r, w = self.draw_slice or (0, 1)
+            u = torch.rand((n * w,), generator=self.gen)  # the global batch's draws; this rank takes its rows
+            j = (u * len(steps)).long().clamp(max=len(steps) - 1)
+            # every rank rolls out as deep as the deepest sample of the global batch: sharded roles gather their
+            # weights once per forward, so all ranks must run the same number of forwards
+            self.depth = int(steps[j].max())
+            j = j[r * n: (r + 1) * n]
         else:
             j = torch.randint(len(steps), (1,), generator=self.gen).expand(n)
+            self.depth = int(steps[j[0]])
         return steps[j].to(self.device)
 
     def times(self, i: Tensor, like: Tensor, offset: int = 0) -> Tensor:
@@ -110,7 +127,8 @@ class StudentMethod(Method):
             ts = torch.tensor(self.schedule[: upto + 1], dtype=torch.float64)
             return sample(lambda x, t: velocity(self.student, x, t, b), b.noise, ts)
         x, states = b.noise, [b.noise]
-        for k in range(int(upto.max())):  # every sample through the deepest index asked; each keeps its own
+        depth = max(int(upto.max()), getattr(self, "depth", 0))
+        for k in range(depth):  # every sample through the deepest index drawn; each keeps its own
             t = full_t(x, self.schedule[k])
             x = euler_step(x, velocity(self.student, x, t, b), self.schedule[k], self.schedule[k + 1])
             states.append(x)

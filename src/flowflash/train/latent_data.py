@@ -59,12 +59,13 @@ def read_prompts(path: str | Path) -> list[str]:
 
 # ------------------------------------------------------------------ fingerprints
 def folder_fingerprint(folder: Path, parts: list[str]) -> str:
-    """sha256 over the named components' small files (configs, tokenizers) whole and each weight file's name,
-    size and first MiB: a changed encoder changes it, and multi-GB files are not read through."""
+    """sha256 over the named components' files: each one's name, size, modification time and first MiB (small
+    files, configs and tokenizers, whole): a changed encoder changes it, and multi-GB files are not read through."""
     h = hashlib.sha256()
     for part in parts:
         for f in sorted(p for p in (Path(folder) / part).rglob("*") if p.is_file()):
-            h.update(f"{part}/{f.relative_to(Path(folder) / part)}:{f.stat().st_size}".encode())
+            st = f.stat()  # the modification time too: an edit past the first MiB keeps the size
+            h.update(f"{part}/{f.relative_to(Path(folder) / part)}:{st.st_size}:{st.st_mtime_ns}".encode())
             with open(f, "rb") as fh:
                 h.update(fh.read(1 << 20))
     return h.hexdigest()
@@ -112,12 +113,13 @@ def embedding_key(teacher: Path, prompts: list[str], drop: frozenset[str], max_s
 
 
 def prompt_bank(teacher: Path, prompts: list[str], drop: frozenset[str], max_sequence_length: int,
-                cache_dir: Path, d: Dist, batch: int = 16) -> PromptBank:
-    """The cached embeddings of `prompts`, computed (by rank 0, the others wait) when no cache has this key."""
+                cache_dir: Path, d: Dist, batch: int = 16, device: str | torch.device = "cpu") -> PromptBank:
+    """The cached embeddings of `prompts`, computed (by rank 0, the others wait) when no cache has this key; on
+    an accelerator the encoders run there in bf16 (T5-XXL in fp32 on a CPU would hold the whole run up)."""
     path = Path(cache_dir) / f"text-{embedding_key(teacher, prompts, drop, max_sequence_length)}.safetensors"
     encoded = not path.exists()
     if encoded and d.main:
-        encode_prompts(teacher, prompts, drop, max_sequence_length, path, batch)
+        encode_prompts(teacher, prompts, drop, max_sequence_length, path, batch, torch.device(device))
     barrier(d)
     with safe_open(path, "pt") as f:
         null_ctx, null_pooled = f.get_tensor("null_ctx").float(), f.get_tensor("null_pooled").float()
@@ -128,18 +130,19 @@ def prompt_bank(teacher: Path, prompts: list[str], drop: frozenset[str], max_seq
 
 @torch.no_grad()
 def encode_prompts(teacher: Path, prompts: list[str], drop: frozenset[str], max_sequence_length: int, path: Path,
-                   batch: int):
+                   batch: int, device: torch.device = torch.device("cpu")):
     from ..models.sd3 import SD3TextEncoders
 
-    enc = SD3TextEncoders.load(teacher, drop, max_sequence_length, torch.float32)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    enc = SD3TextEncoders.load(teacher, drop, max_sequence_length, dtype).to(device)
     keep = None if "t5" in drop else CLIP_TOKENS + max_sequence_length  # T5's zeros are not stored
     ctx, pooled = [], []
     for i in tqdm(range(0, len(prompts), batch), desc="encode prompts", leave=False):
         c, p, _ = enc.encode_text(prompts[i: i + batch], drop)
-        ctx.append(c[:, :keep].half()), pooled.append(p.half())
+        ctx.append(c[:, :keep].half().cpu()), pooled.append(p.half().cpu())
     nc, npool, _ = enc.encode_text([""], drop)
-    atomic_save({"ctx": torch.cat(ctx), "pooled": torch.cat(pooled), "null_ctx": nc[:, :keep].half(),
-                 "null_pooled": npool.half()}, path, {"teacher": str(teacher), "prompts": str(len(prompts))})
+    atomic_save({"ctx": torch.cat(ctx), "pooled": torch.cat(pooled), "null_ctx": nc[:, :keep].half().cpu(),
+                 "null_pooled": npool.half().cpu()}, path, {"teacher": str(teacher), "prompts": str(len(prompts))})
 
 
 # ------------------------------------------------------------------ real images

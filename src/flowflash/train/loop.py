@@ -133,7 +133,7 @@ def export(method: Method, ema: EMA, folder: Path, d: Dist | None = None, sharde
     weights = ema.shadow
     if sharded:
         from .scale import full_weights
-        weights = full_weights(weights)
+        weights = full_weights(weights, keep=d is None or d.main)
     if d is None or d.main:
         method.save_export(weights, folder)
     return folder
@@ -155,14 +155,15 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlowflashError("device 'cuda' asked for, but this torch sees no CUDA GPU")
-    method.to(device)  # before the checkpoint, so optimizer state lands next to its parameters
     # A method whose set-up asks for PyTorch's FSDP2 engine ("shard", or "replicate": data parallel) runs on it
     # under torchrun; otherwise gradients are averaged across ranks by sync_grads.
     parallel = getattr(method, "parallel", None) if d.world > 1 else None
     sharded = parallel is not None
-    if sharded:  # before the EMA and the learning rates are taken: the optimizers are rebuilt on the shards
+    if sharded:  # before the EMA and the learning rates are taken: the optimizers are rebuilt on the shards. Also
+        # before the move: fully_shard places each rank's shards on the device, so no GPU holds a whole role
         from .scale import shard_method
         shard_method(method, d, device, cfg.precision == "bf16", replicate=parallel == "replicate")
+    method.to(device)  # before the checkpoint, so optimizer state lands next to its parameters
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     # Each group's base rate as the config sets it now: a resume with a changed lr takes the new one.
     base_lrs = [[g["lr"] for g in opt.param_groups] for opt in method.optimizers.values()]

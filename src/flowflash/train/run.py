@@ -33,11 +33,12 @@ DISTILL_SAMPLE_PROMPTS = ["grinning face, twemoji style", "red apple, fluent fla
 
 
 def sample_grid(model_dir: Path, prompts: list[str], path: Path, steps: int | None = None,
-                guidance: float | None = None, seed: int = 0):
+                guidance: float | None = None, seed: int = 0, size=None, device: str = "cpu", dtype: str = "fp32"):
     """One image per prompt from an exported model, as a grid PNG (training progress at a glance)."""
     from ..runtime.pipeline import Pipeline
 
-    images = Pipeline.load(model_dir).generate(prompts, steps=steps, guidance=guidance, seed=seed)
+    pipe = Pipeline.load(model_dir, device=device, dtype=dtype)
+    images = pipe.generate(prompts, steps=steps, guidance=guidance, seed=seed, size=size)
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, cols=min(8, len(images))).save(path)
 
@@ -88,6 +89,7 @@ class DistillSetup:
     bank: CaptionBank | None  # the emoji corpus's encoded captions (None for an SD3 teacher or `naive`)
     draw: Sampler | None = None  # batches for the loop (None: `naive`, which trains nothing)
     sample_prompts: list[str] | None = None
+    sample_kw: dict | None = None  # Pipeline.load/generate settings of the sample grids
 
 
 def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
@@ -152,7 +154,9 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
     prompts = read_prompts(cfg.prompts) if trains else None
     if cfg.fsdp and d.world == 1 and "WORLD_SIZE" not in os.environ:
         raise FlowflashError("fsdp shards the roles across processes: start the run with torchrun "
-                             "(torchrun --nproc-per-node N -m flowflash distill ...)")
+                             "(torchrun --nproc-per-node N -m flowflash.cli distill ...)")
+    if cfg.tg_pool and d.world > 1:  # each rank would integrate the pool entries of its own rows: unequal forwards
+        raise FlowflashError("tg_pool with an SD3 teacher runs in one process; under torchrun use tg_pool: 0")
     if cfg.batch_size % d.world:
         raise FlowflashError(f"batch_size {cfg.batch_size} does not split evenly across {d.world} processes")
     device = torch.device(cfg.device)
@@ -163,7 +167,8 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
                               drop)
     student = LatentFlow.load(Path(cfg.init_student), teacher.cfg.size, torch.float32, drop) if cfg.init_student \
         else None
-    if student is not None and student.transformer.config != teacher.transformer.config:
+    arch = lambda m: {k: v for k, v in dict(m.transformer.config).items() if not k.startswith("_")}  # not its path
+    if student is not None and arch(student) != arch(teacher):
         raise FlowflashError(f"init_student {cfg.init_student} does not match the teacher's transformer config")
     if trains and cfg.real_images:
         from .latent_data import image_files
@@ -174,7 +179,7 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
     if not trains:
         return DistillSetup(method_cls(cfg, teacher), None)
     cache = Path(cfg.embed_cache) if cfg.embed_cache else default_cache_dir()
-    bank = prompt_bank(teacher_dir, prompts, drop, cfg.max_sequence_length, cache, d)
+    bank = prompt_bank(teacher_dir, prompts, drop, cfg.max_sequence_length, cache, d, device=device)
     real = real_latents(teacher_dir, Path(cfg.real_images), teacher.cfg.size, cache, d) if cfg.real_images else None
     roles = prepare_roles(cfg, d, teacher, student, critic=issubclass(method_cls, DMD2))
     method = method_cls(cfg, teacher, roles.student, **({"critic": roles.critic} if roles.critic is not None else {}))
@@ -185,7 +190,9 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
         print("adversarial term off: an SD3 teacher's run has no real samples without real_images (--real-images "
               "DIR); distribution matching alone trains the student")
     draw = PromptSampler(bank, teacher.cfg.latent_shape, d, real, cfg.tg_pool, cfg.seed * 1000 + 5)
-    return DistillSetup(method, None, draw, prompts[:4])
+    # grids at the training size, on the training device (a CPU fp32 grid of a large model would stall the run)
+    sample_kw = dict(size=teacher.cfg.size, device=cfg.device, dtype="bf16" if cfg.precision == "bf16" else "fp32")
+    return DistillSetup(method, None, draw, prompts[:4], sample_kw)
 
 
 def carry_critic(method, run: Path):
@@ -218,7 +225,7 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
             su.method.save_export(None, out / "student")
         close_dist(d)
         return out / "student"
-    sample = lambda folder, png: sample_grid(folder, su.sample_prompts, png)
+    sample = lambda folder, png: sample_grid(folder, su.sample_prompts, png, **(su.sample_kw or {}))
     # a split branch's EMA stays anchored to the common start (no warm-up)
     folder = train_loop(su.method, su.draw, cfg, d, resume=resume, max_steps=max_steps,
                         ema_warmup=cfg.split is None, sample=sample)
@@ -235,6 +242,9 @@ def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, s
 
     if cfg.method not in ("flash", "dmd2"):
         raise FlowflashError(f"method {cfg.method!r} has no distribution-matching gradient; use flash or dmd2")
+    if is_diffusers_folder(resolve_model(cfg.teacher)):
+        raise FlowflashError("--measure-variance runs on an emoji teacher (its corpus batches); an SD3 teacher's "
+                             "gradient noise is not measured by it yet")
     # Both arms are measured on one method object whose sharing switch is flipped: build it as flash.
     su = distill_setup(dataclasses.replace(cfg, method="flash", timestep_sharing=None), init_dist())
     assert isinstance(su.method, DMD2)

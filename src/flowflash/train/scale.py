@@ -89,22 +89,34 @@ def shard_method(method, d: Dist, device: torch.device, bf16: bool, replicate: b
         method.optimizers[name] = type(opt)(new_groups)  # each group carries all its hyper-parameters
 
 
-def full_weights(shadow: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Whole tensors of a (possibly) sharded state, on the CPU. Collective: every rank calls it."""
+def full_weights(shadow: dict[str, torch.Tensor], keep: bool = True) -> dict[str, torch.Tensor]:
+    """Whole tensors of a (possibly) sharded state, on the CPU. Collective: every rank calls it; only a rank
+    with `keep` holds the result (the others gather one tensor at a time and drop it)."""
     from torch.distributed.tensor import DTensor
-    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).cpu() for k, v in shadow.items()}
+    out = {}
+    for k, v in shadow.items():
+        whole = v.full_tensor() if isinstance(v, DTensor) else v
+        if keep:
+            out[k] = whole.cpu()
+    return out
 
 
 def _container(method) -> nn.Module:
     return nn.ModuleDict(method.networks)
 
 
-def sharded_state(method, emas) -> dict:
+def stepped(method) -> list[str]:
+    """The optimizers that have stepped (hold state). torch's optimizer state-dict helpers initialise an empty
+    optimizer's state by stepping it at lr 0, which would count a phantom Adam step; those are left out."""
+    return [n for n, o in method.optimizers.items() if o.state]
+
+
+def sharded_state(method, emas, optimizers: list[str]) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     box = _container(method)
     return {"model": get_model_state_dict(box),
-            "optim": {n: get_optimizer_state_dict(box, o) for n, o in method.optimizers.items()},
+            "optim": {n: get_optimizer_state_dict(box, method.optimizers[n]) for n in optimizers},
             "ema": {n: e.shadow for n, e in emas.items()}}
 
 
@@ -117,11 +129,13 @@ def save_sharded(folder: Path, method, emas, rng: dict[str, torch.Tensor], state
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save(sharded_state(method, emas), checkpoint_id=str(tmp))
+    optimizers = stepped(method)
+    dcp.save(sharded_state(method, emas, optimizers), checkpoint_id=str(tmp))
     dist.barrier()
     if d.main:
         save_file({f"gen.{k}": v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"state": state, "format": "dcp", "world": d.world}))
+        (tmp / "state.json").write_text(json.dumps({"state": state, "format": "dcp", "world": d.world,
+                                                    "optimizers": optimizers}))
         shutil.rmtree(old, ignore_errors=True)
         if folder.exists():
             folder.rename(old)
@@ -142,16 +156,17 @@ def load_sharded(folder: Path, method, emas, generators: dict[str, torch.Generat
         folder = old
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("format") != "dcp":
-        raise FlowflashError(f"{folder} is a single-process checkpoint; resume it without fsdp")
+        raise FlowflashError(f"{folder} was written by one process; resume it with one process (no torchrun)")
     if meta["world"] != d.world:
         raise FlowflashError(f"{folder} was written by {meta['world']} processes; resume it with as many "
                              f"(this run has {d.world})")
-    sd = sharded_state(method, emas)
+    optimizers = meta.get("optimizers", list(method.optimizers))
+    sd = sharded_state(method, emas, optimizers)
     dcp.load(sd, checkpoint_id=str(folder))  # fills the sharded tensors in place
     box = _container(method)
     set_model_state_dict(box, sd["model"])
-    for n, o in method.optimizers.items():
-        set_optimizer_state_dict(box, o, sd["optim"][n])
+    for n in optimizers:
+        set_optimizer_state_dict(box, method.optimizers[n], sd["optim"][n])
     rng = load_file(folder / "rng.safetensors")
     for k, g in generators.items():
         g.set_state(rng[f"gen.{k}.rank{d.rank}"])
