@@ -100,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=nonneg_int, default=0)
     b.add_argument("--scenes", type=nonneg_int, default=6000, help="compositional scenes to draw")
     b.add_argument("--cache", default=None, help="npm package cache (default ~/.cache/flowflash/npm)")
+    b.add_argument("--categories", choices=["default", "wide"], default="default",
+                   help="default: Smileys & Emotion, Animals & Nature, Food & Drink; wide: those plus Travel & "
+                        "Places, Activities and Objects (no flags, keycaps, skin-tone or gender variants)")
 
     t = sub.add_parser("train", help="training")
     tsub = t.add_subparsers(dest="train_cmd", required=True, parser_class=Parser)
@@ -122,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     dp = dsub.add_parser("prompts", help="write the held-out split of a corpus as an evaluation prompt set")
     dp.add_argument("--data", required=True)
     dp.add_argument("--out", required=True)
+    dp.add_argument("--plain", action="store_true",
+                    help="plain phrasings with no style ('a dog face', 'dog face emoji'), one a held-out single "
+                         "concept, instead of the held-out captions (how plain_v1 was made)")
 
     j = sub.add_parser("judge", help="the evaluation instruments")
     jsub = j.add_subparsers(dest="judge_cmd", required=True, parser_class=Parser)
@@ -341,16 +347,17 @@ def cmd_generate(a) -> int:
 
 def cmd_data(a) -> int:
     if a.data_cmd == "prompts":
-        from .eval.prompt_set import write_prompt_set
-        n = write_prompt_set(Path(a.data), Path(a.out))
+        from .eval.prompt_set import write_plain_prompt_set, write_prompt_set
+        n = (write_plain_prompt_set if a.plain else write_prompt_set)(Path(a.data), Path(a.out))
         print(f"{n} prompts -> {a.out}")
         return 0
 
     from .data.build import build_corpus  # npm/resvg: only for the build verb
 
-    meta = build_corpus(Path(a.out), size=a.size, seed=a.seed, cache=a.cache, n_scenes=a.scenes)
+    meta = build_corpus(Path(a.out), size=a.size, seed=a.seed, cache=a.cache, n_scenes=a.scenes,
+                        categories=a.categories)
     print(f"{meta['n_images']} images ({meta['n_train']} train, {meta['n_heldout']} held out), "
-          f"{meta['n_concepts']} concepts -> {a.out}")
+          f"{meta['n_concepts']} concepts, {len(meta['scene_objects'])} scene objects -> {a.out}")
     return 0
 
 

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from ..errors import FlowflashError
 from ..fsutil import atomic_dir
-from .constants import COLORS, DEFAULT_CATEGORIES, EXCLUDE_WORDS, SCENE_OBJECTS
+from .constants import CATEGORY_SETS, COLORS, DEFAULT_CATEGORIES, EXCLUDE_WORDS, GENDER_WORDS, SCENE_OBJECTS
+from .phrasing import caption_name, phrasings
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,22 @@ def composite(bg: tuple[int, int, int], size: int, items: list[tuple[np.ndarray,
 
 
 def concept_name(icon: str) -> str:
-    return icon.replace("-", " ")
+    return caption_name(icon)
+
+
+def excluded(icon: str) -> bool:
+    """Whether an icon is left out of every corpus: a skin-tone variant, a flag, a keycap (EXCLUDE_WORDS
+    anywhere in the name) or a gender variant (GENDER_WORDS as a whole word of the name)."""
+    return any(w in icon for w in EXCLUDE_WORDS) or any(w in GENDER_WORDS for w in icon.split("-"))
+
+
+def corpus_concepts(sets: dict, categories: tuple[str, ...]) -> list[str]:
+    """The icons present in every style within the chosen categories, less the excluded ones, sorted."""
+    common = None
+    for icons, cat in sets.values():
+        names = {n for n in icons["icons"] if cat.get(n) in categories and not excluded(n)}
+        common = names if common is None else common & names
+    return sorted(common or ())
 
 
 def _held_out(key: str, frac: float, seed: int) -> bool:
@@ -99,21 +115,21 @@ def _held_out(key: str, frac: float, seed: int) -> bool:
 
 
 def build_corpus(out: Path, size: int = 64, seed: int = 0, cache: Path | None = None,
-                 categories: tuple[str, ...] = DEFAULT_CATEGORIES, n_scenes: int = 6000,
+                 categories: tuple[str, ...] | str = DEFAULT_CATEGORIES, n_scenes: int = 6000,
                  heldout_frac: float = 0.08) -> dict:
-    """Write images/, manifest.jsonl, ATTRIBUTION.md and meta.json under `out`. Returns meta."""
+    """Write images/, manifest.jsonl, ATTRIBUTION.md and meta.json under `out`. Returns meta.
+    `categories`: the icon sets' category names, or the name of a set of them ("default", "wide")."""
     if size < 16 or size % 8:
         raise FlowflashError(f"--size must be a multiple of 8 and >= 16, got {size}")
+    if isinstance(categories, str):
+        if categories not in CATEGORY_SETS:
+            raise FlowflashError(f"unknown category set {categories!r}; known: {', '.join(CATEGORY_SETS)}")
+        categories = CATEGORY_SETS[categories]
     cache = Path(cache) if cache else Path.home() / ".cache" / "flowflash" / "npm"
     out = Path(out)
     sets = {k: load_iconset(fetch_npm_package(s.package, s.version, cache)) for k, s in SOURCES.items()}
 
-    # Concepts present in every style, within the chosen categories.
-    common = None
-    for icons, cat in sets.values():
-        names = {n for n in icons["icons"] if cat.get(n) in categories and not any(w in n for w in EXCLUDE_WORDS)}
-        common = names if common is None else common & names
-    concepts = sorted(common)
+    concepts = corpus_concepts(sets, tuple(categories))
     if not concepts:
         raise FlowflashError(f"no emoji found in categories {categories}")
 
@@ -140,8 +156,10 @@ def render_corpus(tmp: Path, sets: dict, concepts: list[str], categories: tuple[
             img.save(tmp / fname)
             # Held-out concept x style pairs: the concept is still seen in the other style.
             split = "heldout" if (key == "fluent" and _held_out(name, heldout_frac * 2, seed)) else "train"
+            # `phrasings`: the ways a person types this caption (data/phrasing.py); its first is `caption`.
             rows.append(dict(file=fname, caption=f"{concept_name(name)}, {src.style}", split=split,
-                             kind="single", style=key, concepts=[name], background="white"))
+                             kind="single", style=key, concepts=[name], background="white",
+                             phrasings=phrasings(concept_name(name), src.style)))
 
     # Compositional scenes from a fixed object vocabulary; some compositions are never trained on.
     rng = random.Random(seed)

@@ -1,6 +1,7 @@
 """Prompt sets: the packaged ones (named: `eval_v1`, `grid64`, ...) or any file by path.
 
-An evaluation prompt set is JSONL (a caption plus what the checks need, one row a line); a grid prompt
+An evaluation prompt set is JSONL (a caption plus what the checks need, one row a line; `eval_v1` the
+held-out captions of data/emoji64, `plain_v1` plain phrasings of its held-out single concepts); a grid prompt
 list is plain text, one prompt a line. The default sets ship inside the package (`prompts/` next to this
 module), so a non-editable install finds them too.
 """
@@ -80,6 +81,43 @@ def write_prompt_set(data: Path, out: Path) -> int:
     rows = [{k: r[k] for k in PROMPT_FIELDS if k in r} for r in read_manifest(data) if r["split"] == "heldout"]
     if not rows:
         raise FlowflashError(f"the corpus at {data} has no held-out rows to write as a prompt set")
+    write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
+    return len(rows)
+
+
+def plain_prompt_rows(manifest: list[dict]) -> list[dict]:
+    """Plain prompts (no style: "a dog face", "Dog face emoji") for the held-out single rows of a corpus
+    manifest, one per held-out concept, in concept order; the phrasing templates are taken in turn (row i
+    gets phrasing i of its concept's plain_phrasings, modulo their number), so each is about equally used.
+
+    Each row keeps the checks' fields of its held-out row, with `style` null: a prompt that names no style
+    may be answered in either style. `file` stays the held-out image (the concept x style pair that is never
+    trained on), so FD/KID on a plain set measure the distance to those held-out renderings (in the default
+    corpus all of them fluent flat): the same reference for every model, never a training image. A model that
+    answers in the other style pays some FD for it; the alignment scores (CLIP-score analogue, R-precision)
+    read the plain caption and do not ask for a style."""
+    from ..data.phrasing import caption_name, plain_phrasings
+
+    held = {}
+    for r in manifest:
+        if r["split"] == "heldout" and r["kind"] == "single":
+            held.setdefault(r["concepts"][0], r)  # one row a concept (the first held-out style)
+    rows = []
+    for i, (name, r) in enumerate(sorted(held.items())):
+        options = plain_phrasings(caption_name(name))
+        row = {k: r[k] for k in PROMPT_FIELDS if k in r}
+        rows.append({**row, "caption": options[i % len(options)], "style": None})
+    return rows
+
+
+def write_plain_prompt_set(data: Path, out: Path) -> int:
+    """The held-out single concepts of a built corpus as a prompt set of plain phrasings (how
+    prompts/plain_v1.jsonl was made, from data/emoji64). Returns the number of prompts."""
+    from ..data.dataset import read_manifest
+
+    rows = plain_prompt_rows(read_manifest(data))
+    if not rows:
+        raise FlowflashError(f"the corpus at {data} has no held-out single rows to write as plain prompts")
     write_text_atomic(out, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)
 
