@@ -310,3 +310,31 @@ def test_on_an_accelerator_the_nan_check_waits_for_the_log_and_still_guards_the_
     state = json.loads((tmp_path / "nan/checkpoint/state.json").read_text())
     assert state["state"]["step"] == 2  # the bad step's weights never reached a checkpoint
     assert all(torch.isfinite(v).all() for v in final_weights(tmp_path / "nan").values())
+
+
+def test_phrasings_caption_singles_as_people_type_them(tiny_corpus, tmp_path):
+    """With p_phrasing, a single is captioned with one of its other phrasings that often: the vocabulary holds
+    their words, the bank encodes them once, and the drawn texts mix the caption and the phrasings."""
+    from flowflash.data.dataset import load_corpus
+    from flowflash.train.common import Dist
+    from flowflash.train.data import CaptionBank, RowSampler, caption_texts
+
+    corpus = load_corpus(tiny_corpus)
+    texts, variants = caption_texts(corpus, True)
+    singles = [r for r, row in enumerate(corpus.rows) if row["kind"] == "single"]
+    assert all(len(variants[r]) > 1 and texts[variants[r][0]] == corpus.captions[r] for r in singles)
+    assert len(texts) == len(set(texts))  # plain phrasings shared by both styles are encoded once
+    out = train_teacher(cfg(tiny_corpus, tmp_path / "p", steps=2, p_phrasing=0.5))
+    vocab = json.loads((out / "config.json").read_text())["vocab"]
+    assert "emoji" in vocab  # "dog face emoji": a word only the phrasings have
+    bank = CaptionBank.build(tiny_corpus, vocab, 16, 16, tmp_path / "p", Dist(), phrasings=True)
+    draw = RowSampler(bank, torch.tensor(singles), torch.tensor([], dtype=torch.long), None, p_phrasing=0.5)
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.tensor(singles * 20)
+    drawn = bank.texts_of(idx, 0.5, gen)
+    own = sum(int(t) == variants[int(r)][0] for r, t in zip(idx, drawn))
+    assert 0.35 < own / len(idx) < 0.65
+    assert all(int(t) in variants[int(r)] for r, t in zip(idx, drawn))
+    assert torch.equal(bank.texts_of(idx, 0.0, gen), idx)  # off: each row's own caption, as before
+    b = draw(8, gen)
+    assert b.ids.shape[0] == 8 and b.real.shape[0] == 8

@@ -27,6 +27,9 @@ class TeacherConfig(LoopConfig):
     # file); None trains on every concept. Scenes are kept whole: their objects are all in "core".
     concepts: str | None = None
     weight_decay: float = 0.0
+    # Probability that a single emoji is captioned with one of its other phrasings ("a dog face", "Dog face
+    # emoji", ... from the manifest, data/phrasing.py) instead of its corpus caption; 0 keeps the captions.
+    p_phrasing: float = 0.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
     p_uncond: float = 0.1  # both encoders nulled: the CFG unconditional branch

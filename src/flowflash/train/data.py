@@ -65,28 +65,62 @@ def minilm_cache(captions: list[str], out: Path, max_tokens: int) -> tuple[Tenso
     return h.float(), p.float()
 
 
+def caption_texts(corpus: Corpus, phrasings: bool) -> tuple[list[str], list[list[int]]]:
+    """Every caption text to encode, and each row's own variants as positions in that list: its caption first,
+    then (with `phrasings`) the other phrasings its manifest row lists (singles; data/phrasing.py)."""
+    texts = list(corpus.captions)
+    variants = [[i] for i in range(len(texts))]
+    if phrasings:
+        where = {t: i for i, t in enumerate(texts)}
+        for r, row in enumerate(corpus.rows):
+            for text in row.get("phrasings", [])[1:]:  # the first is the caption itself
+                if text not in where:
+                    where[text] = len(texts)
+                    texts.append(text)
+                variants[r].append(where[text])
+    return texts, variants
+
+
 @dataclass
 class CaptionBank:
-    """The training split with its captions encoded for both text encoders."""
+    """The training split with its captions (and, with phrasings, every phrasing of its singles) encoded for
+    both text encoders. Row r's texts are `variants[r]`, its own caption first."""
     corpus: Corpus
-    ids: Tensor
+    ids: Tensor  # per text
     mini_h: Tensor
     mini_p: Tensor
+    variants: list[list[int]] | None = None  # None: one text per row, the row's caption
 
     @classmethod
     def build(cls, data: Path, vocab: list[str], light_max_tokens: int, minilm_max_tokens: int, out: Path,
-              d: Dist, image_size: int | None = None) -> "CaptionBank":
+              d: Dist, image_size: int | None = None, phrasings: bool = False) -> "CaptionBank":
         corpus = load_corpus(Path(data), "train")
         if image_size is not None and corpus.images.shape[-1] != image_size:
             raise FlowflashError(f"corpus images are {corpus.images.shape[-1]}px but the model makes "
                                  f"{image_size}px: model and data do not match")
-        ids, _ = WordTokenizer(vocab).batch(corpus.captions, light_max_tokens)
+        if phrasings and not any(r.get("phrasings") for r in corpus.rows):
+            raise FlowflashError(f"{data} lists no phrasings (built before they existed): rebuild it with "
+                                 f"flowflash data build --out {data}")
+        texts, variants = caption_texts(corpus, phrasings)
+        ids, _ = WordTokenizer(vocab).batch(texts, light_max_tokens)
         if d.main:  # one writer; the others read what it wrote
-            mini_h, mini_p = minilm_cache(corpus.captions, out, minilm_max_tokens)
+            mini_h, mini_p = minilm_cache(texts, out, minilm_max_tokens)
         barrier(d)
         if not d.main:
-            mini_h, mini_p = minilm_cache(corpus.captions, out, minilm_max_tokens)
-        return cls(corpus, ids, mini_h, mini_p)
+            mini_h, mini_p = minilm_cache(texts, out, minilm_max_tokens)
+        return cls(corpus, ids, mini_h, mini_p, variants if phrasings else None)
+
+    def texts_of(self, idx: Tensor, p_other: float, gen: torch.Generator) -> Tensor:
+        """The text each drawn row is captioned with: its own caption, or with probability p_other one of its
+        other phrasings (uniformly); rows without phrasings keep their caption."""
+        if self.variants is None or p_other <= 0:
+            return idx
+        u, k = torch.rand(len(idx), generator=gen), torch.rand(len(idx), generator=gen)
+        out = []
+        for r, ui, ki in zip(idx.tolist(), u.tolist(), k.tolist()):
+            v = self.variants[r]
+            out.append(v[0] if ui >= p_other or len(v) == 1 else v[1 + int(ki * (len(v) - 1))])
+        return torch.tensor(out, dtype=torch.long, device=idx.device)
 
     def __len__(self) -> int:
         return len(self.corpus)
@@ -95,11 +129,12 @@ class CaptionBank:
         """The bank with its tensors (images still uint8) on `device`, so a batch is gathered there."""
         c = self.corpus
         return CaptionBank(Corpus(c.images.to(device), c.captions, c.rows), self.ids.to(device),
-                           self.mini_h.to(device), self.mini_p.to(device))
+                           self.mini_h.to(device), self.mini_p.to(device), self.variants)
 
-    def batch(self, idx: Tensor, noise: Tensor, key: Tensor | None = None) -> Batch:
-        return Batch(self.ids[idx], self.mini_h[idx], self.mini_p[idx], noise,
-                     to_unit(self.corpus.images[idx]), key)
+    def batch(self, idx: Tensor, noise: Tensor, key: Tensor | None = None, text: Tensor | None = None) -> Batch:
+        """Rows idx (images), captioned with the texts `text` (default: each row's own caption)."""
+        t = idx if text is None else text
+        return Batch(self.ids[t], self.mini_h[t], self.mini_p[t], noise, to_unit(self.corpus.images[idx]), key)
 
     def single_rows(self, keep: set[str] | None = None) -> Tensor:
         return torch.tensor([i for i, r in enumerate(self.corpus.rows) if r["kind"] == "single"
@@ -142,15 +177,20 @@ class DeviceDraws:
 
 
 class RowSampler(DeviceDraws):
-    """Fresh rows and fresh noise every batch."""
+    """Fresh rows and fresh noise every batch; with p_phrasing > 0, a single is captioned with one of its other
+    phrasings that often (prompts as people type them)."""
 
-    def __init__(self, bank: CaptionBank, singles: Tensor, scenes: Tensor, p_single: float | None = None):
+    def __init__(self, bank: CaptionBank, singles: Tensor, scenes: Tensor, p_single: float | None = None,
+                 p_phrasing: float = 0.0):
         self.bank, self.singles, self.scenes, self.p_single = bank, singles, scenes, p_single
+        self.p_phrasing = p_phrasing
 
     def __call__(self, n: int, gen: torch.Generator) -> Batch:
         idx = draw_rows(n, self.singles, self.scenes, self.p_single, gen)
+        text = self.bank.texts_of(idx, self.p_phrasing, gen) if self.p_phrasing > 0 else None
         shape = (n, *self.bank.corpus.images.shape[1:])
-        return self.bank.batch(idx.to(self.bank.ids.device), self.noise(shape, gen))
+        dev = self.bank.ids.device
+        return self.bank.batch(idx.to(dev), self.noise(shape, gen), text=None if text is None else text.to(dev))
 
 
 class PoolSampler(DeviceDraws):

@@ -56,6 +56,8 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     if cfg.init_from and cfg.model:
         raise FlowflashError("init_from keeps the architecture of the model it starts from; remove model: "
                              "from the config")
+    if not 0.0 <= cfg.p_phrasing <= 1.0:
+        raise FlowflashError(f"p_phrasing must lie in [0, 1], got {cfg.p_phrasing}")
     # A bad list name fails here, before the run folder, model and caption cache are made.
     keep = load_concept_list(cfg.concepts) if cfg.concepts else None
     out = Path(cfg.out)
@@ -65,17 +67,19 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
         model = load_model(Path(cfg.init_from))
     else:
         from ..data.dataset import load_corpus
-        vocab = WordTokenizer.build(load_corpus(Path(cfg.data), "train").captions).vocab
+        from .data import caption_texts
+        texts, _ = caption_texts(load_corpus(Path(cfg.data), "train"), cfg.p_phrasing > 0)  # phrasings' words too
+        vocab = WordTokenizer.build(texts).vocab
         model = FlowModel(ModelConfig.from_dict({**cfg.model, "vocab": vocab}))
     mcfg = model.cfg
     bank = CaptionBank.build(Path(cfg.data), mcfg.vocab, mcfg.light_max_tokens, mcfg.minilm_max_tokens, out, d,
-                             mcfg.image_size)
+                             mcfg.image_size, phrasings=cfg.p_phrasing > 0)
     singles = bank.single_rows(keep)
     if keep is not None and len(singles) == 0:
         raise FlowflashError(f"concept list {cfg.concepts!r} matches no single emoji in {cfg.data}")
     write_config(cfg, d)
     method = RectifiedFlow(cfg, model)
-    draw = RowSampler(bank, singles, bank.scene_rows(), cfg.p_single)
+    draw = RowSampler(bank, singles, bank.scene_rows(), cfg.p_single, cfg.p_phrasing)
     sample = lambda folder, png: sample_grid(folder, cfg.sample_prompts, png, steps=28, guidance=4.0)
     folder = train_loop(method, draw, cfg, d, resume=resume, max_steps=max_steps, sample=sample)
     close_dist(d)
