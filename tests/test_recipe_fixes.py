@@ -131,3 +131,23 @@ def test_tg_trains_each_sample_at_its_own_step(teacher_dir, tmp_path, tiny_corpu
     s0 = snapshot(m.student)
     out = run_step(m, tiny_batch(teacher, b=6), 0)
     assert torch.isfinite(out.loss) and any(not torch.equal(s0[k], v) for k, v in m.student.state_dict().items())
+
+
+# ------------------------------------------------------------------ the gradient-noise measurement
+def test_gradient_noise_compares_the_arms_on_the_same_roles(teacher_dir, tmp_path, tiny_corpus):
+    from flowflash.methods.diagnostics import gradient_noise
+    from flowflash.train.common import init_dist
+    from flowflash.train.run import distill_setup
+
+    su = distill_setup(cfg(teacher_dir, tiny_corpus, tmp_path / "n", "flash", adversarial=False, student_steps=4),
+                       init_dist())
+    s0 = snapshot(su.method.student)
+    res = gradient_noise(su.method, su.draw, ["A_renoise", "B_sharing_start", "C_sharing_interval"], k=3,
+                         ref_draws=4, batch=2)
+    assert set(res["arms"]) == {"A_renoise", "B_sharing_start", "C_sharing_interval"}
+    for r in res["arms"].values():
+        assert r["snr"] > 0 and -1 <= r["cos_draw_to_ref"] <= 1 and -1 <= r["cos_mean_to_ref"] <= 1
+    assert all(torch.equal(s0[k], v) for k, v in su.method.student.state_dict().items())  # measuring trains nothing
+    assert su.method.sharing  # the arms are copies; the method keeps its own switches
+    again = gradient_noise(su.method, su.draw, ["A_renoise"], k=3, ref_draws=4, batch=2)
+    assert again["arms"]["A_renoise"] == pytest.approx(res["arms"]["A_renoise"])  # seeded: reproducible

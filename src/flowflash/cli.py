@@ -183,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not train: draw the distribution-matching gradient DRAWS times on one fixed batch, "
                          "with timestep sharing and with re-noising, and report their variance (JSON to stdout)")
     ds.add_argument("--variance-batch", type=positive_int, default=8)
+    ds.add_argument("--measure-noise", type=positive_int, default=None, metavar="K",
+                    help="do not train: each arm's DM gradient (re-noising, sharing at x_t_i, sharing in-interval, "
+                         "the old normaliser) over K independent minibatches on the config's roles: SNR and cosine "
+                         "to a reference gradient (JSON to stdout)")
+    ds.add_argument("--noise-ref", type=positive_int, default=128, help="draws of the reference gradient")
+    ds.add_argument("--noise-batch", type=positive_int, default=16, help="minibatch size for --measure-noise")
     ds.add_argument("--from-checkpoint", action="store_true",
                     help="with --measure-variance: the roles of the run's last checkpoint, not the initial ones")
 
@@ -481,6 +487,12 @@ def cmd_distill(a) -> int:
     if a.student_steps is not None and a.student_steps < 1:
         raise FlowflashError(f"--student-steps must be >= 1, got {a.student_steps}")
     cfg = load_config(DistillConfig, a.config, over)
+    if a.measure_noise:
+        import json
+        from .train.run import measure_noise
+        res = measure_noise(cfg, a.measure_noise, a.noise_ref, a.noise_batch)
+        print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
+        return 0
     if a.measure_variance:
         import json
         res = measure_variance(cfg, a.measure_variance, a.variance_batch, from_checkpoint=a.from_checkpoint)

@@ -263,3 +263,23 @@ def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, s
                                          / max(res["sharing"]["relative_variance"], 1e-30))
     res.update(batch_size=batch_size, seed=seed, config=dataclasses.asdict(cfg))
     return res
+
+
+def measure_noise(cfg: DistillConfig, k: int = 16, ref_draws: int = 128, batch_size: int = 16, seed: int = 0,
+                  arms: list[str] | None = None) -> dict:
+    """Issue 14's gradient-noise table on the roles `cfg` builds (its init_student and init_critic): the arms
+    of methods/diagnostics.py ARMS, each over k independent minibatches, against a reference of arm A."""
+    from ..methods.diagnostics import ARMS, gradient_noise
+
+    if cfg.method not in ("flash", "dmd2"):
+        raise FlowflashError(f"method {cfg.method!r} has no distribution-matching gradient; use flash or dmd2")
+    if is_diffusers_folder(resolve_model(cfg.teacher)):
+        raise FlowflashError("--measure-noise runs on an emoji teacher (its corpus batches)")
+    arms = arms or list(ARMS)
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        raise FlowflashError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
+    su = distill_setup(dataclasses.replace(cfg, method="flash", timestep_sharing=None), init_dist())
+    res = gradient_noise(su.method, su.draw, arms, k, ref_draws, batch_size, seed)
+    res.update(batch_size=batch_size, seed=seed, config=dataclasses.asdict(cfg))
+    return res
