@@ -20,6 +20,17 @@ def link_or_copy(src: Path, dst: Path):
         shutil.copy2(src, dst)
 
 
+def link_tree(src_root: Path, name: str, dst_root: Path):
+    """Component folder `name` of src_root into dst_root, every file hard-linked (or copied)."""
+    for src in (src_root / name).rglob("*"):
+        dst = dst_root / src.relative_to(src_root)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            link_or_copy(src, dst)
+
+
 def no_t5_kwargs(drop) -> str:
     """What diffusers needs to load a folder whose model_index has no T5 (it asks for the null parts by name)."""
     return ", text_encoder_3=None, tokenizer_3=None" if "t5" in set(drop) else ""
@@ -42,13 +53,7 @@ def export(model: Path, to: Path) -> Path:
         for name in components:
             if not (model / name).is_dir():
                 raise FlowflashError(f"{model} lacks the {name}/ component its model_index.json lists")
-            for src in (model / name).rglob("*"):
-                dst = tmp / src.relative_to(model)
-                if src.is_dir():
-                    dst.mkdir(parents=True, exist_ok=True)
-                else:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    link_or_copy(src, dst)
+            link_tree(model, name, tmp)
         (tmp / "README.md").write_text(f"""# {to.name}
 
 Exported by `flowflash export {model}` as a diffusers `StableDiffusion3Pipeline` folder.

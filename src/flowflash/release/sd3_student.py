@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..errors import FlowflashError
 from ..fsutil import atomic_dir
-from .export import link_or_copy, no_t5_kwargs
+from .export import link_tree, no_t5_kwargs
 
 DTYPE_NAMES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 DROPPABLE_IN_DIFFUSERS = {"t5": ("text_encoder_3", "tokenizer_3")}  # diffusers' SD3 runs without T5 only
@@ -68,13 +68,7 @@ def save_sd3_student(latent_cfg, weights: dict[str, Tensor], schedule: list[floa
             if name in left_out:
                 index[name] = [None, None]
                 continue
-            for src in (teacher / name).rglob("*"):
-                dst = tmp / src.relative_to(teacher)
-                if src.is_dir():
-                    dst.mkdir(parents=True, exist_ok=True)
-                else:
-                    dst.parent.mkdir(parents=True, exist_ok=True)
-                    link_or_copy(src, dst)
+            link_tree(teacher, name, tmp)
         shift = getattr(run_cfg, "student_shift", None)
         if shift is not None:  # the student's times come from this shift: the folder's scheduler says so
             sc_path = tmp / "scheduler" / "scheduler_config.json"
