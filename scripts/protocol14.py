@@ -176,17 +176,20 @@ def arm_run(a):
     work = Path(a.work)
     out = work / f"arm{a.arm}-seed{a.seed}"
     kw = {"match_point": point} if method_name == "flash" else {}
+    every = a.updates if a.points == "final" else max(1, a.updates // 4)
     cfg = config(a, method=method_name, out=str(out), seed=a.seed, steps=6 * a.updates, critic_ratio=5,
                  timestep_sharing=sharing, init_student=str(work / "tg" / "student"),
-                 init_critic=str(work / "warm"), sample_every=6 * max(1, a.updates // 4), ckpt_every=6 * a.updates, **kw)
+                 init_critic=str(work / "warm"), sample_every=6 * every, ckpt_every=6 * a.updates, **kw)
     teacher = load_model(TEACHER)
     method = DISTILL_METHODS[method_name](cfg, teacher, load_model(work / "tg" / "student"))
     carry_critic(method, work / "warm")
     images, t0 = {}, time.time()
 
+    wanted = (a.updates,) if a.points == "final" else (a.updates // 4, a.updates // 2, a.updates)
+
     def sample(folder, png):
         updates = int(Path(png).stem[4:]) // 6
-        if updates in (a.updates // 4, a.updates // 2, a.updates):
+        if updates in wanted:
             images[f"u{updates}"] = eval_images(load_model(folder).to(device), evalb, device).numpy()
 
     train(method, cfg, CaptionSampler(bank, (3, 64, 64)), sample=sample)
@@ -194,6 +197,20 @@ def arm_run(a):
     (Path(a.results) / f"run-{a.arm}-{a.seed}.json").write_text(json.dumps(
         {"arm": a.arm, "seed": a.seed, "updates": a.updates, "seconds": time.time() - t0,
          "config": {k: v for k, v in vars(cfg).items()}}, default=str))
+
+
+def pack(results: Path, out: Path, report: dict):
+    """Few files back from a device machine (it returns at most 8): one image file per arm (keys
+    s<seed>_u<updates>) and every run's record inside the report."""
+    import numpy as np
+
+    report["run_records"] = [json.loads(f.read_text()) for f in sorted(results.glob("run-*.json"))]
+    for arm in sorted({f.stem.split("-")[1] for f in results.glob("images-*.npz")}):
+        merged = {}
+        for f in sorted(results.glob(f"images-{arm}-*.npz")):
+            seed = f.stem.split("-")[2]
+            merged.update({f"s{seed}_{k}": v for k, v in np.load(f).items()})
+        np.savez_compressed(out / f"images-{arm}.npz", **merged)
 
 
 def run(a):
@@ -206,6 +223,7 @@ def run(a):
     device = torch.device(a.device)
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
+    (work / "results").mkdir(parents=True, exist_ok=True)
     bank = load_bank(Path(a.data) / "train.safetensors", device)
     shape = (3, 64, 64)
     report = {"args": vars(a), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
@@ -232,8 +250,8 @@ def run(a):
         while jobs and len(running) < a.parallel:
             arm, s = jobs.pop(0)
             cmd = [sys.executable, __file__, "arm", "--arm", arm, "--seed", str(s), "--data", a.data, "--work",
-                   str(work), "--results", str(out), "--device", a.device, "--updates", str(a.updates), "--batch",
-                   str(a.batch), "--lr", str(a.lr), "--threads", str(a.threads)]
+                   str(work), "--results", str(work / "results"), "--device", a.device, "--updates", str(a.updates),
+                   "--batch", str(a.batch), "--lr", str(a.lr), "--threads", str(a.threads), "--points", a.points]
             log = open(logs / f"{arm}-{s}.log", "w")
             running.append((arm, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(1)
@@ -248,6 +266,7 @@ def run(a):
                 done.append({"arm": arm, "seed": s, "rc": "killed at the budget"})
             running, jobs = [], []
     report["runs"], report["seconds"] = done, time.time() - start
+    pack(work / "results", out, report)
     (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
     print(json.dumps({"runs": done, "seconds": report["seconds"]}, indent=1))
 
@@ -264,8 +283,10 @@ def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
     txt = ref.judge.scorer.embed_texts(encode_texts(ref.judge.minilm, ref.ps.captions))
     sets = {}
     for f in sorted(runs.glob("images-*.npz")):
-        _, arm, seed = f.stem.split("-")
-        for point, imgs in np.load(f).items():
+        arm = f.stem.split("-")[1]
+        for key, imgs in np.load(f).items():
+            seed, point = key.split("_")
+            seed = seed[1:]
             feats = ref.judge.features(torch.from_numpy(imgs))
             img = ref.judge.scorer.embed_images(feats)
             cos = (img * txt).sum(-1)  # per prompt
@@ -325,6 +346,9 @@ def main():
         r.add_argument("--batch", type=int, default=64)
         r.add_argument("--lr", type=float, default=1e-4)
         r.add_argument("--threads", type=int, default=1, help="torch threads per process")
+        r.add_argument("--points", choices=["all", "final"], default="all",
+                       help="eval images at 1/4, 1/2 and all updates, or only at the end (smaller: what comes back "
+                            "from a device machine is at most 64 MB: ~2.5 MB per run and point)")
         if name == "run":
             r.add_argument("--out", required=True)
             r.add_argument("--arms", type=lambda s: s.split(","), default=["A", "B", "C"])
