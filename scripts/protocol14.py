@@ -9,10 +9,11 @@ to a GPU machine: 90 MB against a 64 MiB limit), int8 per token (a few MB; every
 `run` trains the common start (a `tg` student, then a critic warmed on it), then every arm x seed from that
 start (subprocesses, `--parallel` at a time), with adversarial heads off; each writes the EMA student's images
 for the eval prompts (image i from seed i) at 1/4, 1/2 and all of its updates, and the gradient-noise table is
-measured on the common start. No distillation step needs a corpus image. `score` computes FD-EffNetL0 and the
-per-prompt alignment of every image set, the seed spread, the paired bootstrap over prompts, and applies the
-pre-registered rule (a difference is claimed when it exceeds twice the seed SD of the difference and its 95 %
-bootstrap interval excludes 0).
+measured on the common start. No distillation step needs a corpus image. `score` computes FD-EffNetL0,
+R-precision and the per-prompt alignment of every image set, the seed spread, the bootstrap over prompts of
+the seed-averaged per-prompt differences, and applies the pre-registered rule (a difference is claimed when it
+exceeds twice the seed SD of the difference and its 95 % bootstrap interval excludes 0). Not yet in it: the
+secondary arms, the noise table at mid-run, the split-timestep stage, plain_v1.
 """
 from __future__ import annotations
 
@@ -191,9 +192,10 @@ def arm_run(a):
         updates = int(Path(png).stem[4:]) // 6
         if updates in wanted:
             images[f"u{updates}"] = eval_images(load_model(folder).to(device), evalb, device).numpy()
+            # written at once: a run stopped at the budget keeps the points it reached
+            np.savez_compressed(Path(a.results) / f"images-{a.arm}-{a.seed}.npz", **images)
 
     train(method, cfg, CaptionSampler(bank, (3, 64, 64)), sample=sample)
-    np.savez_compressed(Path(a.results) / f"images-{a.arm}-{a.seed}.npz", **images)
     (Path(a.results) / f"run-{a.arm}-{a.seed}.json").write_text(json.dumps(
         {"arm": a.arm, "seed": a.seed, "updates": a.updates, "seconds": time.time() - t0,
          "config": {k: v for k, v in vars(cfg).items()}}, default=str))
@@ -220,6 +222,8 @@ def run(a):
     from flowflash.train.run import carry_critic
 
     start = time.time()
+    if a.points == "all" and a.updates % 4:
+        raise SystemExit(f"--updates {a.updates}: a multiple of 4, so that 1/4 and 1/2 of it are evaluation points")
     device = torch.device(a.device)
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -291,7 +295,9 @@ def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
             img = ref.judge.scorer.embed_images(feats)
             cos = (img * txt).sum(-1)  # per prompt
             sets[(arm, int(seed), point)] = {"fd": frechet_distance(feats, ref.real_feats), "cos": cos,
-                                             "align": float(100 * cos.clamp(min=0).mean())}
+                                             "align": float(100 * cos.clamp(min=0).mean()),
+                                             "r_precision": ref.judge.alignment(feats, ref.ps.captions,
+                                                                                ref.ps.captions)["r_precision"]}
     points = sorted({k[2] for k in sets}, key=lambda p: int(p[1:]))
     arms = sorted({k[0] for k in sets})
     table, claims = [], []
@@ -300,9 +306,11 @@ def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
         for arm in arms:
             rows = [v for k, v in sets.items() if k[0] == arm and k[2] == point]
             fd, al = torch.tensor([r["fd"] for r in rows]), torch.tensor([r["align"] for r in rows])
-            table.append({"point": point, "arm": arm, "seeds": len(rows), "fd": fd.mean().item(),
-                          "fd_sd": fd.std().item() if len(rows) > 1 else None, "align": al.mean().item(),
-                          "align_sd": al.std().item() if len(rows) > 1 else None})
+            rp = torch.tensor([r["r_precision"] for r in rows])
+            sd = lambda x: x.std().item() if len(rows) > 1 else None
+            table.append({"point": point, "arm": arm, "seeds": len(rows), "fd": fd.mean().item(), "fd_sd": sd(fd),
+                          "align": al.mean().item(), "align_sd": sd(al), "r_precision": rp.mean().item(),
+                          "r_precision_sd": sd(rp)})
         for x, y in [(p, q) for i, p in enumerate(arms) for q in arms[i + 1:]]:
             seeds = sorted({k[1] for k in sets if k[0] == x and k[2] == point} & {k[1] for k in sets if k[0] == y and k[2] == point})
             if not seeds:
@@ -320,9 +328,10 @@ def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
     res = {"table": table, "claims": claims, "runs": str(runs)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = ["| point | arm | seeds | FD-EffNetL0 (SD) | alignment (SD) |", "|---|---|---|---|---|"]
+    md = ["| point | arm | seeds | FD-EffNetL0 (SD) | alignment (SD) | R-prec@10 (SD) |", "|---|---|---|---|---|---|"]
     md += [f"| {r['point']} | {r['arm']} | {r['seeds']} | {r['fd']:.1f} ({r['fd_sd'] or 0:.1f}) | "
-           f"{r['align']:.2f} ({r['align_sd'] or 0:.2f}) |" for r in table]
+           f"{r['align']:.2f} ({r['align_sd'] or 0:.2f}) | {r['r_precision']:.3f} ({r['r_precision_sd'] or 0:.3f}) |"
+           for r in table]
     md += ["", "| point | difference | seeds | alignment diff | seed SD | bootstrap 95 % | claimed |", "|---|---|---|---|---|---|---|"]
     md += [f"| {c['point']} | {c['pair']} | {c['seeds']} | {c['align_diff']:+.2f} | {c['seed_sd']:.2f} | "
            f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {'yes' if c['claimed'] else 'no'} |" for c in claims]
@@ -357,7 +366,7 @@ def main():
             r.add_argument("--tg-pool", type=int, default=2048)
             r.add_argument("--warm-iters", type=int, default=2000)
             r.add_argument("--noise-k", type=int, default=16)
-            r.add_argument("--noise-ref", type=int, default=128)
+            r.add_argument("--noise-ref", type=int, default=256)
             r.add_argument("--parallel", type=int, default=6, help="arm runs at a time")
             r.add_argument("--budget", type=float, default=440, help="seconds; runs still going then are killed")
         else:

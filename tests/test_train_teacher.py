@@ -317,10 +317,13 @@ def test_phrasings_caption_singles_as_people_type_them(tiny_corpus, tmp_path):
     their words, the bank encodes them once, and the drawn texts mix the caption and the phrasings."""
     from flowflash.data.dataset import load_corpus
     from flowflash.train.common import Dist
-    from flowflash.train.data import CaptionBank, RowSampler, caption_texts
+    from flowflash.train.data import CaptionBank, RowSampler, caption_texts, heldout_plain_texts
 
     corpus = load_corpus(tiny_corpus)
-    texts, variants = caption_texts(corpus, True)
+    held = heldout_plain_texts(tiny_corpus)
+    texts, variants = caption_texts(corpus, True, held)
+    assert held and not held & set(texts)  # a held-out concept's plain phrasings never train (plain_v1 stays held out)
+    assert held & set(caption_texts(corpus, True)[0])  # ... which they would without the exclusion
     singles = [r for r, row in enumerate(corpus.rows) if row["kind"] == "single"]
     assert all(len(variants[r]) > 1 and texts[variants[r][0]] == corpus.captions[r] for r in singles)
     assert len(texts) == len(set(texts))  # plain phrasings shared by both styles are encoded once

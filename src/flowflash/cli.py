@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="do not train: each arm's DM gradient (re-noising, sharing at x_t_i, sharing in-interval, "
                          "the old normaliser) over K independent minibatches on the config's roles: SNR and cosine "
                          "to a reference gradient (JSON to stdout)")
-    ds.add_argument("--noise-ref", type=positive_int, default=128, help="draws of the reference gradient")
+    ds.add_argument("--noise-ref", type=positive_int, default=256, help="draws of the reference gradient")
     ds.add_argument("--noise-batch", type=positive_int, default=16, help="minibatch size for --measure-noise")
     ds.add_argument("--from-checkpoint", action="store_true",
                     help="with --measure-variance: the roles of the run's last checkpoint, not the initial ones")

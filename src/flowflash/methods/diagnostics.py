@@ -1,9 +1,10 @@
 """Diagnostics of the distribution-matching gradient: how noisy is it, with and without timestep sharing.
 
-On one fixed batch (fixed captions, fixed starting noise, fixed student/critic/teacher weights), the
-student's DM gradient is drawn `draws` times; what changes between draws is only what the method itself
-samples: the student step i, and for re-noising also the matching time t and the fresh noise. The
-spread of those draws around their mean is the variance the issue asks to compare.
+`gradient_variance`/`compare_sharing`: on one fixed batch (fixed captions, fixed starting noise, fixed
+student/critic/teacher weights), the student's DM gradient is drawn `draws` times; what changes between draws
+is only what the method itself samples: the student step i, and for re-noising also the matching time t and
+the fresh noise (and, with `dm_norm: renoised`, the normaliser's noise). `gradient_noise`: issue 14's table,
+each arm over independent minibatches against a reference gradient.
 """
 from __future__ import annotations
 
@@ -71,38 +72,51 @@ def arm(method: Flash, name: str) -> Flash:
     return m
 
 
-def gradient_noise(method: Flash, draw, arms: list[str], k: int = 16, ref_draws: int = 128, batch: int = 16,
-                   seed: int = 0) -> dict:
-    """Each arm's DM gradient over k independent minibatches (fresh captions and noise from `draw`), on the same
-    roles: SNR = ||mean g||^2 / mean ||g - mean g||^2, the mean cosine of each draw to a reference gradient, and
-    the cosine of the arms' mean to it. The reference is the mean of `ref_draws` draws of arm A (re-noising, an
-    unbiased estimate of the DM objective's gradient), so cos(mean, ref) shows an arm's bias and the per-draw
-    cosine its bias and variance together. Streams sums: memory stays at a few gradients."""
-    if k < 2:
-        raise ValueError(f"need at least 2 minibatches per arm, got {k}")
+def noise_stats(total: torch.Tensor, sq: float, k: int) -> dict:
+    """Unbiased signal and noise of k gradient draws from their sum and sum of squared norms: the noise is
+    E||g - E g||^2 (k - 1 in the denominator), the signal ||E g||^2 = ||mean||^2 - noise / k (the mean's own
+    noise removed; it can come out below 0 when the signal is below the noise floor of k draws)."""
+    mean = total / k
+    m2 = mean.pow(2).sum().item()
+    noise = max((sq - k * m2) / (k - 1), 0.0)
+    signal = m2 - noise / k
+    return {"snr": signal / max(noise, 1e-30), "signal": signal, "noise": noise, "mean_norm": m2 ** 0.5}
 
-    def draws(name: str, n: int, stream: int):
+
+def gradient_noise(method: Flash, draw, arms: list[str], k: int = 16, ref_draws: int = 256, batch: int = 16,
+                   seed: int = 0) -> dict:
+    """Each arm's DM gradient over the same k independent minibatches (captions and noise from `draw`; every
+    arm sees the same stream), on the same roles: the unbiased SNR (noise_stats), the mean cosine of each draw
+    to a reference gradient, and the cosine of the arm's mean to it. The reference is the mean of `ref_draws`
+    draws of arm A (re-noising: the DM objective's gradient as DMD2 estimates it; calling another arm "biased"
+    against it assumes that objective). The cosine of a mean is lowered by the noise left in both means as well
+    as by bias: `ref_split_half_cos`, the cosine between the two halves of the reference's draws, shows how far
+    noise alone brings it down. Streams sums: memory stays at a few gradients."""
+    if k < 2 or ref_draws < 2:
+        raise ValueError(f"need at least 2 minibatches per arm and 2 reference draws, got {k} and {ref_draws}")
+
+    def draws(name: str, n: int, stream: int, data_stream: int):
         m = arm(method, name)
         m.gen.manual_seed(seed * 1000 + stream)
-        gen = torch.Generator().manual_seed(seed * 1000 + 500 + stream)
+        gen = torch.Generator().manual_seed(seed * 1000 + 500 + data_stream)
         for _ in range(n):
             yield dm_gradient(m, draw(batch, gen)).double()
 
-    ref = None
-    for g in draws("A_renoise", ref_draws, 0):
-        ref = g.clone() if ref is None else ref.add_(g)
-    ref /= ref_draws
-    out = {"reference": {"arm": "A_renoise", "draws": ref_draws, "norm": ref.norm().item()}, "arms": {}}
+    halves = [None, None]
+    for i, g in enumerate(draws("A_renoise", ref_draws, 0, 0)):
+        h = i % 2
+        halves[h] = g.clone() if halves[h] is None else halves[h].add_(g)
+    cos = lambda a, b: torch.nn.functional.cosine_similarity(a, b, dim=0).item()
+    ref = (halves[0] + halves[1]) / ref_draws
+    out = {"reference": {"arm": "A_renoise", "draws": ref_draws, "norm": ref.norm().item(),
+                         "ref_split_half_cos": cos(halves[0], halves[1])}, "arms": {}}
     for j, name in enumerate(arms, 1):
-        total, sq, cos = None, 0.0, []
-        for g in draws(name, k, j):
+        total, sq, cosines = None, 0.0, []
+        for g in draws(name, k, j, 1):  # data stream 1 for every arm: the same minibatches
             total = g.clone() if total is None else total.add_(g)
             sq += g.pow(2).sum().item()
-            cos.append(torch.nn.functional.cosine_similarity(g, ref, dim=0).item())
-        mean = total / k
-        spread = sq / k - mean.pow(2).sum().item()  # mean ||g - mean||^2
-        out["arms"][name] = {"minibatches": k, "snr": mean.pow(2).sum().item() / max(spread, 1e-30),
-                             "mean_norm": mean.norm().item(), "cos_draw_to_ref": sum(cos) / k,
-                             "cos_draw_to_ref_sd": float(torch.tensor(cos).std()),
-                             "cos_mean_to_ref": torch.nn.functional.cosine_similarity(mean, ref, dim=0).item()}
+            cosines.append(cos(g, ref))
+        out["arms"][name] = {"minibatches": k, **noise_stats(total, sq, k), "cos_draw_to_ref": sum(cosines) / k,
+                             "cos_draw_to_ref_sd": float(torch.tensor(cosines).std()),
+                             "cos_mean_to_ref": cos(total / k, ref)}
     return out

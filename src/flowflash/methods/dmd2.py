@@ -25,7 +25,7 @@ from .student import STUDENT_FIELDS, StudentMethod, is_latent
 DM_FIELDS = STUDENT_FIELDS | {"lr_critic", "critic_ratio", "timestep_sharing", "t_match_min", "adversarial",
                               "gan_weight", "gan_blocks", "head_reinit_p", "real_images", "init_critic",
                               "critic_warmup", "dm_norm", "match_point", "critic_t", "adversarial_floor"}
-DM_NORMS, MATCH_POINTS, CRITIC_TS = ("renoised", "matching", "none"), ("start", "interval"), ("teacher", "uniform")
+DM_NORMS, MATCH_POINTS, CRITIC_TS = ("renoised", "matching", "none"), ("start", "interval"), ("full", "uniform", "teacher")
 
 
 class Heads(nn.Module):
@@ -92,7 +92,7 @@ class DMD2(StudentMethod):
         self.sharing = self.timestep_sharing(cfg.timestep_sharing)
         self.critic = (critic if critic is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
         self.adversarial = adversarial_on(cfg, teacher)
-        blocks = gan_blocks(cfg, teacher)
+        self.gan_blocks = blocks = gan_blocks(cfg, teacher)
         self.heads = Heads(teacher.cfg.num_heads * teacher.cfg.head_dim, len(blocks))
         self.tap = FeatureTap(self.critic, blocks) if self.adversarial else None
         self.networks.update(critic=self.critic, heads=self.heads)
@@ -157,8 +157,12 @@ class DMD2(StudentMethod):
         return add_noise(x0_hat.detach(), self._eps, t), t
 
     def critic_times(self, n: int) -> torch.Tensor:
-        """Times the critic trains at: the teacher's training density (logit-normal, its shift), or uniform;
-        both kept inside [t_min, 1 - t_min]."""
+        """Times the critic (and its heads) train at. `full`: uniform on [t_min, 1], every time any arm asks it at
+        (re-noising's uniform t, the student's t_i including the first step's t = 1, in-interval points, the
+        adversarial floor). `uniform` (the old arm): clamped to [t_min, 1 - t_min]. `teacher`: the teacher's
+        training density (logit-normal under its shift), which leaves low t nearly untrained."""
+        if self.cfg.critic_t == "full":
+            return self.t_min + self.rand(n) * (1 - self.t_min)
         if self.cfg.critic_t == "uniform":
             t = self.rand(n)
         else:

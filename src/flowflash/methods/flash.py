@@ -1,6 +1,7 @@
 """`flash`: the SD3.5-Flash recipe's distribution matching, i.e. DMD2 with **timestep sharing**: the real
 and fake scores are evaluated on the student's own trajectory (time t_i of its schedule and the state
-x_{t_i} its own Euler steps reached from the noise; no fresh noise, no other times), and the adversarial
+x_{t_i} its own Euler steps reached from the noise; no fresh noise at the matching point, no other times;
+the default normaliser, `dm_norm: renoised`, draws its own noise once, see dmd2.py), and the adversarial
 heads judge the student's next state along its own velocity. `timestep_sharing: false` turns the
 sharing off (the ablation row: then it is DMD2). The trajectory-guidance warm start is a `tg` run passed
 as `init_student`; split-timestep branches are `split: low|high` runs merged with `flowflash merge`.

@@ -119,7 +119,7 @@ def euler_step(x: Tensor, v: Tensor, t: float | Tensor, t_next: float | Tensor) 
     dt = _bc(t_next - t, x)
     if torch.finfo(x.dtype).bits >= 32:
         return x + dt * v
-    return (x.float() + dt * v).to(x.dtype)  # the product in v's dtype, the sum in fp32, as diffusers
+    return (x.float() + dt * v).to(x.dtype)  # the sum in fp32, as diffusers (number times: the product in v's dtype)
 
 
 def sample(velocity: Velocity, noise: Tensor, ts: Tensor, callback: Callable[[int], None] | None = None) -> Tensor:

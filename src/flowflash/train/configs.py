@@ -77,7 +77,8 @@ class DistillConfig(LoopConfig):
     dm_norm: str = "renoised"  # DM normaliser mean|x0 - x0_real|: renoised (at a fresh re-noising of the student's
     #   x0, as DMD2) | matching (at the matching point; under sharing it collapses to t |v_s - v_real|) | none
     match_point: str = "start"  # flash's matching point: start (x_{t_i}) | interval (t' in [t_{i+1}, t_i] along v)
-    critic_t: str = "teacher"  # critic's training times: teacher (logit-normal + its shift, as rf) | uniform
+    critic_t: str = "full"  # critic's training times: full (uniform on [t_min, 1]: wherever it is asked) |
+    #   uniform (old: [t_min, 1 - t_min], the first step's t = 1 never trained) | teacher (logit-normal + shift)
     adversarial_floor: bool = True  # a last-step adversarial point (t = 0) is re-noised to t_match_min
     step_per_sample: bool = True  # one student step index per sample (false: one per batch)
     # ---- an SD3 teacher (a diffusers StableDiffusion3Pipeline folder): training runs in its VAE latent space

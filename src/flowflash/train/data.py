@@ -65,15 +65,29 @@ def minilm_cache(captions: list[str], out: Path, max_tokens: int) -> tuple[Tenso
     return h.float(), p.float()
 
 
-def caption_texts(corpus: Corpus, phrasings: bool) -> tuple[list[str], list[list[int]]]:
+def heldout_plain_texts(data: Path) -> set[str]:
+    """The plain phrasings of every concept with a held-out single row. A concept is held out in one style
+    only, so its other style trains on; its plain phrasings (no style) are what `plain_v1` asks, and they stay
+    out of training so that the set stays held out."""
+    from ..data.dataset import read_manifest
+    from ..data.phrasing import caption_name, plain_phrasings
+
+    return {p for r in read_manifest(data) if r["split"] != "train" and r["kind"] == "single"
+            for p in plain_phrasings(caption_name(r["concepts"][0]))}
+
+
+def caption_texts(corpus: Corpus, phrasings: bool, exclude: set[str] = frozenset()) -> tuple[list[str], list[list[int]]]:
     """Every caption text to encode, and each row's own variants as positions in that list: its caption first,
-    then (with `phrasings`) the other phrasings its manifest row lists (singles; data/phrasing.py)."""
+    then (with `phrasings`) the other phrasings its manifest row lists (singles; data/phrasing.py), less
+    `exclude` (the held-out concepts' plain phrasings)."""
     texts = list(corpus.captions)
     variants = [[i] for i in range(len(texts))]
     if phrasings:
         where = {t: i for i, t in enumerate(texts)}
         for r, row in enumerate(corpus.rows):
             for text in row.get("phrasings", [])[1:]:  # the first is the caption itself
+                if text in exclude:
+                    continue
                 if text not in where:
                     where[text] = len(texts)
                     texts.append(text)
@@ -101,7 +115,7 @@ class CaptionBank:
         if phrasings and not any(r.get("phrasings") for r in corpus.rows):
             raise FlowflashError(f"{data} lists no phrasings (built before they existed): rebuild it with "
                                  f"flowflash data build --out {data}")
-        texts, variants = caption_texts(corpus, phrasings)
+        texts, variants = caption_texts(corpus, phrasings, heldout_plain_texts(data) if phrasings else set())
         ids, _ = WordTokenizer(vocab).batch(texts, light_max_tokens)
         if d.main:  # one writer; the others read what it wrote
             mini_h, mini_p = minilm_cache(texts, out, minilm_max_tokens)

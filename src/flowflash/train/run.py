@@ -67,8 +67,9 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
         model = load_model(Path(cfg.init_from))
     else:
         from ..data.dataset import load_corpus
-        from .data import caption_texts
-        texts, _ = caption_texts(load_corpus(Path(cfg.data), "train"), cfg.p_phrasing > 0)  # phrasings' words too
+        from .data import caption_texts, heldout_plain_texts
+        texts, _ = caption_texts(load_corpus(Path(cfg.data), "train"), cfg.p_phrasing > 0,  # phrasings' words too
+                                 heldout_plain_texts(Path(cfg.data)) if cfg.p_phrasing > 0 else set())
         vocab = WordTokenizer.build(texts).vocab
         model = FlowModel(ModelConfig.from_dict({**cfg.model, "vocab": vocab}))
     mcfg = model.cfg
@@ -199,6 +200,11 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
     return DistillSetup(method, None, draw, prompts[:4], sample_kw)
 
 
+def argparse_like(**fields):
+    from types import SimpleNamespace
+    return SimpleNamespace(**fields)
+
+
 def carry_critic(method, run: Path):
     """Start the critic and its heads from a previous stage's last checkpoint (run/checkpoint), so a stage or a
     split branch does not restart the critic from the teacher (a fresh critic lags a warm-started student)."""
@@ -206,12 +212,22 @@ def carry_critic(method, run: Path):
     if not (ckpt / "critic.safetensors").exists():
         raise FlowflashError(f"init_critic: {ckpt} holds no critic checkpoint (a flash or dmd2 run's, written by "
                              "one process)")
+    from ..methods.dmd2 import gan_blocks
+
+    src_cfg = run / "config.json"
+    src_blocks = None
+    if src_cfg.exists():  # the blocks the saved heads read (their config's gan_blocks, or the default for the teacher)
+        src = json.loads(src_cfg.read_text())
+        src_blocks = gan_blocks(argparse_like(gan_blocks=src.get("gan_blocks")), method.teacher)
     for name in ("critic", "heads"):
         weights = load_file(ckpt / f"{name}.safetensors")
         module = method.networks[name]
         own = module.state_dict()
-        if name == "heads" and {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in own.items()}:
-            continue  # other gan_blocks: the heads start fresh, the critic is still carried
+        if name == "heads" and (src_blocks != method.gan_blocks or
+                                {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in own.items()}):
+            print(f"init_critic: the heads in {ckpt} read critic blocks {src_blocks}, this run's read "
+                  f"{method.gan_blocks}: the heads start fresh, the critic is carried")
+            continue
         try:
             module.load_state_dict({k: v.to(own[k].dtype) for k, v in weights.items()})
         except (RuntimeError, KeyError) as e:
@@ -265,7 +281,7 @@ def measure_variance(cfg: DistillConfig, draws: int = 16, batch_size: int = 8, s
     return res
 
 
-def measure_noise(cfg: DistillConfig, k: int = 16, ref_draws: int = 128, batch_size: int = 16, seed: int = 0,
+def measure_noise(cfg: DistillConfig, k: int = 16, ref_draws: int = 256, batch_size: int = 16, seed: int = 0,
                   arms: list[str] | None = None) -> dict:
     """Issue 14's gradient-noise table on the roles `cfg` builds (its init_student and init_critic): the arms
     of methods/diagnostics.py ARMS, each over k independent minibatches, against a reference of arm A."""
@@ -280,6 +296,9 @@ def measure_noise(cfg: DistillConfig, k: int = 16, ref_draws: int = 128, batch_s
     if unknown:
         raise FlowflashError(f"unknown arms {unknown}; known: {', '.join(ARMS)}")
     su = distill_setup(dataclasses.replace(cfg, method="flash", timestep_sharing=None), init_dist())
+    su.method.to(cfg.device)
+    if hasattr(su.draw, "place") and torch.device(cfg.device).type != "cpu":
+        su.draw.place(torch.device(cfg.device), seed)
     res = gradient_noise(su.method, su.draw, arms, k, ref_draws, batch_size, seed)
     res.update(batch_size=batch_size, seed=seed, config=dataclasses.asdict(cfg))
     return res
