@@ -95,12 +95,17 @@ def gradient_noise(method: Flash, draw, arms: list[str], k: int = 16, ref_draws:
     if k < 2 or ref_draws < 2:
         raise ValueError(f"need at least 2 minibatches per arm and 2 reference draws, got {k} and {ref_draws}")
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=ref_draws + k * len(arms), desc="gradient draws", leave=False)
+
     def draws(name: str, n: int, stream: int, data_stream: int):
         m = arm(method, name)
         m.gen.manual_seed(seed * 1000 + stream)
         gen = torch.Generator().manual_seed(seed * 1000 + 500 + data_stream)
         for _ in range(n):
             yield dm_gradient(m, draw(batch, gen)).double()
+            bar.update(1)
 
     halves = [None, None]
     for i, g in enumerate(draws("A_renoise", ref_draws, 0, 0)):
@@ -119,4 +124,5 @@ def gradient_noise(method: Flash, draw, arms: list[str], k: int = 16, ref_draws:
         out["arms"][name] = {"minibatches": k, **noise_stats(total, sq, k), "cos_draw_to_ref": sum(cosines) / k,
                              "cos_draw_to_ref_sd": float(torch.tensor(cosines).std()),
                              "cos_mean_to_ref": cos(total / k, ref)}
+    bar.close()
     return out
