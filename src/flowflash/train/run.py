@@ -223,7 +223,8 @@ def carry_critic(method, run: Path):
         weights = load_file(ckpt / f"{name}.safetensors")
         module = method.networks[name]
         own = module.state_dict()
-        if name == "heads" and (src_blocks != method.gan_blocks or
+        other_blocks = src_blocks is not None and src_blocks != method.gan_blocks  # unknown without its config
+        if name == "heads" and (other_blocks or
                                 {k: v.shape for k, v in weights.items()} != {k: v.shape for k, v in own.items()}):
             print(f"init_critic: the heads in {ckpt} read critic blocks {src_blocks}, this run's read "
                   f"{method.gan_blocks}: the heads start fresh, the critic is carried")
