@@ -222,9 +222,11 @@ def test_fsdp2_step_equals_one_process_on_the_same_global_batch(sd3, tmp_path, t
 
 def test_fsdp2_resume_continues_the_run_exactly(sd3, tmp_path, torchrun):
     """Split after the first (critic-only) iteration: the checkpoint then holds no student optimizer state, and
-    resuming must not count a phantom Adam step for it; the student updates draw steps per sample."""
+    resuming must not count a phantom Adam step for it; split again after a student update whose heads were
+    re-initialised from torch's own generator, which must resume too; the student updates draw steps per sample."""
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("critic_ratio: 1\nckpt_every: 100\nsample_every: 0\nlog_every: 1\n")
+    # heads re-initialised at every student update: they draw from torch's own generator, which must resume too
+    cfg.write_text("critic_ratio: 1\nckpt_every: 100\nsample_every: 0\nlog_every: 1\nhead_reinit_p: 1.0\n")
     args = lambda out, iters: distill_args(sd3, out, tmp_path / "cache", "flash", 4, iters, "--fsdp",
                                            "--real-images", str(sd3[2]), "--config", str(cfg))
     torchrun(args(tmp_path / "whole", 5) + ["--batch-size", "4"])
@@ -232,12 +234,17 @@ def test_fsdp2_resume_continues_the_run_exactly(sd3, tmp_path, torchrun):
     state = json.loads((tmp_path / "split" / "checkpoint" / "state.json").read_text())
     assert state["format"] == "dcp" and state["state"]["step"] == 1 and state["optimizers"] == ["critic"]
     assert sorted(p.name for p in (tmp_path / "split" / "checkpoint").glob("*.distcp"))  # each rank's shards
+    torchrun(args(tmp_path / "split", 2) + ["--batch-size", "4", "--resume"])  # stops after a student update
     torchrun(args(tmp_path / "split", 5) + ["--batch-size", "4", "--resume"])
     logs = [[json.loads(r) for r in (tmp_path / run / "log.jsonl").read_text().splitlines()] for run in ("whole", "split")]
     assert [r["step"] for r in logs[1]] == [1, 2, 3, 4, 5]
     for a, b in zip(*logs):
         assert {k: v for k, v in a.items() if k not in ("time", "img_s")} == pytest.approx(
             {k: v for k, v in b.items() if k not in ("time", "img_s")}, rel=1e-5)
+    f = "student/transformer/diffusion_pytorch_model.safetensors"
+    whole, split = load_file(tmp_path / "whole" / f), load_file(tmp_path / "split" / f)
+    for k in whole:
+        torch.testing.assert_close(whole[k], split[k], atol=1e-6, rtol=1e-5)
     f = "student/transformer/diffusion_pytorch_model.safetensors"
     a, b = load_file(tmp_path / "whole" / f), load_file(tmp_path / "split" / f)
     for k in a:

@@ -179,6 +179,8 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
         method.share_draws(d.rank, d.world)
     ckpt = out / "checkpoint"
     emas, gens = {method.ema_network: ema}, {"data": gen, "method": method.gen}
+    if sharded:  # a sharded checkpoint keeps torch's own generator per rank too (single-process ones always did)
+        gens["torch"] = torch.default_generator
     place = getattr(draw, "place", None)
     if place is not None and device.type != "cpu":  # batches gathered and noise drawn on the accelerator
         gens.update(place(device, cfg.seed * 1000 + 31 + d.rank))
