@@ -22,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,6 @@ def encode(captions: list[str], vocab: list[str], cfg) -> dict[str, torch.Tensor
     from flowflash.models.text import WordTokenizer
     from flowflash.train.data import minilm_cache
 
-    import tempfile
     ids, _ = WordTokenizer(vocab).batch(captions, cfg.light_max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         h, p = minilm_cache(captions, Path(tmp), cfg.minilm_max_tokens)
@@ -276,6 +276,7 @@ def run(a):
 
 
 # ------------------------------------------------------------------ score (here: the judge and the real images)
+@torch.no_grad()
 def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
     import numpy as np
 
