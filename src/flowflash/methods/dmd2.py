@@ -73,10 +73,10 @@ def adversarial_on(cfg, teacher) -> bool:
     return not is_latent(teacher) or cfg.real_images is not None
 
 
-def gan_blocks(cfg, teacher) -> list[int]:
-    """The critic blocks the heads read: as set, or at about a quarter and five eighths of the depth."""
+def gan_blocks(asked: list[int] | None, teacher) -> list[int]:
+    """The critic blocks the heads read: as asked, or at about a quarter and five eighths of the depth."""
     n = len(teacher.transformer.transformer_blocks)
-    blocks = list(cfg.gan_blocks) if cfg.gan_blocks is not None else sorted({n // 4, 5 * n // 8})
+    blocks = list(asked) if asked is not None else sorted({n // 4, 5 * n // 8})
     bad = [b for b in blocks if not (isinstance(b, int) and 0 <= b < n)]
     if bad or not blocks:
         raise FlowflashError(f"gan_blocks {blocks} must name blocks 0..{n - 1} of the teacher's {n}")
@@ -92,7 +92,7 @@ class DMD2(StudentMethod):
         self.sharing = self.timestep_sharing(cfg.timestep_sharing)
         self.critic = (critic if critic is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
         self.adversarial = adversarial_on(cfg, teacher)
-        self.gan_blocks = blocks = gan_blocks(cfg, teacher)
+        self.gan_blocks = blocks = gan_blocks(cfg.gan_blocks, teacher)
         self.heads = Heads(teacher.cfg.num_heads * teacher.cfg.head_dim, len(blocks))
         self.tap = FeatureTap(self.critic, blocks) if self.adversarial else None
         self.networks.update(critic=self.critic, heads=self.heads)

@@ -200,25 +200,19 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
     return DistillSetup(method, None, draw, prompts[:4], sample_kw)
 
 
-def argparse_like(**fields):
-    from types import SimpleNamespace
-    return SimpleNamespace(**fields)
-
-
 def carry_critic(method, run: Path):
     """Start the critic and its heads from a previous stage's last checkpoint (run/checkpoint), so a stage or a
     split branch does not restart the critic from the teacher (a fresh critic lags a warm-started student)."""
+    from ..methods.dmd2 import gan_blocks
+
     ckpt = run / "checkpoint"
     if not (ckpt / "critic.safetensors").exists():
         raise FlowflashError(f"init_critic: {ckpt} holds no critic checkpoint (a flash or dmd2 run's, written by "
                              "one process)")
-    from ..methods.dmd2 import gan_blocks
-
     src_cfg = run / "config.json"
     src_blocks = None
     if src_cfg.exists():  # the blocks the saved heads read (their config's gan_blocks, or the default for the teacher)
-        src = json.loads(src_cfg.read_text())
-        src_blocks = gan_blocks(argparse_like(gan_blocks=src.get("gan_blocks")), method.teacher)
+        src_blocks = gan_blocks(json.loads(src_cfg.read_text()).get("gan_blocks"), method.teacher)
     for name in ("critic", "heads"):
         weights = load_file(ckpt / f"{name}.safetensors")
         module = method.networks[name]
