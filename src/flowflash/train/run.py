@@ -186,7 +186,7 @@ def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> 
     cache = Path(cfg.embed_cache) if cfg.embed_cache else default_cache_dir()
     bank = prompt_bank(teacher_dir, prompts, drop, cfg.max_sequence_length, cache, d, device=device)
     real = real_latents(teacher_dir, Path(cfg.real_images), teacher.cfg.size, cache, d) if cfg.real_images else None
-    roles = prepare_roles(cfg, d, teacher, student, critic=issubclass(method_cls, DMD2))
+    roles = prepare_roles(cfg, teacher, student, critic=issubclass(method_cls, DMD2))
     method = method_cls(cfg, teacher, roles.student, **({"critic": roles.critic} if roles.critic is not None else {}))
     if cfg.init_critic:
         carry_critic(method, Path(cfg.init_critic))

@@ -38,7 +38,7 @@ def trainable_copy(role: nn.Module) -> nn.Module:
     return copy.deepcopy(role).float().train().requires_grad_(True)
 
 
-def prepare_roles(cfg, d: Dist, teacher: nn.Module, student: nn.Module | None, critic: bool) -> Roles:
+def prepare_roles(cfg, teacher: nn.Module, student: nn.Module | None, critic: bool) -> Roles:
     student = trainable_copy(student if student is not None else teacher)
     roles = Roles(student, trainable_copy(teacher) if critic else None)
     if cfg.grad_checkpointing:
