@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from ..errors import FlowflashError
 from ..models.flow_model import FlowModel
 from ..models.protocol import SamplingDefaults
 from ..sampling import euler_step, sample, x0_from_v
@@ -45,17 +46,15 @@ def schedule_from(cfg, teacher) -> list[float]:
     student_shift, when set, in place of its shift), so that the exported student runs in vanilla diffusers."""
     if is_latent(teacher):
         from ..models.sd3 import load_scheduler, scheduler_sigmas
-        from ..errors import FlowflashError
 
         if cfg.schedule is not None:
             raise FlowflashError("an SD3 teacher's student takes its scheduler's times (so that vanilla diffusers "
                                  "runs the export); set student_steps and, if needed, student_shift, not schedule")
-        if cfg.student_steps < 1:
-            raise FlowflashError(f"student steps must be >= 1, got {cfg.student_steps}")
+        check_steps(cfg)
         sched = load_scheduler(teacher.cfg.folder)
         if cfg.student_shift is not None:
             sched = type(sched).from_config({**sched.config, "shift": float(cfg.student_shift)})
-        c, (w, h) = teacher.cfg, teacher.cfg.size
+        c = teacher.cfg
         p = teacher.transformer.config.patch_size
         seq = (c.latent_shape[1] // p) * (c.latent_shape[2] // p)
         return [float(t) for t in scheduler_sigmas(sched, cfg.student_steps, seq)]
@@ -65,7 +64,6 @@ def schedule_from(cfg, teacher) -> list[float]:
 
 def check_steps(cfg):
     """The student's step count and shift, checked before anything is built."""
-    from ..errors import FlowflashError
     if not isinstance(cfg.student_steps, int) or cfg.student_steps < 1:
         raise FlowflashError(f"student_steps must be an integer >= 1, got {cfg.student_steps!r}")
     if cfg.student_shift is not None and not cfg.student_shift > 0:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import Tensor
 from tqdm import tqdm
 
 from ..errors import FlowflashError
+from ..fsutil import atomic_file
 from .common import Dist, barrier
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
@@ -72,10 +73,9 @@ def folder_fingerprint(folder: Path, parts: list[str]) -> str:
 
 
 def atomic_save(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)
+    """A safetensors cache file, written whole or not at all (fsutil.atomic_file)."""
+    with atomic_file(path) as f:
+        f.write(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 # ------------------------------------------------------------------ text embeddings
