@@ -105,12 +105,18 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
     rows = read_manifest(tiny_corpus)
     singles = list(dict.fromkeys(r["caption"] for r in rows if r["kind"] == "single"))
     scene = next(r["caption"] for r in rows if r["kind"] != "single")
-    (tmp_path / "grid.txt").write_text("\n".join(singles[:3] + [scene]) + "\n")
+    # a prompt typed without its style ("a dog face") is scored as the concept of the first row listing it
+    plain_row = next(r for r in rows if r["kind"] == "single" and r["caption"] not in singles[:3])
+    plain = plain_row["phrasings"][-7]
+    assert "style" not in plain
+    (tmp_path / "grid.txt").write_text("\n".join(singles[:3] + [plain, scene]) + "\n")
     code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir), "--steps", "2",
                  "--score", str(tiny_corpus), "-o", str(tmp_path / "grid.png")])
     assert code == 0
     g = json.loads((tmp_path / "grid.json").read_text())
-    assert g["prompts"] == singles[:3] and g["generated"]["pool"] == len(singles)
+    assert g["prompts"] == singles[:3] + [plain] and g["generated"]["pool"] == len(singles)
+    first_listing = next(r["caption"] for r in rows if r["kind"] == "single" and plain in r["phrasings"])
+    assert g["captions"] == singles[:3] + [first_listing]
     for side in ("generated", "real"):
         assert all(1 <= r <= len(singles) for r in g[side]["ranks"])
         assert all(1 <= r <= g[side]["groups"]["n_groups"] for r in g[side]["groups"]["ranks"])

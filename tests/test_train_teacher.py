@@ -111,6 +111,38 @@ def test_init_from_a_model_folder_starts_from_its_weights(tiny_corpus, tmp_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_extend_vocab_adds_the_corpus_new_words_without_changing_the_start(tiny_corpus, tmp_path):
+    from flowflash.models.flow_model import FlowModel, ModelConfig, load_model, save_model
+    from flowflash.models.text import WordTokenizer
+    from flowflash.data.dataset import load_corpus
+
+    torch.manual_seed(0)
+    words = WordTokenizer.build(load_corpus(tiny_corpus).captions).vocab
+    small = FlowModel(ModelConfig.from_dict({**TINY, "vocab": words[: len(words) // 2]}))  # knows half the words
+    save_model(small, tmp_path / "small")
+    small = load_model(tmp_path / "small")  # as stored (fp16)
+    c = cfg(tiny_corpus, tmp_path / "grown", steps=1, lr=0.0, model={}, init_from=str(tmp_path / "small"),
+            extend_vocab=True, p_phrasing=0.5)
+    train_teacher(c)  # lr 0: the grown model must answer exactly as the small one did
+    grown = load_model(tmp_path / "grown" / "ema_model")
+    assert grown.cfg.vocab[: len(words) // 2] == small.cfg.vocab and set(words) <= set(grown.cfg.vocab)
+    assert "emoji" in grown.cfg.vocab  # a word only the phrasings use
+    prompt = "the " + " ".join(words[len(words) // 2:][:4])  # new words: unknown to the small model
+    ids_small, _ = WordTokenizer(small.cfg.vocab).batch([prompt], 16)
+    ids_grown, _ = WordTokenizer(grown.cfg.vocab).batch([prompt], 16)
+    assert not torch.equal(ids_small, ids_grown)
+    mini = torch.randn(1, 16, 384), torch.randn(1, 384)
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([0.5])
+    from flowflash.models.text import combine
+    on = torch.ones(1, dtype=torch.bool)
+    with torch.no_grad():
+        a = small(x, t, *combine(small.light, ids_small, *mini, on, on))
+        b = grown(x, t, *combine(grown.light, ids_grown, *mini, on, on))
+    assert torch.allclose(a, b, atol=1e-5)
+    with pytest.raises(FlowflashError, match="extend_vocab grows the vocabulary of the model init_from"):
+        train_teacher(cfg(tiny_corpus, tmp_path / "bad", extend_vocab=True))
+
+
 def test_init_from_run_resumes_with_the_shipped_architecture(tiny_corpus, tmp_path):
     # cfg.model is empty in an init_from config: --resume must rebuild the shipped model, not a default one
     train_teacher(cfg(tiny_corpus, tmp_path / "first", steps=2))

@@ -39,10 +39,17 @@ def score_singles(images_u8: torch.Tensor, prompts: list[str], data: Path, judge
         first.setdefault(c, i)
     pool = list(first)
     concepts = [singles.rows[first[c]]["concepts"][0] for c in pool]
-    keep = [i for i, p in enumerate(prompts) if p in first]
+    # a prompt typed another way ("a dog face", "Dog face emoji": the rows' phrasings) stands for the first row
+    # that lists it; a phrasing without a style fits either style, so read its concept ranks, not its caption's
+    alias = {}
+    for r in singles.rows:
+        for text in r.get("phrasings", []):
+            alias.setdefault(text, r["caption"])
+    caption_of = lambda p: p if p in first else alias.get(p)
+    keep = [i for i, p in enumerate(prompts) if caption_of(p) is not None]
     if not keep:
-        raise FlowflashError(f"none of the prompts is a single-emoji caption of {data}")
-    caps = [prompts[i] for i in keep]
+        raise FlowflashError(f"none of the prompts is a single-emoji caption of {data} or one of their phrasings")
+    caps = [caption_of(prompts[i]) for i in keep]
     real = singles.images[[first[c] for c in caps]]
     sets = {"generated": judge.features(images_u8[keep]), "real": judge.features(real)}
-    return {"prompts": caps, **judge.recognition(sets, caps, pool, concepts)}
+    return {"prompts": [prompts[i] for i in keep], "captions": caps, **judge.recognition(sets, caps, pool, concepts)}

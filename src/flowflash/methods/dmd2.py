@@ -181,7 +181,7 @@ class DMD2(StudentMethod):
         x_i, v, x0_hat = self.student_x0(b, i)
         x, t = self.matching_point(x_i, v, x0_hat, i)
         with torch.no_grad():
-            x0_real = x0_from_v(x, t, velocity(self.teacher, x, t, b, self.cfg.guidance))
+            x0_real = x0_from_v(x, t, velocity(self.teacher, x, t, b.for_teacher(), self.cfg.guidance))
             x0_fake = x0_from_v(x, t, velocity(self.critic, x, t, b))
             norm_real = None
             if self.cfg.dm_norm == "renoised" and self.sharing:
@@ -189,7 +189,7 @@ class DMD2(StudentMethod):
                 # v_real| and the normalised step stays order 1 however close the student is; DMD2's normaliser
                 # is taken at a fresh re-noising of x0_hat instead (its own noise, the same t).
                 xr = add_noise(x0_hat.detach(), self.randn(*x0_hat.shape).to(x0_hat.dtype), t)
-                norm_real = x0_from_v(xr, t, velocity(self.teacher, xr, t, b, self.cfg.guidance))
+                norm_real = x0_from_v(xr, t, velocity(self.teacher, xr, t, b.for_teacher(), self.cfg.guidance))
         direction = dmd_direction(x0_hat.detach(), x0_real, x0_fake, norm_real=norm_real,
                                   normalise=self.cfg.dm_norm != "none")
         return distribution_matching(x0_hat, direction), (x_i, v, x0_hat, t, i)

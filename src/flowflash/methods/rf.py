@@ -22,7 +22,8 @@ def flow_matching_loss(model: FlowModel, x0: Tensor, t: Tensor, noise: Tensor, c
 class RectifiedFlow(Method):
     name = "rf"
     uses = frozenset({"model", "p_single", "concepts", "weight_decay", "logit_mean", "logit_std", "p_uncond",
-                      "p_drop_light", "p_drop_minilm", "init_from", "sample_prompts", "p_phrasing"})
+                      "p_drop_light", "p_drop_minilm", "init_from", "sample_prompts", "p_phrasing",
+                      "extend_vocab"})
     ema_network = "model"
     export_dir = "ema_model"
 

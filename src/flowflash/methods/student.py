@@ -23,7 +23,9 @@ from .schedule import split_range, steps_in_range, student_schedule
 # Fields every distillation method reads (the loop's are allowed everywhere).
 STUDENT_FIELDS = frozenset({"method", "teacher", "init_student", "student_steps", "student_shift", "schedule",
                             "split", "split_at", "guidance", "prompts", "size", "drop", "max_sequence_length",
-                            "embed_cache", "fsdp", "grad_checkpointing", "step_per_sample"})
+                            "embed_cache", "fsdp", "grad_checkpointing", "step_per_sample", "p_single", "concepts",
+                            "p_phrasing", "teacher_prompt"})
+EMOJI_DATA_FIELDS = frozenset({"p_single", "concepts", "p_phrasing", "teacher_prompt"})
 LATENT_FIELDS = frozenset({"prompts", "size", "drop", "max_sequence_length", "real_images", "embed_cache"})
 
 

@@ -41,7 +41,8 @@ class TrajectoryGuidance(StudentMethod):
         """The teacher's CFG ODE from the noise, tg_teacher_steps Euler steps per student interval."""
         s = self.schedule
         self.teacher_rows += b.noise.shape[0]
-        teacher = lambda x, t: velocity(self.teacher, x, t, b, self.cfg.guidance)
+        bt = b.for_teacher()
+        teacher = lambda x, t: velocity(self.teacher, x, t, bt, self.cfg.guidance)
         states = [b.noise]
         for i in range(len(s) - 1):
             states.append(sample(teacher, states[-1], subdivide(s[i], s[i + 1], self.cfg.tg_teacher_steps)))

@@ -121,6 +121,22 @@ class FlowModel(nn.Module):
         return keys
 
 
+def with_words(model: FlowModel, words: list[str]) -> FlowModel:
+    """`model` with `words` it does not know appended to its vocabulary. Each new word's embedding starts as the
+    unknown word's, which is what the model read for it before: outputs are unchanged until training moves
+    them. Old ids keep their positions (the vocabulary only grows at the end)."""
+    new = [w for w in dict.fromkeys(words) if w not in set(model.cfg.vocab)]
+    if not new:
+        return model
+    grown = FlowModel(dataclasses.replace(model.cfg, vocab=list(model.cfg.vocab) + new))
+    state = model.state_dict()
+    old = state["light.embed.weight"]
+    unk = old[1:2].expand(len(new), -1)  # id 1: the unknown word (models/text.py WordTokenizer)
+    state["light.embed.weight"] = torch.cat([old, unk.to(old.dtype)])
+    grown.load_state_dict(state)
+    return grown
+
+
 STORAGES = ("fp16", "int8", "int6", "int4")
 QUANT_GROUP = 32  # columns per scale at 6 and 4 bits
 

@@ -38,6 +38,9 @@ class TeacherConfig(LoopConfig):
     # Continue from a shipped model folder (its weights, a fresh optimizer): how a new session extends
     # training when only the committed weights survived. Its config and vocabulary are kept.
     init_from: str | None = None
+    # With init_from: the words of this corpus's captions (and phrasings) that the model does not know join its
+    # vocabulary, each starting as the unknown word's embedding (so the start is the shipped model, unchanged).
+    extend_vocab: bool = False
     sample_prompts: list = field(default_factory=lambda: [
         "grinning face, twemoji style", "red apple, fluent flat style", "dog face, twemoji style",
         "pizza, fluent flat style", "a frog to the left of a banana on a blue background, twemoji style",
@@ -71,6 +74,13 @@ class DistillConfig(LoopConfig):
     # tg only: a fixed pool of N (caption, noise) pairs whose teacher trajectories are computed once and
     # reused every epoch (the teacher's CFG ODE is ~20x the cost of a student step); 0 = fresh each step
     tg_pool: int = 0
+    # ---- which captions an emoji teacher's run draws (as TeacherConfig's: the corpus rows are three scenes in four)
+    p_single: float | None = None  # probability a row is a single emoji; None: rows uniformly
+    concepts: str | None = None  # concept list for the single rows (e.g. "core"); None: every concept
+    p_phrasing: float = 0.0  # a single is captioned with one of its other phrasings ("a dog face") this often
+    teacher_prompt: str = "caption"  # under p_phrasing, the teacher is asked the row's corpus caption (caption:
+    #   the student learns to answer "a dog face" as the teacher answers "dog face, twemoji style") or the same
+    #   phrasing as the student (same)
     # ---- fixes of the recipe's confounds (issue 14); the old behaviour of each stays as an ablation arm
     init_critic: str | None = None  # a run folder whose checkpoint's critic and heads start this run's (None: teacher)
     critic_warmup: int = 0  # critic-only iterations before the first student update

@@ -30,11 +30,22 @@ class Batch:
     noise: Tensor  # (B, C, H, W): the starting noise of a student rollout, or rf's eps
     real: Tensor | None = None  # real images in [-1, 1]
     key: Tensor | None = None  # positions in a fixed pool (tg_pool), else None
+    # The teacher's own captions (ids, mini_h, mini_p) where they differ from the student's: a row captioned
+    # with another phrasing asks the teacher with the row's corpus caption (DistillConfig.teacher_prompt).
+    teacher_text: tuple[Tensor, Tensor, Tensor] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)
+        tt = None if self.teacher_text is None else tuple(move(t) for t in self.teacher_text)
         return Batch(move(self.ids), move(self.mini_h), move(self.mini_p), move(self.noise), move(self.real),
-                     move(self.key))
+                     move(self.key), tt)
+
+    def for_teacher(self) -> "Batch":
+        """The batch as the teacher is asked it: its captions in place of the student's, when they differ."""
+        if self.teacher_text is None:
+            return self
+        ids, mini_h, mini_p = self.teacher_text
+        return replace(self, ids=ids, mini_h=mini_h, mini_p=mini_p, teacher_text=None)
 
     def condition(self, model, use_light: Tensor, use_minilm: Tensor) -> tuple[Tensor, Tensor]:
         """(context, pooled) through `model`'s own light encoder and the cached MiniLM states."""
@@ -43,7 +54,8 @@ class Batch:
     def rows(self, idx: Tensor) -> "Batch":
         return replace(self, ids=self.ids[idx], mini_h=self.mini_h[idx], mini_p=self.mini_p[idx],
                        noise=self.noise[idx], real=None if self.real is None else self.real[idx],
-                       key=None if self.key is None else self.key[idx])
+                       key=None if self.key is None else self.key[idx],
+                       teacher_text=None if self.teacher_text is None else tuple(t[idx] for t in self.teacher_text))
 
 
 def minilm_cache(captions: list[str], out: Path, max_tokens: int) -> tuple[Tensor, Tensor]:
@@ -145,10 +157,14 @@ class CaptionBank:
         return CaptionBank(Corpus(c.images.to(device), c.captions, c.rows), self.ids.to(device),
                            self.mini_h.to(device), self.mini_p.to(device), self.variants)
 
-    def batch(self, idx: Tensor, noise: Tensor, key: Tensor | None = None, text: Tensor | None = None) -> Batch:
-        """Rows idx (images), captioned with the texts `text` (default: each row's own caption)."""
+    def batch(self, idx: Tensor, noise: Tensor, key: Tensor | None = None, text: Tensor | None = None,
+              teacher_text: Tensor | None = None) -> Batch:
+        """Rows idx (images), captioned with the texts `text` (default: each row's own caption); with
+        `teacher_text`, the teacher is asked those texts instead."""
         t = idx if text is None else text
-        return Batch(self.ids[t], self.mini_h[t], self.mini_p[t], noise, to_unit(self.corpus.images[idx]), key)
+        tt = None if teacher_text is None else (self.ids[teacher_text], self.mini_h[teacher_text],
+                                                self.mini_p[teacher_text])
+        return Batch(self.ids[t], self.mini_h[t], self.mini_p[t], noise, to_unit(self.corpus.images[idx]), key, tt)
 
     def single_rows(self, keep: set[str] | None = None) -> Tensor:
         return torch.tensor([i for i, r in enumerate(self.corpus.rows) if r["kind"] == "single"
@@ -192,19 +208,23 @@ class DeviceDraws:
 
 class RowSampler(DeviceDraws):
     """Fresh rows and fresh noise every batch; with p_phrasing > 0, a single is captioned with one of its other
-    phrasings that often (prompts as people type them)."""
+    phrasings that often (prompts as people type them). With `teacher_caption` (distillation), the teacher is
+    asked each row's corpus caption whatever phrasing the student is given, so that the student learns to
+    answer "a dog face" as the teacher answers "dog face, twemoji style"."""
 
     def __init__(self, bank: CaptionBank, singles: Tensor, scenes: Tensor, p_single: float | None = None,
-                 p_phrasing: float = 0.0):
+                 p_phrasing: float = 0.0, teacher_caption: bool = False):
         self.bank, self.singles, self.scenes, self.p_single = bank, singles, scenes, p_single
-        self.p_phrasing = p_phrasing
+        self.p_phrasing, self.teacher_caption = p_phrasing, teacher_caption
 
     def __call__(self, n: int, gen: torch.Generator) -> Batch:
         idx = draw_rows(n, self.singles, self.scenes, self.p_single, gen)
         text = self.bank.texts_of(idx, self.p_phrasing, gen) if self.p_phrasing > 0 else None
         shape = (n, *self.bank.corpus.images.shape[1:])
         dev = self.bank.ids.device
-        return self.bank.batch(idx.to(dev), self.noise(shape, gen), text=None if text is None else text.to(dev))
+        idx = idx.to(dev)
+        return self.bank.batch(idx, self.noise(shape, gen), text=None if text is None else text.to(dev),
+                               teacher_text=idx if text is not None and self.teacher_caption else None)
 
 
 class PoolSampler(DeviceDraws):

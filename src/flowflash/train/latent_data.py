@@ -224,6 +224,9 @@ class LatentBatch:
         return replace(self, ctx=self.ctx[idx], pooled=self.pooled[idx], noise=self.noise[idx],
                        real=pick(self.real), key=pick(self.key))
 
+    def for_teacher(self) -> "LatentBatch":
+        return self  # teacher and student are asked the same prompts
+
     def condition(self, model, use: Tensor, use_other: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(context, pooled) with the rows not in `use` replaced by the empty prompt's. The encoders are not
         part of any role, so `model` and the second mask (the emoji model's second encoder) are unused."""

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 from ..data.dataset import load_concept_list
 from ..errors import FlowflashError
 from ..images import image_grid
-from ..models.flow_model import FlowModel, ModelConfig, load_model, save_model
+from ..models.flow_model import FlowModel, ModelConfig, load_model, save_model, with_words
 from ..models.text import WordTokenizer
 from ..methods import DISTILL_METHODS, Method
 from ..methods.base import set_fields
-from ..methods.student import LATENT_FIELDS
+from ..methods.student import EMOJI_DATA_FIELDS, LATENT_FIELDS
 from ..models.sd3 import is_diffusers_folder
 from ..runtime.pipeline import resolve_model
 from .common import EMA, Dist, close_dist, init_dist, load_checkpoint
@@ -63,7 +63,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    if cfg.init_from:  # on --resume the checkpoint then overwrites these weights
+    if cfg.extend_vocab and not cfg.init_from:
+        raise FlowflashError("extend_vocab grows the vocabulary of the model init_from names; a fresh model builds "
+                             "its vocabulary from the corpus anyway")
+    if cfg.init_from and not cfg.extend_vocab:  # on --resume the checkpoint then overwrites these weights
         model = load_model(Path(cfg.init_from))
     else:
         from ..data.dataset import load_corpus
@@ -71,7 +74,10 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
         texts, _ = caption_texts(load_corpus(Path(cfg.data), "train"), cfg.p_phrasing > 0,  # phrasings' words too
                                  heldout_plain_texts(Path(cfg.data)) if cfg.p_phrasing > 0 else set())
         vocab = WordTokenizer.build(texts).vocab
-        model = FlowModel(ModelConfig.from_dict({**cfg.model, "vocab": vocab}))
+        if cfg.init_from:  # extend_vocab: the shipped model, its new words appended (outputs unchanged)
+            model = with_words(load_model(Path(cfg.init_from)), vocab)
+        else:
+            model = FlowModel(ModelConfig.from_dict({**cfg.model, "vocab": vocab}))
     mcfg = model.cfg
     bank = CaptionBank.build(Path(cfg.data), mcfg.vocab, mcfg.light_max_tokens, mcfg.minilm_max_tokens, out, d,
                              mcfg.image_size, phrasings=cfg.p_phrasing > 0)
@@ -109,7 +115,12 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
         raise FlowflashError(f"init_critic: {Path(cfg.init_critic) / 'checkpoint'} holds no critic checkpoint (a "
                              "flash or dmd2 run's, written by one process)")
     if is_diffusers_folder(teacher_dir):
+        emoji_only = set_fields(cfg, EMOJI_DATA_FIELDS)
+        if emoji_only:
+            raise FlowflashError(f"{', '.join(emoji_only)}: only for an emoji teacher (rows of its corpus); an SD3 "
+                                 "teacher trains on the prompts of --prompts as given")
         return latent_setup(cfg, d, method_cls, teacher_dir)
+    keep = check_rows(cfg)
     latent_only = set_fields(cfg, LATENT_FIELDS | {"fsdp", "grad_checkpointing"})
     if latent_only:
         raise FlowflashError(f"{', '.join(latent_only)}: only for an SD3 teacher (a diffusers folder); the emoji teacher "
@@ -129,13 +140,36 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
     if not method.optimizers:
         return DistillSetup(method, None)
     c = teacher.cfg
-    bank = CaptionBank.build(Path(cfg.data), c.vocab, c.light_max_tokens, c.minilm_max_tokens, out, d, c.image_size)
+    bank = CaptionBank.build(Path(cfg.data), c.vocab, c.light_max_tokens, c.minilm_max_tokens, out, d, c.image_size,
+                             phrasings=cfg.p_phrasing > 0)
     if cfg.tg_pool:  # the same pool on every rank and after resume
         draw = PoolSampler(bank, cfg.tg_pool, cfg.seed * 1000 + 5)
-    else:
+    elif cfg.p_single is None and keep is None:
         all_rows = torch.arange(len(bank))
-        draw = RowSampler(bank, all_rows, all_rows[:0])
+        draw = RowSampler(bank, all_rows, all_rows[:0], p_phrasing=cfg.p_phrasing,
+                          teacher_caption=cfg.teacher_prompt == "caption")
+    else:
+        singles = bank.single_rows(keep)
+        if len(singles) == 0:
+            raise FlowflashError(f"concept list {cfg.concepts!r} matches no single emoji in {cfg.data}")
+        draw = RowSampler(bank, singles, bank.scene_rows(), cfg.p_single, cfg.p_phrasing,
+                          teacher_caption=cfg.teacher_prompt == "caption")
     return DistillSetup(method, bank, draw, DISTILL_SAMPLE_PROMPTS)
+
+
+def check_rows(cfg: DistillConfig) -> set[str] | None:
+    """The caption-drawing fields of an emoji teacher's run, checked before its folder is made; returns the kept
+    concepts (None: all)."""
+    if cfg.p_single is not None and not 0.0 <= cfg.p_single <= 1.0:
+        raise FlowflashError(f"p_single must lie in [0, 1], got {cfg.p_single}")
+    if not 0.0 <= cfg.p_phrasing <= 1.0:
+        raise FlowflashError(f"p_phrasing must lie in [0, 1], got {cfg.p_phrasing}")
+    if cfg.teacher_prompt not in ("caption", "same"):
+        raise FlowflashError(f"teacher_prompt must be caption or same, got {cfg.teacher_prompt!r}")
+    if cfg.tg_pool and set_fields(cfg, EMOJI_DATA_FIELDS):
+        raise FlowflashError("tg_pool draws its fixed pool from every caption as written; p_single, concepts and "
+                             "p_phrasing need tg_pool: 0")
+    return load_concept_list(cfg.concepts) if cfg.concepts else None
 
 
 def latent_setup(cfg: DistillConfig, d: Dist, method_cls, teacher_dir: Path) -> DistillSetup:

@@ -1,0 +1,75 @@
+"""Issue 15's rule for the students, applied (docs/benchmarks.md, "Teacher v5 and its students: the rules fixed
+before training"): among candidate students of one method, the best alignment on 256 *training* prompts
+(CLIP-score analogue) whose core-grid concept top-5 is at least 0.9x the teacher's.
+
+For each candidate (and the teacher: its grids only, the reference of the 0.9x), one seed-0 grid of
+`grid64-core` and of `grid64-plain` scored by the judge, and for the candidates the alignment on the merge
+sweep's fixed training sample (seed 0). Writes OUT.json and OUT.md; the grids go next to them.
+
+    python scripts/pick_students.py --data data/emoji64 --out docs/bench/pick-students15 \
+        runs/students15/dmd2-4-lr1e-4-at300 runs/students15/dmd2-4-lr1e-4 ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from flowflash.eval.generate import Setting, generate_set
+from flowflash.eval.grid import draw_grid
+from flowflash.eval.judge import Judge
+from flowflash.eval.prompt_set import sweep_prompt_set
+from flowflash.fsutil import write_text_atomic
+
+
+def grid_scores(model: str, prompts: str, out: Path, judge_data: Path) -> dict:
+    res = draw_grid(prompts, str(out), model=model, score=judge_data)
+    g = res["scores"]["generated"]["groups"]
+    return {"concept_top1": g["top1"], "concept_top5": g["top5"], "png": str(out)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("candidates", nargs="+", help="student model folders")
+    ap.add_argument("--teacher", default="teacher")
+    ap.add_argument("--data", type=Path, default=Path("data/emoji64"))
+    ap.add_argument("--out", type=Path, required=True, help="results stem")
+    ap.add_argument("--ratio", type=float, default=0.9, help="core top-5 needed, as a fraction of the teacher's")
+    ap.add_argument("--cache", type=Path, default=Path("runs/eval-cache"))
+    a = ap.parse_args()
+
+    judge = Judge.load()
+    ps = sweep_prompt_set(a.data, 256, 0)
+    name = lambda m: Path(m).name if Path(m).exists() else m
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, m in enumerate([a.teacher, *a.candidates]):
+        row = {"model": m, "teacher": i == 0}
+        for grid in ("grid64-core", "grid64-plain"):
+            row[grid] = grid_scores(m, grid, a.out.parent / f"{a.out.name}-{name(m)}-{grid}.png", a.data)
+        if i > 0:  # the teacher's 50 CFG steps on 256 prompts are not part of the rule
+            imgs, _ = generate_set(Setting(name=name(m), model=m), ps, seed=0, cache=a.cache)
+            row.update(judge.alignment(judge.features(imgs), ps.captions, ps.captions))
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items()}), flush=True)
+    floor = a.ratio * rows[0]["grid64-core"]["concept_top5"]
+    eligible = [r for r in rows[1:] if r["grid64-core"]["concept_top5"] >= floor]
+    best = max(eligible, key=lambda r: r["clip_score"]) if eligible else None
+    res = {"prompt_set": ps.name, "floor_core_top5": floor, "picked": best and best["model"], "rows": rows}
+    write_text_atomic(a.out.with_suffix(".json"), json.dumps(res, indent=1))
+    lines = [f"# Student pick: {', '.join(name(c) for c in a.candidates)}", "",
+             f"Rule: the best CLIP-score analogue on {ps.name} among candidates whose grid64-core concept top-5 is "
+             f">= {a.ratio:g} x the teacher's ({floor:.3f}). Picked: **{name(best['model']) if best else 'none'}**.",
+             "", "| model | CLIP-score analogue (train 256) | R-prec@10 (train 256) | core top-5 | core top-1 | "
+             "plain top-5 | plain top-1 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        c, p = r["grid64-core"], r["grid64-plain"]
+        al = (f"{r['clip_score']:.1f} | {r['r_precision']:.3f}" if "clip_score" in r else "- | -")
+        lines.append(f"| {name(r['model'])}{' (teacher)' if r['teacher'] else ''} | {al} | {c['concept_top5']:.3f} | "
+                     f"{c['concept_top1']:.3f} | {p['concept_top5']:.3f} | {p['concept_top1']:.3f} |")
+    write_text_atomic(a.out.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
