@@ -245,7 +245,7 @@ def test_ema_averages_only_the_students_own_updates(teacher_dir, tmp_path, tiny_
 
 def test_ship_student_writes_card_and_refuses_a_teacher(teacher_dir, tmp_path, tiny_corpus, capsys):
     from flowflash.cli import main
-    out = distill(cfg(teacher_dir, tiny_corpus, tmp_path / "tg", "tg"))
+    out = distill(cfg(teacher_dir, tiny_corpus, tmp_path / "tg", "tg", p_single=0.5, p_phrasing=0.5))
     dest = tmp_path / "emoji-student"
     code = main(["train", "ship", "--student", str(out), "--stages", str(tmp_path / "tg"), "--to", str(dest),
                  "--command", "scripts/distill-emoji.sh"])
@@ -254,6 +254,8 @@ def test_ship_student_writes_card_and_refuses_a_teacher(teacher_dir, tmp_path, t
     assert m.cfg.name == "emoji-student" and m.cfg.kind == "student" and m.cfg.sampling.guidance == 1.0
     card = (dest / "README.md").read_text()
     assert "2-step, CFG-free" in card and "method `tg`" in card and "scripts/distill-emoji.sh" in card
+    assert ("single emoji 0.5 of each batch, a single captioned with another phrasing 0.5 of the time (the teacher "
+            "asked the corpus caption)") in card
     assert (dest / "ATTRIBUTION.md").read_text() == (tiny_corpus / "ATTRIBUTION.md").read_text()
     assert main(["train", "ship", "--student", str(teacher_dir), "--stages", str(tmp_path / "tg"),
                  "--to", str(tmp_path / "x"), "--command", "c"]) == 2

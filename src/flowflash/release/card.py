@@ -116,8 +116,22 @@ def stage_line(run: Path, cores: int) -> tuple[str, float]:
                f"sharing {cfg['timestep_sharing']}, adversarial {cfg['adversarial']}"
                if cfg["method"] in ("flash", "dmd2") else f", {cfg['tg_teacher_steps']} teacher steps per interval")
             + (f", split {cfg['split']} (t boundary {cfg['split_at']})" if cfg.get("split") else "")
-            + f", {hours:.2f} CPU-hours")
+            + rows_note(cfg) + f", {hours:.2f} CPU-hours")
     return line, hours
+
+
+def rows_note(cfg: dict) -> str:
+    """How a distillation drew its captions, where it did not draw the corpus rows uniformly as written."""
+    parts = []
+    if cfg.get("p_single") is not None:
+        parts.append(f"single emoji {cfg['p_single']:g} of each batch")
+    if cfg.get("concepts"):
+        parts.append(f"singles of the concept list '{cfg['concepts']}'")
+    if cfg.get("p_phrasing"):
+        asked = ("the teacher asked the corpus caption" if cfg.get("teacher_prompt", "caption") == "caption"
+                 else "the teacher asked the same phrasing")
+        parts.append(f"a single captioned with another phrasing {cfg['p_phrasing']:g} of the time ({asked})")
+    return "".join(f", {p}" for p in parts)
 
 
 def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metrics_md: str = "", notes: str = "",
