@@ -86,3 +86,16 @@ def test_bad_row_settings_fail_before_the_run_folder(kw, message, teacher_dir, t
 def test_naive_refuses_row_settings(teacher_dir, tmp_path, tiny_corpus):
     with pytest.raises(FlowflashError, match="does not use p_single"):
         distill_setup(DistillConfig(teacher=str(teacher_dir), method="naive", p_single=0.5), init_dist())
+
+
+def test_phrasings_on_a_corpus_built_without_them_fail_before_the_run_folder(teacher_dir, tmp_path, tiny_corpus):
+    import json
+    import shutil
+    old = tmp_path / "old-corpus"
+    shutil.copytree(tiny_corpus, old)
+    rows = [json.loads(line) for line in (old / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    (old / "manifest.jsonl").write_text("".join(json.dumps({k: v for k, v in r.items() if k != "phrasings"}) + "\n"
+                                                for r in rows))
+    with pytest.raises(FlowflashError, match="lists no phrasings .*flowflash data build"):
+        distill_setup(cfg(teacher_dir, old, tmp_path / "run", "dmd2", p_phrasing=0.5), init_dist())
+    assert not (tmp_path / "run").exists()

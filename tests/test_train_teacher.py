@@ -141,6 +141,7 @@ def test_extend_vocab_adds_the_corpus_new_words_without_changing_the_start(tiny_
     assert torch.allclose(a, b, atol=1e-5)
     with pytest.raises(FlowflashError, match="extend_vocab grows the vocabulary of the model init_from"):
         train_teacher(cfg(tiny_corpus, tmp_path / "bad", extend_vocab=True))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_init_from_run_resumes_with_the_shipped_architecture(tiny_corpus, tmp_path):

@@ -58,14 +58,14 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
                              "from the config")
     if not 0.0 <= cfg.p_phrasing <= 1.0:
         raise FlowflashError(f"p_phrasing must lie in [0, 1], got {cfg.p_phrasing}")
+    if cfg.extend_vocab and not cfg.init_from:
+        raise FlowflashError("extend_vocab grows the vocabulary of the model init_from names; a fresh model builds "
+                             "its vocabulary from the corpus anyway")
     # A bad list name fails here, before the run folder, model and caption cache are made.
     keep = load_concept_list(cfg.concepts) if cfg.concepts else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    if cfg.extend_vocab and not cfg.init_from:
-        raise FlowflashError("extend_vocab grows the vocabulary of the model init_from names; a fresh model builds "
-                             "its vocabulary from the corpus anyway")
     if cfg.init_from and not cfg.extend_vocab:  # on --resume the checkpoint then overwrites these weights
         model = load_model(Path(cfg.init_from))
     else:
@@ -169,6 +169,11 @@ def check_rows(cfg: DistillConfig) -> set[str] | None:
     if cfg.tg_pool and set_fields(cfg, EMOJI_DATA_FIELDS):
         raise FlowflashError("tg_pool draws its fixed pool from every caption as written; p_single, concepts and "
                              "p_phrasing need tg_pool: 0")
+    if cfg.p_phrasing > 0:
+        from ..data.dataset import read_manifest
+        if not any(r.get("phrasings") for r in read_manifest(Path(cfg.data))):
+            raise FlowflashError(f"{cfg.data} lists no phrasings (built before they existed): rebuild it with "
+                                 f"flowflash data build --out {cfg.data}")
     return load_concept_list(cfg.concepts) if cfg.concepts else None
 
 
