@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-PROMPT ?= grinning face, twemoji style
+PROMPT ?= a red apple
 
 .PHONY: demo test clean
 

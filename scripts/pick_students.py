@@ -4,7 +4,8 @@ before training"): among candidate students of one method, the best alignment on
 
 For each candidate (and the teacher: its grids only, the reference of the 0.9x), one seed-0 grid of
 `grid64-core` and of `grid64-plain` scored by the judge, and for the candidates the alignment on the merge
-sweep's fixed training sample (seed 0). Writes OUT.json and OUT.md; the grids go next to them.
+sweep's fixed training sample (seed 0). Writes OUT.json and OUT.md; the grids go to --grids (not docs/: a
+grid PNG is a few hundred KB).
 
     python scripts/pick_students.py --data data/emoji64 --out docs/bench/pick-students15 \
         runs/students15/dmd2-4-lr1e-4-at300 runs/students15/dmd2-4-lr1e-4 ...
@@ -36,17 +37,19 @@ def main():
     ap.add_argument("--out", type=Path, required=True, help="results stem")
     ap.add_argument("--ratio", type=float, default=0.9, help="core top-5 needed, as a fraction of the teacher's")
     ap.add_argument("--cache", type=Path, default=Path("runs/eval-cache"))
+    ap.add_argument("--grids", type=Path, default=Path("runs/pick-grids"), help="where the grid PNGs go")
     a = ap.parse_args()
 
     judge = Judge.load()
     ps = sweep_prompt_set(a.data, 256, 0)
     name = lambda m: Path(m).name if Path(m).exists() else m
     a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.grids.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, m in enumerate([a.teacher, *a.candidates]):
         row = {"model": m, "teacher": i == 0}
         for grid in ("grid64-core", "grid64-plain"):
-            row[grid] = grid_scores(m, grid, a.out.parent / f"{a.out.name}-{name(m)}-{grid}.png", a.data)
+            row[grid] = grid_scores(m, grid, a.grids / f"{a.out.name}-{name(m)}-{grid}.png", a.data)
         if i > 0:  # the teacher's 50 CFG steps on 256 prompts are not part of the rule
             imgs, _ = generate_set(Setting(name=name(m), model=m), ps, seed=0, cache=a.cache)
             row.update(judge.alignment(judge.features(imgs), ps.captions, ps.captions))

@@ -113,11 +113,16 @@ def stage_line(run: Path, cores: int) -> tuple[str, float]:
     hours, steps = cpu_hours(run, cores)
     line = (f"  - `{run.name}`: method `{cfg['method']}`, {steps} steps at batch {cfg['batch_size']}, lr {cfg['lr']}"
             + (f" / critic {cfg['lr_critic']}, {cfg['critic_ratio']} critic updates per student update, timestep "
-               f"sharing {cfg['timestep_sharing']}, adversarial {cfg['adversarial']}"
+               f"sharing {sharing(cfg)}, adversarial {cfg['adversarial']}"
                if cfg["method"] in ("flash", "dmd2") else f", {cfg['tg_teacher_steps']} teacher steps per interval")
             + (f", split {cfg['split']} (t boundary {cfg['split_at']})" if cfg.get("split") else "")
             + rows_note(cfg) + f", {hours:.2f} CPU-hours")
     return line, hours
+
+
+def sharing(cfg: dict) -> bool:
+    """Whether a flash/dmd2 run shared timesteps: its setting, or the method's default (flash on, dmd2 off)."""
+    return cfg["timestep_sharing"] if cfg.get("timestep_sharing") is not None else cfg["method"] == "flash"
 
 
 def rows_note(cfg: dict) -> str:
