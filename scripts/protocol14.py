@@ -12,8 +12,10 @@ for the eval prompts (image i from seed i) at 1/4, 1/2 and all of its updates, a
 measured on the common start. No distillation step needs a corpus image. `score` computes FD-EffNetL0,
 R-precision and the per-prompt alignment of every image set, the seed spread, the bootstrap over prompts of
 the seed-averaged per-prompt differences, and applies the pre-registered rule (a difference is claimed when it
-exceeds twice the seed SD of the difference and its 95 % bootstrap interval excludes 0). Not yet in it: the
-secondary arms, the noise table at mid-run, the split-timestep stage, plain_v1.
+exceeds twice the seed SD of the difference and its 95 % bootstrap interval excludes 0). The secondary arms are
+`--arms B_matching,B_uniform,B_teacher` (B with fix 2 off, fix 4 off, the teacher's critic times). Not yet in it:
+the adversarial secondary arm (it needs corpus images on the device), the noise table at mid-run, the
+split-timestep stage, plain_v1.
 """
 from __future__ import annotations
 
@@ -31,8 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 TEACHER = ROOT / "src" / "flowflash" / "weights" / "emoji-teacher"
-ARM_SETTINGS = {  # the protocol's arms: method, timestep sharing, match_point
-    "A": ("dmd2", None, "start"), "B": ("flash", True, "start"), "C": ("flash", True, "interval")}
+_B = {"method": "flash", "timestep_sharing": True, "match_point": "start"}
+ARMS = {  # the protocol's arms as DistillConfig settings (names without '-': file names are images-ARM-SEED)
+    "A": {"method": "dmd2"}, "B": _B, "C": {**_B, "match_point": "interval"},
+    # secondary arms: B with one fix undone or changed (the adversarial arm needs corpus images: not here yet)
+    "B_matching": {**_B, "dm_norm": "matching"}, "B_uniform": {**_B, "critic_t": "uniform"},
+    "B_teacher": {**_B, "critic_t": "teacher"}}
 
 
 # ------------------------------------------------------------------ prepare (here: needs MiniLM)
@@ -173,14 +179,14 @@ def arm_run(a):
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     bank, evalb = load_bank(Path(a.data) / "train.safetensors", device), load_bank(Path(a.data) / "eval.safetensors", device)
-    method_name, sharing, point = ARM_SETTINGS[a.arm]
+    kw = dict(ARMS[a.arm])
+    method_name = kw.pop("method")
     work = Path(a.work)
     out = work / f"arm{a.arm}-seed{a.seed}"
-    kw = {"match_point": point} if method_name == "flash" else {}
     every = a.updates if a.points == "final" else max(1, a.updates // 4)
     cfg = config(a, method=method_name, out=str(out), seed=a.seed, steps=6 * a.updates, critic_ratio=5,
-                 timestep_sharing=sharing, init_student=str(work / "tg" / "student"),
-                 init_critic=str(work / "warm"), sample_every=6 * every, ckpt_every=6 * a.updates, **kw)
+                 init_student=str(work / "tg" / "student"), init_critic=str(work / "warm"), sample_every=6 * every,
+                 ckpt_every=6 * a.updates, **kw)
     teacher = load_model(TEACHER)
     method = DISTILL_METHODS[method_name](cfg, teacher, load_model(work / "tg" / "student"))
     carry_critic(method, work / "warm")
@@ -222,6 +228,9 @@ def run(a):
     from flowflash.train.run import carry_critic
 
     start = time.time()
+    unknown = [arm for arm in a.arms if arm not in ARMS]
+    if unknown:
+        raise SystemExit(f"--arms: unknown {', '.join(unknown)}; known: {', '.join(ARMS)}")
     if a.points == "all" and a.updates % 4:
         raise SystemExit(f"--updates {a.updates}: a multiple of 4, so that 1/4 and 1/2 of it are evaluation points")
     device = torch.device(a.device)
@@ -361,7 +370,8 @@ def main():
                             "from a device machine is at most 64 MB: ~2.5 MB per run and point)")
         if name == "run":
             r.add_argument("--out", required=True)
-            r.add_argument("--arms", type=lambda s: s.split(","), default=["A", "B", "C"])
+            r.add_argument("--arms", type=lambda s: s.split(","), default=["A", "B", "C"],
+                           help=f"comma-separated, of {', '.join(ARMS)} (the last three: secondary arms)")
             r.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3])
             r.add_argument("--tg-iters", type=int, default=2000)
             r.add_argument("--tg-pool", type=int, default=2048)
@@ -371,7 +381,7 @@ def main():
             r.add_argument("--parallel", type=int, default=6, help="arm runs at a time")
             r.add_argument("--budget", type=float, default=440, help="seconds; runs still going then are killed")
         else:
-            r.add_argument("--arm", choices=list(ARM_SETTINGS), required=True)
+            r.add_argument("--arm", choices=list(ARMS), required=True)
             r.add_argument("--seed", type=int, required=True)
             r.add_argument("--results", required=True)
     s = sub.add_parser("score")
