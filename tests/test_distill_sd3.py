@@ -303,6 +303,7 @@ def write_index(folder: Path, cls: str) -> Path:
     ("shift 0", "student_shift must be > 0"),
     ("measure variance", "--measure-variance runs on an emoji teacher"),
     ("init critic", "holds no critic checkpoint"),
+    ("emoji rows", "p_single, p_phrasing: only for an emoji teacher"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run_folder(sd3, tmp_path, capsys, case, message):
     teacher, prompts, _ = sd3
@@ -332,11 +333,11 @@ def test_bad_input_is_one_line_exit_2_and_no_run_folder(sd3, tmp_path, capsys, c
         args += ["--drop", "minilm"]
     elif case == "emoji with prompts":
         swap("--teacher", "teacher")
-    elif case in ("yaml steps 0", "shift 0", "init critic"):
+    elif case in ("yaml steps 0", "shift 0", "init critic", "emoji rows"):
         i = args.index("--student-steps")
         del args[i: i + 2]
         line = {"yaml steps 0": "student_steps: 0", "shift 0": "student_shift: 0",
-                "init critic": f"init_critic: {tmp_path}"}[case]
+                "init critic": f"init_critic: {tmp_path}", "emoji rows": "p_single: 0.5\np_phrasing: 0.5"}[case]
         (tmp_path / "c.yaml").write_text(line + "\n")
         args += ["--config", str(tmp_path / "c.yaml")]
     elif case == "measure variance":
