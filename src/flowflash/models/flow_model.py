@@ -125,7 +125,8 @@ def with_words(model: FlowModel, words: list[str]) -> FlowModel:
     """`model` with `words` it does not know appended to its vocabulary. Each new word's embedding starts as the
     unknown word's, which is what the model read for it before: outputs are unchanged until training moves
     them. Old ids keep their positions (the vocabulary only grows at the end)."""
-    new = [w for w in dict.fromkeys(words) if w not in set(model.cfg.vocab)]
+    known = set(model.cfg.vocab)
+    new = [w for w in dict.fromkeys(words) if w not in known]
     if not new:
         return model
     grown = FlowModel(dataclasses.replace(model.cfg, vocab=list(model.cfg.vocab) + new))
