@@ -40,6 +40,14 @@ def test_r_precision_real_beats_shuffled():
     real = r_precision(img, txt, idx, k=10)
     shuffled = r_precision(img, txt, idx[torch.randperm(50, generator=g)], k=10)
     assert real > 0.8 and shuffled < 0.4
+    # per-image hits: their mean is the score, and an image set that differs in one image differs in one hit only
+    from flowflash.eval.metrics import r_precision_hits
+    hits = r_precision_hits(img, txt, idx, k=10)
+    assert hits.dtype == torch.bool and hits.float().mean().item() == real
+    other = img.clone()
+    other[int(hits.nonzero()[0])] = -txt[int(hits.nonzero()[0])]  # the first hit made a sure miss
+    changed = (r_precision_hits(other, txt, idx, k=10) != hits).nonzero().flatten().tolist()
+    assert changed == [int(hits.nonzero()[0])]
 
 
 def test_scorer_learns_pairs():

@@ -58,15 +58,22 @@ def r_precision(img_emb: torch.Tensor, txt_emb: torch.Tensor, true_idx: torch.Te
 
     img_emb (N, D) and txt_emb (M, D) are unit vectors; true_idx (N,) indexes each image's caption.
     """
+    return float(r_precision_hits(img_emb, txt_emb, true_idx, k, seed).float().mean())
+
+
+def r_precision_hits(img_emb: torch.Tensor, txt_emb: torch.Tensor, true_idx: torch.Tensor, k: int = 10,
+                     seed: int = 0) -> torch.Tensor:
+    """Per image, whether its own caption wins among k (bool, N): r_precision before the mean. The distractors
+    depend only on the seed and the prompts, so two models' hits on one prompt set are paired."""
     g = torch.Generator().manual_seed(seed)
-    hits = 0
+    hits = torch.zeros(len(img_emb), dtype=torch.bool)
     for i in range(len(img_emb)):
         others = torch.randperm(len(txt_emb), generator=g)
         others = others[others != true_idx[i]][: k - 1]
         cand = torch.cat([true_idx[i: i + 1], others])
         s = txt_emb[cand] @ img_emb[i]
-        hits += int(s.argmax() == 0)
-    return hits / len(img_emb)
+        hits[i] = bool(s.argmax() == 0)
+    return hits
 
 
 def caption_ranks(img_emb: torch.Tensor, txt_emb: torch.Tensor, true_idx: torch.Tensor,
