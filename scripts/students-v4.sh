@@ -11,16 +11,7 @@ FF=${FF:-.venv/bin/flowflash}
 PY=${PY:-.venv/bin/python}
 export OMP_NUM_THREADS=1
 
-run() {  # run CONFIG [POINTS]: the candidate, exported at each point (default 300 600 900) as RUN-atN
-  local config=configs/$1.yaml points=${2:-300 600 900}
-  local out; out=$(sed -n 's/^out: *//p' "$config")
-  for n in $points; do
-    [ -d "$out-at$n" ] && continue
-    local resume=(); [ -f "$out/checkpoint/state.json" ] && resume=(--resume)
-    "$FF" distill --method dmd2 --config "$config" "${resume[@]}" --max-steps $n >> "$out.log" 2>&1
-    cp -r "$out/student" "$out-at$n.tmp" && mv "$out-at$n.tmp" "$out-at$n"
-  done
-}
+run() { scripts/distill-points.sh "$@"; }
 
 mkdir -p runs/students15 docs/bench
 lane_a() { run distill-dmd2-4-v4; run distill-dmd2-2-v4; run distill-dmd2-2-v4-from4 "300 600"; }
