@@ -13,14 +13,22 @@ measured on the common start. No distillation step needs a corpus image. `score`
 R-precision and the per-prompt alignment of every image set, the seed spread, the bootstrap over prompts of
 the seed-averaged per-prompt differences, and applies the pre-registered rule (a difference is claimed when it
 exceeds twice the seed SD of the difference and its 95 % bootstrap interval excludes 0). The secondary arms are
-`--arms B_matching,B_uniform,B_teacher` (B with fix 2 off, fix 4 off, the teacher's critic times). Not yet in it:
-the adversarial secondary arm (it needs corpus images on the device), the noise table at mid-run, the
-split-timestep stage, plain_v1.
+`--arms B_matching,B_uniform,B_teacher` (B with fix 2 off, fix 4 off, the teacher's critic times).
+
+The gradient-noise table is measured again at the middle of the first seed's run of each primary arm (A, B, C),
+on that run's own student and critic (`--noise-mid`). The split-timestep stage (`--split-from ARM`) starts from
+each seed's final student and critic of ARM: a low branch (student times t <= --split-at), a high branch and an
+unsplit control, each for --split-updates; then every merge ratio r in --merge-ratios (r x low + (1 - r) x
+high; r = 1 is the low branch alone) draws the held-out prompts and the first --train-prompts training captions.
+`score` picks the ratio on the training captions (seed-averaged alignment) and judges it against the unsplit
+control on the held-out prompts. Not yet in it: the adversarial secondary arm (it needs corpus images on the
+device), plain_v1.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -39,6 +47,8 @@ ARMS = {  # the protocol's arms as DistillConfig settings (names without '-': fi
     # secondary arms: B with one fix undone or changed (the adversarial arm needs corpus images: not here yet)
     "B_matching": {**_B, "dm_norm": "matching"}, "B_uniform": {**_B, "critic_t": "uniform"},
     "B_teacher": {**_B, "critic_t": "teacher"}}
+STAGES = ("split_low", "split_high", "unsplit")  # the split-timestep stage's runs, from an arm's final state
+MERGE_RATIOS = (0.0, 0.25, 0.3, 0.5, 0.7, 0.75, 1.0)
 
 
 # ------------------------------------------------------------------ prepare (here: needs MiniLM)
@@ -123,13 +133,13 @@ def config(a, **kw):
     return DistillConfig(**base)
 
 
-def train(method, cfg, sampler, sample=None):
+def train(method, cfg, sampler, sample=None, ema_warmup: bool = True):
     from flowflash.train.common import Dist
     from flowflash.train.loop import LOOP_FIELDS, train_loop
 
     type(method).check_config(cfg, LOOP_FIELDS)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return train_loop(method, sampler, cfg, Dist(), ema_warmup=True, sample=sample)
+    return train_loop(method, sampler, cfg, Dist(), ema_warmup=ema_warmup, sample=sample)
 
 
 @torch.no_grad()
@@ -168,8 +178,13 @@ def common_start(a, work: Path, bank: dict, shape) -> dict:
     return {"tg_s": t1 - t0, "warm_s": time.time() - t1, "student": str(student_dir), "critic": str(work / "warm")}
 
 
+def first(bank: dict, n: int) -> dict:
+    return {k: v[:n] for k, v in bank.items()}
+
+
 def arm_run(a):
-    """One arm x seed (a subprocess of `run`): train from the common start, images at three points."""
+    """One arm x seed (a subprocess of `run`): train from the common start, images at three points; or one run of
+    the split stage (split_low, split_high, unsplit) from the final state of arm --from-arm's run of this seed."""
     import numpy as np
 
     from flowflash.methods import DISTILL_METHODS
@@ -179,32 +194,97 @@ def arm_run(a):
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     bank, evalb = load_bank(Path(a.data) / "train.safetensors", device), load_bank(Path(a.data) / "eval.safetensors", device)
-    kw = dict(ARMS[a.arm])
+    work, results = Path(a.work), Path(a.results)
+    stage = a.arm in STAGES
+    if stage:
+        if a.from_arm not in ARMS:
+            raise SystemExit(f"--arm {a.arm} needs --from-arm, one of {', '.join(ARMS)}")
+        kw, updates = dict(ARMS[a.from_arm]), a.split_updates
+        student_dir = critic_dir = work / f"arm{a.from_arm}-seed{a.seed}"
+        student_dir = student_dir / "student"
+        if a.arm != "unsplit":
+            kw.update(split=a.arm.split("_")[1], split_at=a.split_at)
+        wanted = () if a.arm != "unsplit" else (updates,)  # the branches are drawn as merges, by `run`
+    else:
+        kw, updates = dict(ARMS[a.arm]), a.updates
+        student_dir, critic_dir = work / "tg" / "student", work / "warm"
+        wanted = (updates,) if a.points == "final" else (updates // 4, updates // 2, updates)
     method_name = kw.pop("method")
-    work = Path(a.work)
     out = work / f"arm{a.arm}-seed{a.seed}"
-    every = a.updates if a.points == "final" else max(1, a.updates // 4)
-    cfg = config(a, method=method_name, out=str(out), seed=a.seed, steps=6 * a.updates, critic_ratio=5,
-                 init_student=str(work / "tg" / "student"), init_critic=str(work / "warm"), sample_every=6 * every,
-                 ckpt_every=6 * a.updates, **kw)
+    every = min(wanted) if wanted else 0
+    if a.noise_mid and not stage:
+        every = math.gcd(every, updates // 2)
+    cfg = config(a, method=method_name, out=str(out), seed=a.seed, steps=6 * updates, critic_ratio=5,
+                 init_student=str(student_dir), init_critic=str(critic_dir), sample_every=6 * every,
+                 ckpt_every=6 * updates, **kw)
     teacher = load_model(TEACHER)
-    method = DISTILL_METHODS[method_name](cfg, teacher, load_model(work / "tg" / "student"))
-    carry_critic(method, work / "warm")
+    method = DISTILL_METHODS[method_name](cfg, teacher, load_model(student_dir))
+    carry_critic(method, critic_dir)
     images, t0 = {}, time.time()
-
-    wanted = (a.updates,) if a.points == "final" else (a.updates // 4, a.updates // 2, a.updates)
+    sampler = CaptionSampler(bank, (3, 64, 64))
 
     def sample(folder, png):
-        updates = int(Path(png).stem[4:]) // 6
-        if updates in wanted:
-            images[f"u{updates}"] = eval_images(load_model(folder).to(device), evalb, device).numpy()
+        done = int(Path(png).stem[4:]) // 6
+        if a.noise_mid and not stage and done == updates // 2:
+            noise_mid(method, sampler, a, results / f"noise-mid-{a.arm}-{a.seed}.json")
+        if done in wanted:
+            model = load_model(folder).to(device)
+            images[f"u{done}"] = eval_images(model, evalb, device).numpy()
             # written at once: a run stopped at the budget keeps the points it reached
-            np.savez_compressed(Path(a.results) / f"images-{a.arm}-{a.seed}.npz", **images)
+            np.savez_compressed(results / f"images-{a.arm}-{a.seed}.npz", **images)
+            if stage:  # the control is judged beside the merges: their training prompts too
+                np.savez_compressed(results / f"train-{a.arm}-{a.seed}.npz",
+                                    **{f"u{done}": eval_images(model, first(bank, a.train_prompts), device).numpy()})
 
-    train(method, cfg, CaptionSampler(bank, (3, 64, 64)), sample=sample)
-    (Path(a.results) / f"run-{a.arm}-{a.seed}.json").write_text(json.dumps(
-        {"arm": a.arm, "seed": a.seed, "updates": a.updates, "seconds": time.time() - t0,
+    # a split branch's EMA stays anchored to its start (as `flowflash distill` does), and so does the unsplit
+    # control's: the merges and the control differ only in the split
+    train(method, cfg, sampler, sample=sample, ema_warmup=not stage)
+    (results / f"run-{a.arm}-{a.seed}.json").write_text(json.dumps(
+        {"arm": a.arm, "seed": a.seed, "updates": updates, "seconds": time.time() - t0,
          "config": {k: v for k, v in vars(cfg).items()}}, default=str))
+
+
+NOISE_ROLES = ["A_renoise", "B_sharing_start", "C_sharing_interval", "B_old_normaliser"]
+
+
+def noise_mid(method, sampler, a, path: Path):
+    """The gradient-noise table on a run's own student and critic at its middle (the networks are shared, not
+    copied: the measurement takes gradients by autograd.grad and leaves .grad and the optimizers untouched)."""
+    from flowflash.methods.diagnostics import gradient_noise
+    from flowflash.methods.flash import Flash
+
+    view = Flash.__new__(Flash)
+    view.__dict__.update(method.__dict__)
+    t = time.time()
+    res = gradient_noise(view, sampler, NOISE_ROLES, a.noise_k, a.noise_ref, a.batch)
+    res["seconds"] = time.time() - t
+    path.write_text(json.dumps(res, indent=1))
+
+
+@torch.no_grad()
+def merges(a, work: Path, results: Path, device):
+    """Every merge ratio of each seed's two split branches: held-out and training-prompt images."""
+    import numpy as np
+
+    from flowflash.methods.merge import merged
+    from flowflash.models.flow_model import load_model
+
+    bank, evalb = load_bank(Path(a.data) / "train.safetensors", device), load_bank(Path(a.data) / "eval.safetensors", device)
+    done = []
+    for s in a.seeds:
+        low, high = (work / f"armsplit_{b}-seed{s}" / "student" for b in ("low", "high"))
+        if not (low.exists() and high.exists() and (results / f"run-split_low-{s}.json").exists()
+                and (results / f"run-split_high-{s}.json").exists()):
+            continue
+        lo, hi = load_model(low), load_model(high)
+        for r in a.merge_ratios:
+            m = merged(lo, hi, r).to(device)
+            arm, key = f"merge_r{round(100 * r):03d}", f"u{a.split_updates}"
+            np.savez_compressed(results / f"images-{arm}-{s}.npz", **{key: eval_images(m, evalb, device).numpy()})
+            np.savez_compressed(results / f"train-{arm}-{s}.npz",
+                                **{key: eval_images(m, first(bank, a.train_prompts), device).numpy()})
+        done.append(s)
+    return done
 
 
 def pack(results: Path, out: Path, report: dict):
@@ -213,12 +293,49 @@ def pack(results: Path, out: Path, report: dict):
     import numpy as np
 
     report["run_records"] = [json.loads(f.read_text()) for f in sorted(results.glob("run-*.json"))]
-    for arm in sorted({f.stem.split("-")[1] for f in results.glob("images-*.npz")}):
-        merged = {}
-        for f in sorted(results.glob(f"images-{arm}-*.npz")):
-            seed = f.stem.split("-")[2]
-            merged.update({f"s{seed}_{k}": v for k, v in np.load(f).items()})
-        np.savez_compressed(out / f"images-{arm}.npz", **merged)
+    report["noise_mid"] = {f.stem[len("noise-mid-"):]: json.loads(f.read_text())
+                           for f in sorted(results.glob("noise-mid-*.json"))}
+    for kind in ("images", "train"):  # held-out prompts; training prompts (the split stage's pick)
+        for arm in sorted({f.stem.split("-")[1] for f in results.glob(f"{kind}-*.npz")}):
+            both = {}
+            for f in sorted(results.glob(f"{kind}-{arm}-*.npz")):
+                seed = f.stem.split("-")[2]
+                both.update({f"s{seed}_{k}": v for k, v in np.load(f).items()})
+            np.savez_compressed(out / f"{kind}-{arm}.npz", **both)
+
+
+def run_jobs(a, jobs: list, work: Path, start: float) -> list[dict]:
+    """`arm` subprocesses, --parallel at a time, all killed when the run's --budget is spent."""
+    running, done = [], []
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
+    while jobs or running:
+        while jobs and len(running) < a.parallel:
+            arm, s = jobs.pop(0)
+            cmd = [sys.executable, __file__, "arm", "--arm", arm, "--seed", str(s), "--data", a.data, "--work",
+                   str(work), "--results", str(work / "results"), "--device", a.device, "--updates", str(a.updates),
+                   "--batch", str(a.batch), "--lr", str(a.lr), "--threads", str(a.threads), "--points", a.points,
+                   "--split-updates", str(a.split_updates), "--split-at", str(a.split_at), "--train-prompts",
+                   str(a.train_prompts), "--noise-k", str(a.noise_k), "--noise-ref", str(a.noise_ref)]
+            if a.split_from:
+                cmd += ["--from-arm", a.split_from]
+            if a.noise_mid and s == a.seeds[0] and arm in ("A", "B", "C"):
+                cmd.append("--noise-mid")
+            log = open(logs / f"{arm}-{s}.log", "w")
+            running.append((arm, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        time.sleep(1)
+        for r in list(running):
+            if r[2].poll() is not None:
+                running.remove(r)
+                r[3].close()
+                done.append({"arm": r[0], "seed": r[1], "rc": r[2].returncode})
+        if time.time() - start > a.budget:
+            for arm, s, p, log in running:
+                p.kill()
+                done.append({"arm": arm, "seed": s, "rc": "killed at the budget"})
+            running, jobs = [], []
+    return done
 
 
 def run(a):
@@ -231,6 +348,9 @@ def run(a):
     unknown = [arm for arm in a.arms if arm not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    if a.split_from and a.split_from not in a.arms:
+        raise SystemExit(f"--split-from {a.split_from}: not among --arms ({', '.join(a.arms)}); the split stage starts "
+                         "from that arm's final students")
     if a.points == "all" and a.updates % 4:
         raise SystemExit(f"--updates {a.updates}: a multiple of 4, so that 1/4 and 1/2 of it are evaluation points")
     device = torch.device(a.device)
@@ -248,36 +368,17 @@ def run(a):
     carry_critic(m, work / "warm")
     m.to(device)
     t = time.time()
-    report["noise"] = gradient_noise(m, CaptionSampler(bank, shape), ["A_renoise", "B_sharing_start",
-                                     "C_sharing_interval", "B_old_normaliser"], a.noise_k, a.noise_ref, a.batch)
+    report["noise"] = gradient_noise(m, CaptionSampler(bank, shape), NOISE_ROLES, a.noise_k, a.noise_ref, a.batch)
     report["noise"]["seconds"] = time.time() - t
     del m
     (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
-    # every arm x seed, a few at a time
-    jobs = [(arm, s) for s in a.seeds for arm in a.arms]
-    running, done = [], []
-    logs = work / "logs"
-    logs.mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    while jobs or running:
-        while jobs and len(running) < a.parallel:
-            arm, s = jobs.pop(0)
-            cmd = [sys.executable, __file__, "arm", "--arm", arm, "--seed", str(s), "--data", a.data, "--work",
-                   str(work), "--results", str(work / "results"), "--device", a.device, "--updates", str(a.updates),
-                   "--batch", str(a.batch), "--lr", str(a.lr), "--threads", str(a.threads), "--points", a.points]
-            log = open(logs / f"{arm}-{s}.log", "w")
-            running.append((arm, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-        time.sleep(1)
-        for r in list(running):
-            if r[2].poll() is not None:
-                running.remove(r)
-                r[3].close()
-                done.append({"arm": r[0], "seed": r[1], "rc": r[2].returncode})
-        if time.time() - start > a.budget:
-            for arm, s, p, log in running:
-                p.kill()
-                done.append({"arm": arm, "seed": s, "rc": "killed at the budget"})
-            running, jobs = [], []
+    # every arm x seed, a few at a time; then the split stage from --split-from's finals, then its merges
+    done = run_jobs(a, [(arm, s) for s in a.seeds for arm in a.arms], work, start)
+    if a.split_from:
+        done += run_jobs(a, [(st, s) for s in a.seeds for st in STAGES], work, start)
+        t = time.time()
+        report["merges"] = {"seeds": merges(a, work, work / "results", device), "ratios": a.merge_ratios,
+                            "seconds": time.time() - t}
     report["runs"], report["seconds"] = done, time.time() - start
     pack(work / "results", out, report)
     (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
@@ -285,8 +386,50 @@ def run(a):
 
 
 # ------------------------------------------------------------------ score (here: the judge and the real images)
+def paired(sets: dict, x, y, gen: torch.Generator, resamples: int) -> dict | None:
+    """y - x in held-out alignment over their common seeds: the per-seed differences, a 95 % bootstrap over prompts
+    of the seed-averaged per-prompt differences, and the pre-registered claim (beyond twice the seed SD of the
+    difference, with the interval excluding 0). x, y: (arm, point)."""
+    seeds = sorted({k[1] for k in sets if (k[0], k[2]) == x} & {k[1] for k in sets if (k[0], k[2]) == y})
+    if not seeds:
+        return None
+    get = lambda arm, s: sets[(arm[0], s, arm[1])]
+    per_seed = torch.tensor([get(y, s)["align"] - get(x, s)["align"] for s in seeds])
+    d = torch.stack([100 * (get(y, s)["cos"].clamp(min=0) - get(x, s)["cos"].clamp(min=0)) for s in seeds]).mean(0)
+    boot = torch.stack([d[torch.randint(len(d), (len(d),), generator=gen)].mean() for _ in range(resamples)])
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+    sd = per_seed.std().item() if len(seeds) > 1 else float("inf")
+    mean = per_seed.mean().item()
+    return {"point": y[1], "pair": f"{y[0]} - {x[0]}", "seeds": len(seeds), "align_diff": mean, "seed_sd": sd,
+            "ci95": [lo, hi], "claimed": abs(mean) > 2 * sd and (lo > 0 or hi < 0)}
+
+
+def split_table(sets: dict, train_align: dict, gen, resamples: int) -> dict:
+    """The split stage: the merge ratio picked on the training captions (seed-averaged alignment), then judged
+    against the unsplit control (same start, same updates) on the held-out prompts."""
+    mean = lambda xs: sum(xs) / len(xs)
+    sd = lambda xs: float(torch.tensor(xs).std()) if len(xs) > 1 else None
+    rows = []
+    for arm in sorted({k[0] for k in train_align}):
+        keys = [k for k in train_align if k[0] == arm]
+        tr = [train_align[k] for k in keys]
+        ho = [sets[k]["align"] for k in keys if k in sets]
+        rows.append({"arm": arm, "point": keys[0][2], "seeds": len(keys), "train_align": mean(tr),
+                     "train_align_sd": sd(tr), "heldout_align": mean(ho), "heldout_align_sd": sd(ho),
+                     "fd": mean([sets[k]["fd"] for k in keys]), "r_precision": mean([sets[k]["r_precision"] for k in keys])})
+    merges_ = [r for r in rows if r["arm"].startswith("merge_")]
+    control = next((r for r in rows if r["arm"] == "unsplit"), None)
+    res = {"rows": rows, "picked": None, "vs_control": None}
+    if merges_:
+        best = max(merges_, key=lambda r: r["train_align"])
+        res["picked"] = best["arm"]
+        if control:
+            res["vs_control"] = paired(sets, ("unsplit", control["point"]), (best["arm"], best["point"]), gen, resamples)
+    return res
+
+
 @torch.no_grad()
-def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
+def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples: int = 1000):
     import numpy as np
 
     from flowflash.eval.judge import encode_texts
@@ -294,22 +437,37 @@ def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
     from flowflash.eval.tasks import load_reference
 
     ref = load_reference(data, "eval_v1")
-    txt = ref.judge.scorer.embed_texts(encode_texts(ref.judge.minilm, ref.ps.captions))
-    sets = {}
+    embed_texts = lambda caps: ref.judge.scorer.embed_texts(encode_texts(ref.judge.minilm, caps))
+    txt = embed_texts(ref.ps.captions)
+    cosines = lambda imgs, t: (ref.judge.scorer.embed_images(ref.judge.features(torch.from_numpy(imgs))) * t).sum(-1)
+    sets, train_align = {}, {}
     for f in sorted(runs.glob("images-*.npz")):
         arm = f.stem.split("-")[1]
         for key, imgs in np.load(f).items():
             seed, point = key.split("_")
-            seed = seed[1:]
             feats = ref.judge.features(torch.from_numpy(imgs))
-            img = ref.judge.scorer.embed_images(feats)
-            cos = (img * txt).sum(-1)  # per prompt
-            sets[(arm, int(seed), point)] = {"fd": frechet_distance(feats, ref.real_feats), "cos": cos,
-                                             "align": float(100 * cos.clamp(min=0).mean()),
-                                             "r_precision": ref.judge.alignment(feats, ref.ps.captions,
-                                                                                ref.ps.captions)["r_precision"]}
-    points = sorted({k[2] for k in sets}, key=lambda p: int(p[1:]))
-    arms = sorted({k[0] for k in sets})
+            cos = (ref.judge.scorer.embed_images(feats) * txt).sum(-1)  # per prompt
+            sets[(arm, int(seed[1:]), point)] = {
+                "fd": frechet_distance(feats, ref.real_feats), "cos": cos, "align": float(100 * cos.clamp(min=0).mean()),
+                "r_precision": ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)["r_precision"]}
+    train_files = sorted(runs.glob("train-*.npz"))
+    if train_files:
+        if prep is None:
+            raise SystemExit(f"{runs} holds the split stage's training-prompt images: --prep names the `prepare` "
+                             "folder (its meta.json lists the captions)")
+        captions = json.loads((prep / "meta.json").read_text())["train_captions"]
+        ttxt = None
+        for f in train_files:
+            arm = f.stem.split("-")[1]
+            for key, imgs in np.load(f).items():
+                seed, point = key.split("_")
+                if ttxt is None:
+                    ttxt = embed_texts(captions[:len(imgs)])
+                cos = cosines(imgs, ttxt[:len(imgs)])
+                train_align[(arm, int(seed[1:]), point)] = float(100 * cos.clamp(min=0).mean())
+    stage_arm = lambda arm: arm.startswith("merge_") or arm in STAGES
+    points = sorted({k[2] for k in sets if not stage_arm(k[0])}, key=lambda p: int(p[1:]))
+    arms = sorted({k[0] for k in sets if not stage_arm(k[0])})
     table, claims = [], []
     gen = torch.Generator().manual_seed(0)
     for point in points:
@@ -322,29 +480,38 @@ def score(runs: Path, data: Path, out: Path, resamples: int = 1000):
                           "align": al.mean().item(), "align_sd": sd(al), "r_precision": rp.mean().item(),
                           "r_precision_sd": sd(rp)})
         for x, y in [(p, q) for i, p in enumerate(arms) for q in arms[i + 1:]]:
-            seeds = sorted({k[1] for k in sets if k[0] == x and k[2] == point} & {k[1] for k in sets if k[0] == y and k[2] == point})
-            if not seeds:
-                continue
-            per_seed = torch.tensor([sets[(y, s, point)]["align"] - sets[(x, s, point)]["align"] for s in seeds])
-            d = torch.stack([100 * (sets[(y, s, point)]["cos"].clamp(min=0) - sets[(x, s, point)]["cos"].clamp(min=0))
-                             for s in seeds]).mean(0)  # per prompt, over seeds
-            boot = torch.stack([d[torch.randint(len(d), (len(d),), generator=gen)].mean() for _ in range(resamples)])
-            lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
-            sd = per_seed.std().item() if len(seeds) > 1 else float("inf")
-            mean = per_seed.mean().item()
-            claims.append({"point": point, "pair": f"{y} - {x}", "seeds": len(seeds), "align_diff": mean,
-                           "seed_sd": sd, "ci95": [lo, hi],
-                           "claimed": abs(mean) > 2 * sd and (lo > 0 or hi < 0)})
-    res = {"table": table, "claims": claims, "runs": str(runs)}
+            c = paired(sets, (x, point), (y, point), gen, resamples)
+            if c:
+                claims.append(c)
+    split = split_table(sets, train_align, gen, resamples) if train_align else None
+    res = {"table": table, "claims": claims, "split": split, "runs": str(runs)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    claim_md = lambda c: (f"| {c['point']} | {c['pair']} | {c['seeds']} | {c['align_diff']:+.2f} | {c['seed_sd']:.2f} | "
+                          f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {'yes' if c['claimed'] else 'no'} |")
+    claim_head = ["| point | difference | seeds | alignment diff | seed SD | bootstrap 95 % | claimed |",
+                  "|---|---|---|---|---|---|---|"]
     md = ["| point | arm | seeds | FD-EffNetL0 (SD) | alignment (SD) | R-prec@10 (SD) |", "|---|---|---|---|---|---|"]
     md += [f"| {r['point']} | {r['arm']} | {r['seeds']} | {r['fd']:.1f} ({r['fd_sd'] or 0:.1f}) | "
            f"{r['align']:.2f} ({r['align_sd'] or 0:.2f}) | {r['r_precision']:.3f} ({r['r_precision_sd'] or 0:.3f}) |"
            for r in table]
-    md += ["", "| point | difference | seeds | alignment diff | seed SD | bootstrap 95 % | claimed |", "|---|---|---|---|---|---|---|"]
-    md += [f"| {c['point']} | {c['pair']} | {c['seeds']} | {c['align_diff']:+.2f} | {c['seed_sd']:.2f} | "
-           f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {'yes' if c['claimed'] else 'no'} |" for c in claims]
+    md += ["", *claim_head, *map(claim_md, claims)]
+    if split:
+        md += ["", f"Split stage: merge ratio picked on the training captions: **{split['picked']}**.", "",
+               "| run | seeds | training alignment (SD) | held-out alignment (SD) | FD-EffNetL0 | R-prec@10 |",
+               "|---|---|---|---|---|---|"]
+        md += [f"| {r['arm']} | {r['seeds']} | {r['train_align']:.2f} ({r['train_align_sd'] or 0:.2f}) | "
+               f"{r['heldout_align']:.2f} ({r['heldout_align_sd'] or 0:.2f}) | {r['fd']:.1f} | {r['r_precision']:.3f} |"
+               for r in split["rows"]]
+        if split["vs_control"]:
+            md += ["", *claim_head, claim_md(split["vs_control"])]
+    report = runs / "protocol14.json"
+    if report.exists():  # the gradient-noise tables: the common start, and each primary arm's middle
+        rep = json.loads(report.read_text())
+        tables = {"common start": rep.get("noise"), **{f"middle of {k}": v for k, v in rep.get("noise_mid", {}).items()}}
+        md += ["", "| roles | matching | SNR | cos(draw, ref) (SD) | cos(mean, ref) |", "|---|---|---|---|---|"]
+        md += [f"| {where} | {name} | {r['snr']:.3f} | {r['cos_draw_to_ref']:.3f} ({r['cos_draw_to_ref_sd']:.3f}) | "
+               f"{r['cos_mean_to_ref']:.3f} |" for where, t in tables.items() if t for name, r in t["arms"].items()]
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
@@ -368,6 +535,12 @@ def main():
         r.add_argument("--points", choices=["all", "final"], default="all",
                        help="eval images at 1/4, 1/2 and all updates, or only at the end (smaller: what comes back "
                             "from a device machine is at most 64 MB: ~2.5 MB per run and point)")
+        r.add_argument("--noise-k", type=int, default=16)
+        r.add_argument("--noise-ref", type=int, default=256)
+        r.add_argument("--split-updates", type=int, default=100, help="student updates of each split-stage run")
+        r.add_argument("--split-at", type=float, default=0.5, help="low branch: student times t <= this")
+        r.add_argument("--train-prompts", type=int, default=256,
+                       help="training captions the split stage's runs also draw (the merge ratio's pick)")
         if name == "run":
             r.add_argument("--out", required=True)
             r.add_argument("--arms", type=lambda s: s.split(","), default=["A", "B", "C"],
@@ -376,18 +549,23 @@ def main():
             r.add_argument("--tg-iters", type=int, default=2000)
             r.add_argument("--tg-pool", type=int, default=2048)
             r.add_argument("--warm-iters", type=int, default=2000)
-            r.add_argument("--noise-k", type=int, default=16)
-            r.add_argument("--noise-ref", type=int, default=256)
+            r.add_argument("--noise-mid", action=argparse.BooleanOptionalAction, default=True,
+                           help="the noise table again at the middle of the first seed's A, B and C runs")
+            r.add_argument("--split-from", choices=list(ARMS), help="run the split-timestep stage from this arm")
+            r.add_argument("--merge-ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(MERGE_RATIOS))
             r.add_argument("--parallel", type=int, default=6, help="arm runs at a time")
             r.add_argument("--budget", type=float, default=440, help="seconds; runs still going then are killed")
         else:
-            r.add_argument("--arm", choices=list(ARMS), required=True)
+            r.add_argument("--arm", choices=[*ARMS, *STAGES], required=True)
+            r.add_argument("--from-arm", choices=list(ARMS), help="the split stage's start (with --arm split_*/unsplit)")
+            r.add_argument("--noise-mid", action="store_true")
             r.add_argument("--seed", type=int, required=True)
             r.add_argument("--results", required=True)
     s = sub.add_parser("score")
     s.add_argument("--runs", type=Path, required=True)
     s.add_argument("--data", type=Path, default=Path("data/emoji64"))
     s.add_argument("--out", type=Path, required=True)
+    s.add_argument("--prep", type=Path, help="the `prepare` folder (needed when the runs include the split stage)")
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a.data, a.captions, a.to)
@@ -396,7 +574,7 @@ def main():
     elif a.cmd == "arm":
         arm_run(a)
     else:
-        score(a.runs, a.data, a.out)
+        score(a.runs, a.data, a.out, a.prep)
 
 
 if __name__ == "__main__":

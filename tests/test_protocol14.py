@@ -1,0 +1,47 @@
+"""Issue 14's protocol runner: the split stage's pick and the paired claim rule (pure functions of scored sets)."""
+import importlib.util
+from pathlib import Path
+
+import torch
+
+spec = importlib.util.spec_from_file_location("protocol14", Path(__file__).parents[1] / "scripts" / "protocol14.py")
+p14 = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(p14)
+
+
+def scored(cos: torch.Tensor) -> dict:
+    return {"cos": cos, "align": float(100 * cos.clamp(min=0).mean()), "fd": 500.0, "r_precision": 0.5}
+
+
+def test_paired_claims_only_beyond_twice_the_seed_sd_and_outside_the_interval():
+    base = torch.linspace(0.1, 0.3, 50)
+    sets = {}
+    for s in range(3):
+        sets[("x", s, "u8")] = scored(base)
+        sets[("y", s, "u8")] = scored(base + 0.05 + 0.001 * s)  # +5 points, seeds agree
+    c = p14.paired(sets, ("x", "u8"), ("y", "u8"), torch.Generator().manual_seed(0), 200)
+    assert c["pair"] == "y - x" and c["seeds"] == 3 and c["claimed"]
+    assert 4.9 < c["align_diff"] < 5.2 and c["ci95"][0] > 0
+    # one seed: no seed spread, so no claim however large the difference
+    one = {k: v for k, v in sets.items() if k[1] == 0}
+    assert not p14.paired(one, ("x", "u8"), ("y", "u8"), torch.Generator().manual_seed(0), 200)["claimed"]
+    # no common seeds: nothing to compare
+    assert p14.paired({("x", 0, "u8"): sets[("x", 0, "u8")], ("y", 1, "u8"): sets[("y", 1, "u8")]},
+                      ("x", "u8"), ("y", "u8"), torch.Generator(), 10) is None
+
+
+def test_split_table_picks_the_ratio_on_training_prompts_and_judges_it_against_the_control():
+    cos = torch.linspace(0.1, 0.3, 40)
+    sets, train = {}, {}
+    held = {"merge_r000": 0.00, "merge_r050": 0.02, "merge_r100": 0.10, "unsplit": 0.01}
+    trained = {"merge_r000": 30.0, "merge_r050": 31.0, "merge_r100": 29.0, "unsplit": 35.0}
+    for arm in held:
+        for s in (0, 1):
+            sets[(arm, s, "u4")] = scored(cos + held[arm])
+            train[(arm, s, "u4")] = trained[arm]
+    res = p14.split_table(sets, train, torch.Generator().manual_seed(0), 100)
+    # the control's training alignment does not compete, and the held-out set does not pick
+    assert res["picked"] == "merge_r050"
+    assert res["vs_control"]["pair"] == "merge_r050 - unsplit" and res["vs_control"]["align_diff"] > 0
+    rows = {r["arm"]: r for r in res["rows"]}
+    assert rows["merge_r100"]["train_align"] == 29.0 and rows["unsplit"]["seeds"] == 2
