@@ -7,13 +7,14 @@
 `prepare` encodes a fixed sample of training captions and the eval_v1 prompts with MiniLM (which cannot travel
 to a GPU machine: 90 MB against a 64 MiB limit), int8 per token (a few MB; every arm sees the same states).
 `run` trains the common start (a `tg` student, then a critic warmed on it), then every arm x seed from that
-start (subprocesses, `--parallel` at a time), with adversarial heads off; each writes the EMA student's images
-for the eval prompts (image i from seed i) at 1/4, 1/2 and all of its updates, and the gradient-noise table is
-measured on the common start. No distillation step needs a corpus image. `score` computes FD-EffNetL0,
+start (subprocesses, `--parallel` at a time), with adversarial heads off but in `B_adv`; each writes the EMA
+student's images for the eval prompts (image i from seed i) at 1/4, 1/2 and all of its updates, and the
+gradient-noise table is measured on the common start. `score` computes FD-EffNetL0,
 R-precision and the per-prompt alignment of every image set, the seed spread, the bootstrap over prompts of
 the seed-averaged per-prompt differences, and applies the pre-registered rule (a difference is claimed when it
 exceeds twice the seed SD of the difference and its 95 % bootstrap interval excludes 0). The secondary arms are
-`--arms B_matching,B_uniform,B_teacher` (B with fix 2 off, fix 4 off, the teacher's critic times).
+`--arms B_matching,B_uniform,B_teacher,B_adv` (B with fix 2 off, fix 4 off, the teacher's critic times, the
+adversarial term on).
 
 The gradient-noise table is measured again at the middle of the first seed's run of each primary arm (A, B, C),
 on that run's own student and critic (`--noise-mid`). The split-timestep stage (`--split-from ARM`) starts from
@@ -21,12 +22,14 @@ each seed's final student and critic of ARM: a low branch (student times t <= --
 unsplit control, each for --split-updates; then every merge ratio r in --merge-ratios (r x low + (1 - r) x
 high; r = 1 is the low branch alone) draws the held-out prompts and the first --train-prompts training captions.
 `score` picks the ratio on the training captions (seed-averaged alignment) and judges it against the unsplit
-control on the held-out prompts. Not yet in it: the adversarial secondary arm (it needs corpus images on the
-device), plain_v1.
+control on the held-out prompts. `B_adv` is B with the adversarial term: its heads' real branch reads the
+sampled rows' own images, which `prepare` stores as their PNG files (~4 MB for 1,000). Not yet in it: plain_v1.
 """
 from __future__ import annotations
 
 import argparse
+import io
+import itertools
 import json
 import math
 import os
@@ -44,9 +47,10 @@ TEACHER = ROOT / "src" / "flowflash" / "weights" / "emoji-teacher"
 _B = {"method": "flash", "timestep_sharing": True, "match_point": "start"}
 ARMS = {  # the protocol's arms as DistillConfig settings (names without '-': file names are images-ARM-SEED)
     "A": {"method": "dmd2"}, "B": _B, "C": {**_B, "match_point": "interval"},
-    # secondary arms: B with one fix undone or changed (the adversarial arm needs corpus images: not here yet)
+    # secondary arms: B with one fix undone or changed, or with the adversarial term
     "B_matching": {**_B, "dm_norm": "matching"}, "B_uniform": {**_B, "critic_t": "uniform"},
-    "B_teacher": {**_B, "critic_t": "teacher"}}
+    "B_teacher": {**_B, "critic_t": "teacher"},
+    "B_adv": {**_B, "adversarial": True}}  # needs `prepare`'s images (the heads' real branch)
 STAGES = ("split_low", "split_high", "unsplit")  # the split-timestep stage's runs, from an arm's final state
 MERGE_RATIOS = (0.0, 0.25, 0.3, 0.5, 0.7, 0.75, 1.0)
 
@@ -82,18 +86,38 @@ def prepare(data: Path, n: int, to: Path, seed: int = 0):
     to.mkdir(parents=True, exist_ok=True)
     save_file(encode(train, cfg.vocab, cfg), to / "train.safetensors")
     save_file(encode(ps.captions, cfg.vocab, cfg), to / "eval.safetensors")
+    # the sampled rows' own PNG files, byte for byte (~4 KB each): the adversarial arm's real images
+    blobs = [(data / rows[i]["file"]).read_bytes() for i in pick.tolist()]
+    offsets = torch.tensor([0, *itertools.accumulate(len(b) for b in blobs)])
+    save_file({"png": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8), "offsets": offsets},
+              to / "images.safetensors")
     (to / "meta.json").write_text(json.dumps({"train_captions": train, "eval_set": ps.name, "eval_sha": ps.sha,
                                               "seed": seed, "teacher": str(TEACHER)}, indent=1))
     print(f"{len(train)} training captions and {len(ps.captions)} eval prompts -> {to}")
 
 
 # ------------------------------------------------------------------ run (a GPU or the CPU)
-def load_bank(path: Path, device) -> dict[str, torch.Tensor]:
+def load_bank(path: Path, device, images: bool = False) -> dict[str, torch.Tensor]:
+    """A prepared caption bank on `device`; with images, the rows' real images too (train.safetensors only)."""
+    from PIL import Image
     from safetensors.torch import load_file
 
+    from flowflash.images import pil_to_u8, to_unit
+
     d = load_file(path)
-    return {"ids": d["ids"].to(device), "mini_p": d["mini_p"].float().to(device),
+    bank = {"ids": d["ids"].to(device), "mini_p": d["mini_p"].float().to(device),
             "mini_h": (d["mini_h_q"].float() * d["mini_h_scale"].float()).to(device)}
+    if images:
+        f = path.parent / "images.safetensors"
+        if not f.exists():
+            raise SystemExit(f"{f} is missing: an adversarial arm needs real images; rerun `prepare` (it writes them)")
+        im = load_file(f)
+        png, off = im["png"].numpy().tobytes(), im["offsets"].tolist()
+        u8 = pil_to_u8(Image.open(io.BytesIO(png[a:b])) for a, b in zip(off, off[1:]))
+        if len(u8) != len(bank["ids"]):
+            raise SystemExit(f"{f}: {len(u8)} images for {len(bank['ids'])} captions; rerun `prepare`")
+        bank["real"] = to_unit(u8).to(device)
+    return bank
 
 
 class CaptionSampler:
@@ -118,8 +142,9 @@ class CaptionSampler:
             idx, noise = torch.randint(len(self.bank["ids"]), (n,), generator=gen), torch.randn((n, *self.shape), generator=gen)
         dev = self.bank["ids"].device
         idx = idx.to(dev)
+        real = self.bank["real"][idx] if "real" in self.bank else None
         return Batch(self.bank["ids"][idx], self.bank["mini_h"][idx], self.bank["mini_p"][idx], noise.to(dev),
-                     None, None if key is None else key.to(dev))
+                     real, None if key is None else key.to(dev))
 
 
 def config(a, **kw):
@@ -193,9 +218,11 @@ def arm_run(a):
 
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
-    bank, evalb = load_bank(Path(a.data) / "train.safetensors", device), load_bank(Path(a.data) / "eval.safetensors", device)
-    work, results = Path(a.work), Path(a.results)
     stage = a.arm in STAGES
+    adversarial = ARMS.get(a.from_arm if stage else a.arm, {}).get("adversarial", False)
+    bank = load_bank(Path(a.data) / "train.safetensors", device, images=adversarial)
+    evalb = load_bank(Path(a.data) / "eval.safetensors", device)
+    work, results = Path(a.work), Path(a.results)
     if stage:
         if a.from_arm not in ARMS:
             raise SystemExit(f"--arm {a.arm} needs --from-arm, one of {', '.join(ARMS)}")
@@ -348,6 +375,9 @@ def run(a):
     unknown = [arm for arm in a.arms if arm not in ARMS]
     if unknown:
         raise SystemExit(f"--arms: unknown {', '.join(unknown)}; known: {', '.join(ARMS)}")
+    if any(ARMS[arm].get("adversarial") for arm in a.arms) and not (Path(a.data) / "images.safetensors").exists():
+        raise SystemExit(f"--arms {','.join(a.arms)}: an adversarial arm needs {a.data}/images.safetensors "
+                         "(rerun `prepare`)")
     if a.split_from and a.split_from not in a.arms:
         raise SystemExit(f"--split-from {a.split_from}: not among --arms ({', '.join(a.arms)}); the split stage starts "
                          "from that arm's final students")
