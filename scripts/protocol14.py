@@ -23,7 +23,8 @@ unsplit control, each for --split-updates; then every merge ratio r in --merge-r
 high; r = 1 is the low branch alone) draws the held-out prompts and the first --train-prompts training captions.
 `score` picks the ratio on the training captions (seed-averaged alignment) and judges it against the unsplit
 control on the held-out prompts. `B_adv` is B with the adversarial term: its heads' real branch reads the
-sampled rows' own images, which `prepare` stores as their PNG files (~4 MB for 1,000). Not yet in it: plain_v1.
+sampled rows' own images, which `prepare` stores as their PNG files (~2 MB for 1,000). Every run also draws
+plain_v1 (issue 15's prompts as people type them) at its end; `score` tables its R-precision per arm.
 """
 from __future__ import annotations
 
@@ -86,14 +87,17 @@ def prepare(data: Path, n: int, to: Path, seed: int = 0):
     to.mkdir(parents=True, exist_ok=True)
     save_file(encode(train, cfg.vocab, cfg), to / "train.safetensors")
     save_file(encode(ps.captions, cfg.vocab, cfg), to / "eval.safetensors")
+    plain = load_prompt_set("plain_v1")  # prompts as people type them (issue 15), drawn at each run's end
+    save_file(encode(plain.captions, cfg.vocab, cfg), to / "plain.safetensors")
     # the sampled rows' own PNG files, byte for byte (~4 KB each): the adversarial arm's real images
     blobs = [(data / rows[i]["file"]).read_bytes() for i in pick.tolist()]
     offsets = torch.tensor([0, *itertools.accumulate(len(b) for b in blobs)])
     save_file({"png": torch.frombuffer(bytearray(b"".join(blobs)), dtype=torch.uint8), "offsets": offsets},
               to / "images.safetensors")
     (to / "meta.json").write_text(json.dumps({"train_captions": train, "eval_set": ps.name, "eval_sha": ps.sha,
-                                              "seed": seed, "teacher": str(TEACHER)}, indent=1))
-    print(f"{len(train)} training captions and {len(ps.captions)} eval prompts -> {to}")
+                                              "plain_set": plain.name, "plain_sha": plain.sha, "seed": seed,
+                                              "teacher": str(TEACHER)}, indent=1))
+    print(f"{len(train)} training captions, {len(ps.captions)} eval and {len(plain.captions)} plain prompts -> {to}")
 
 
 # ------------------------------------------------------------------ run (a GPU or the CPU)
@@ -222,6 +226,8 @@ def arm_run(a):
     adversarial = ARMS.get(a.from_arm if stage else a.arm, {}).get("adversarial", False)
     bank = load_bank(Path(a.data) / "train.safetensors", device, images=adversarial)
     evalb = load_bank(Path(a.data) / "eval.safetensors", device)
+    plain_f = Path(a.data) / "plain.safetensors"  # absent in a folder prepared before plain_v1 was added
+    plainb = load_bank(plain_f, device) if plain_f.exists() else None
     work, results = Path(a.work), Path(a.results)
     if stage:
         if a.from_arm not in ARMS:
@@ -259,6 +265,9 @@ def arm_run(a):
             images[f"u{done}"] = eval_images(model, evalb, device).numpy()
             # written at once: a run stopped at the budget keeps the points it reached
             np.savez_compressed(results / f"images-{a.arm}-{a.seed}.npz", **images)
+            if plainb is not None and done == updates:
+                np.savez_compressed(results / f"plain-{a.arm}-{a.seed}.npz",
+                                    **{f"u{done}": eval_images(model, plainb, device).numpy()})
             if stage:  # the control is judged beside the merges: their training prompts too
                 np.savez_compressed(results / f"train-{a.arm}-{a.seed}.npz",
                                     **{f"u{done}": eval_images(model, first(bank, a.train_prompts), device).numpy()})
@@ -322,7 +331,7 @@ def pack(results: Path, out: Path, report: dict):
     report["run_records"] = [json.loads(f.read_text()) for f in sorted(results.glob("run-*.json"))]
     report["noise_mid"] = {f.stem[len("noise-mid-"):]: json.loads(f.read_text())
                            for f in sorted(results.glob("noise-mid-*.json"))}
-    for kind in ("images", "train"):  # held-out prompts; training prompts (the split stage's pick)
+    for kind in ("images", "train", "plain"):  # held-out prompts; training prompts (the split's pick); plain_v1
         for arm in sorted({f.stem.split("-")[1] for f in results.glob(f"{kind}-*.npz")}):
             both = {}
             for f in sorted(results.glob(f"{kind}-{arm}-*.npz")):
@@ -458,6 +467,28 @@ def split_table(sets: dict, train_align: dict, gen, resamples: int) -> dict:
     return res
 
 
+def plain_table(runs: Path, data: Path) -> list[dict]:
+    """plain_v1 (prompts as people type them) at each run's end: R-prec@10 and FD per arm, mean and seed SD."""
+    import numpy as np
+
+    from flowflash.eval.metrics import frechet_distance
+    from flowflash.eval.tasks import load_reference
+
+    ref = load_reference(data, "plain_v1")
+    per = {}
+    for f in sorted(runs.glob("plain-*.npz")):
+        arm = f.stem.split("-")[1]
+        for key, imgs in np.load(f).items():
+            feats = ref.judge.features(torch.from_numpy(imgs))
+            al = ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)
+            per.setdefault((arm, key.split("_")[1]), []).append(
+                {"r_precision": al["r_precision"], "fd": frechet_distance(feats, ref.real_feats)})
+    sd = lambda xs: float(torch.tensor(xs).std()) if len(xs) > 1 else None
+    return [{"arm": arm, "point": point, "seeds": len(v), "r_precision": sum(r["r_precision"] for r in v) / len(v),
+             "r_precision_sd": sd([r["r_precision"] for r in v]), "fd": sum(r["fd"] for r in v) / len(v)}
+            for (arm, point), v in sorted(per.items())]
+
+
 @torch.no_grad()
 def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples: int = 1000):
     import numpy as np
@@ -514,7 +545,8 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
             if c:
                 claims.append(c)
     split = split_table(sets, train_align, gen, resamples) if train_align else None
-    res = {"table": table, "claims": claims, "split": split, "runs": str(runs)}
+    plain = plain_table(runs, data) if any(runs.glob("plain-*.npz")) else None
+    res = {"table": table, "claims": claims, "split": split, "plain_v1": plain, "runs": str(runs)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     claim_md = lambda c: (f"| {c['point']} | {c['pair']} | {c['seeds']} | {c['align_diff']:+.2f} | {c['seed_sd']:.2f} | "
@@ -535,6 +567,11 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
                for r in split["rows"]]
         if split["vs_control"]:
             md += ["", *claim_head, claim_md(split["vs_control"])]
+    if plain:
+        md += ["", "plain_v1 (70 prompts as people type them), at each run's end:", "",
+               "| point | arm | seeds | R-prec@10 (SD) | FD-EffNetL0 |", "|---|---|---|---|---|"]
+        md += [f"| {r['point']} | {r['arm']} | {r['seeds']} | {r['r_precision']:.3f} ({r['r_precision_sd'] or 0:.3f}) | "
+               f"{r['fd']:.1f} |" for r in plain]
     report = runs / "protocol14.json"
     if report.exists():  # the gradient-noise tables: the common start, and each primary arm's middle
         rep = json.loads(report.read_text())
