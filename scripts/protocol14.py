@@ -233,8 +233,8 @@ def arm_run(a):
         if a.from_arm not in ARMS:
             raise SystemExit(f"--arm {a.arm} needs --from-arm, one of {', '.join(ARMS)}")
         kw, updates = dict(ARMS[a.from_arm]), a.split_updates
-        student_dir = critic_dir = work / f"arm{a.from_arm}-seed{a.seed}"
-        student_dir = student_dir / "student"
+        start = work / f"arm{a.from_arm}-seed{a.seed}"
+        student_dir, critic_dir = start / "student", start
         if a.arm != "unsplit":
             kw.update(split=a.arm.split("_")[1], split_at=a.split_at)
         wanted = () if a.arm != "unsplit" else (updates,)  # the branches are drawn as merges, by `run`
