@@ -4,6 +4,7 @@
 # added after the other 2-step candidates missed the rule's floor), then the rule of docs/benchmarks.md ("Teacher v5 and its students:
 # the rules fixed before training") applied by scripts/pick_students.py. Two one-thread lanes side by side; a
 # finished stage is skipped on a rerun, an interrupted one resumes from its last checkpoint.
+# `teacher` is v5 since stop 22: put v4 back first (git checkout a805d24 -- src/flowflash/weights/emoji-teacher).
 # Usage: scripts/students-v4.sh   (logs: runs/students15/*.log; picks: docs/bench/pick-students-v4-{4,2}.*)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,6 +1,5 @@
 #!/usr/bin/env bash
-# Issue 15's 4-step students from teacher v5 (its EMA export, runs/teacher-v5-cpu/ema_model, of which the shipped
-# teacher is the int8 conversion): dmd2 at lr 1e-4 and 2e-4 on the wide corpus, each exported at 300, 600 and 900
+# Issue 15's 4-step students from the shipped teacher v5 (`teacher`, since stop 22): dmd2 at lr 1e-4 and 2e-4 on the wide corpus, each exported at 300, 600 and 900
 # iterations, then the rule of docs/benchmarks.md ("Teacher v5 and its students: the rules fixed before training") applied by
 # scripts/pick_students.py, judged on the same corpus and grids as the v4 students. Two one-thread lanes side by side;
 # finished points are skipped on a rerun.
@@ -18,4 +17,4 @@ done
 for p in "${pids[@]}"; do wait "$p"; done
 cands=()
 for lr in $LRS; do for at in 300 600 900; do cands+=("runs/students-v5/dmd2-4-$lr-at$at"); done; done
-"$PY" scripts/pick_students.py --teacher runs/teacher-v5-cpu/ema_model --data data/emoji64 --grids runs/pick-grids-v5 --out docs/bench/pick-students-v5-4 "${cands[@]}"
+"$PY" scripts/pick_students.py --teacher teacher --data data/emoji64 --grids runs/pick-grids-v5 --out docs/bench/pick-students-v5-4 "${cands[@]}"
