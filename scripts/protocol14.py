@@ -96,8 +96,24 @@ def prepare(data: Path, n: int, to: Path, seed: int = 0):
               to / "images.safetensors")
     (to / "meta.json").write_text(json.dumps({"train_captions": train, "eval_set": ps.name, "eval_sha": ps.sha,
                                               "plain_set": plain.name, "plain_sha": plain.sha, "seed": seed,
-                                              "teacher": str(TEACHER)}, indent=1))
+                                              "teacher": str(TEACHER), "vocab_sha": vocab_sha(cfg.vocab)}, indent=1))
     print(f"{len(train)} training captions, {len(ps.captions)} eval and {len(plain.captions)} plain prompts -> {to}")
+
+
+def vocab_sha(vocab: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(vocab).encode()).hexdigest()[:16]
+
+
+def check_prepared(data: Path):
+    """The word ids in a prepared folder are the teacher's vocabulary's: refuse a folder made for another one."""
+    from flowflash.models.flow_model import read_config
+
+    meta = json.loads((data / "meta.json").read_text())
+    if meta.get("vocab_sha") != vocab_sha(read_config(TEACHER).vocab):
+        raise SystemExit(f"{data} was prepared for another teacher vocabulary than the shipped teacher's ({TEACHER}); "
+                         "run `prepare` again")
 
 
 # ------------------------------------------------------------------ run (a GPU or the CPU)
@@ -392,6 +408,7 @@ def run(a):
                          "from that arm's final students")
     if a.points == "all" and a.updates % 4:
         raise SystemExit(f"--updates {a.updates}: a multiple of 4, so that 1/4 and 1/2 of it are evaluation points")
+    check_prepared(Path(a.data))
     device = torch.device(a.device)
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
@@ -595,7 +612,7 @@ def main():
         r.add_argument("--data", required=True)
         r.add_argument("--work", default="/tmp/p14-work")
         r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-        r.add_argument("--updates", type=int, default=250, help="student updates per arm run (x6 iterations)")
+        r.add_argument("--updates", type=int, default=256, help="student updates per arm run (x6 iterations; the protocol asks at least 250)")
         r.add_argument("--batch", type=int, default=64)
         r.add_argument("--lr", type=float, default=1e-4)
         r.add_argument("--threads", type=int, default=1, help="torch threads per process")
