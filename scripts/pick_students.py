@@ -23,8 +23,8 @@ from flowflash.eval.prompt_set import sweep_prompt_set
 from flowflash.fsutil import write_text_atomic
 
 
-def grid_scores(model: str, prompts: str, out: Path, judge_data: Path) -> dict:
-    res = draw_grid(prompts, str(out), model=model, score=judge_data)
+def grid_scores(model: str, prompts: str, out: Path, judge_data: Path, steps: int | None = None) -> dict:
+    res = draw_grid(prompts, str(out), model=model, steps=steps, score=judge_data)
     g = res["scores"]["generated"]["groups"]
     return {"concept_top1": g["top1"], "concept_top5": g["top5"], "png": str(out)}
 
@@ -38,6 +38,9 @@ def main():
     ap.add_argument("--ratio", type=float, default=0.9, help="core top-5 needed, as a fraction of the teacher's")
     ap.add_argument("--cache", type=Path, default=Path("runs/eval-cache"))
     ap.add_argument("--grids", type=Path, default=Path("runs/pick-grids"), help="where the grid PNGs go")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="sample the candidates at this many steps (default: each one's own; e.g. 2 for a student "
+                         "trained with also_steps [2]); the teacher keeps its 50 CFG steps")
     a = ap.parse_args()
 
     judge = Judge.load()
@@ -47,11 +50,13 @@ def main():
     a.grids.mkdir(parents=True, exist_ok=True)
     rows = []
     for i, m in enumerate([a.teacher, *a.candidates]):
-        row = {"model": m, "teacher": i == 0}
+        steps = a.steps if i > 0 else None
+        row = {"model": m, "teacher": i == 0, "steps": steps}
+        tag = f"-s{steps}" if steps else ""
         for grid in ("grid64-core", "grid64-plain"):
-            row[grid] = grid_scores(m, grid, a.grids / f"{a.out.name}-{name(m)}-{grid}.png", a.data)
+            row[grid] = grid_scores(m, grid, a.grids / f"{a.out.name}-{name(m)}{tag}-{grid}.png", a.data, steps)
         if i > 0:  # the teacher's 50 CFG steps on 256 prompts are not part of the rule
-            imgs, _ = generate_set(Setting(name=name(m), model=m), ps, seed=0, cache=a.cache)
+            imgs, _ = generate_set(Setting(name=name(m) + tag, model=m, steps=steps), ps, seed=0, cache=a.cache)
             row.update(judge.alignment(judge.features(imgs), ps.captions, ps.captions))
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items()}), flush=True)
@@ -60,7 +65,8 @@ def main():
     best = max(eligible, key=lambda r: r["clip_score"]) if eligible else None
     res = {"prompt_set": ps.name, "floor_core_top5": floor, "picked": best and best["model"], "rows": rows}
     write_text_atomic(a.out.with_suffix(".json"), json.dumps(res, indent=1))
-    lines = [f"# Student pick: {', '.join(name(c) for c in a.candidates)}", "",
+    lines = [f"# Student pick: {', '.join(name(c) for c in a.candidates)}"
+             + (f", sampled at {a.steps} steps" if a.steps else ""), "",
              f"Rule: the best CLIP-score analogue on {ps.name} among candidates whose grid64-core concept top-5 is "
              f">= {a.ratio:g} x the teacher's ({floor:.3f}). Picked: **{name(best['model']) if best else 'none'}**.",
              "", "| model | CLIP-score analogue (train 256) | R-prec@10 (train 256) | core top-5 | core top-1 | "

@@ -227,3 +227,47 @@ def test_noise_stats_recover_a_known_signal_to_noise_ratio():
             g = true + torch.randn(k, 1000, generator=gen, dtype=torch.float64)  # E||g - E g||^2 = 1000
             snrs.append(noise_stats(g.sum(0), g.pow(2).sum().item(), k)["snr"])
         assert sum(snrs) / len(snrs) == pytest.approx(9 / 1000, abs=0.003)  # unbiased, even at k = 4
+
+
+# ------------------------------------------------------------------ one student for several step counts (issue 15)
+def test_also_steps_draws_a_schedule_per_sample_and_rolls_each_out_on_its_own(teacher_dir, tmp_path, tiny_corpus):
+    from flowflash.methods.schedule import student_schedule
+    from flowflash.sampling import sample
+    from flowflash.methods.base import velocity
+
+    m, teacher = make("dmd2", teacher_dir, tmp_path, tiny_corpus, student_steps=4, also_steps=[2])
+    shift = teacher.cfg.sampling.shift
+    assert m.schedules == [student_schedule(4, shift), student_schedule(2, shift)] and m.schedule == m.schedules[0]
+    i = m.pick_steps(256)
+    s = m.cur_sched
+    assert set(s.tolist()) == {0, 1} and set(i[s == 0].tolist()) == {0, 1, 2, 3} and set(i[s == 1].tolist()) == {0, 1}
+    # each sample's time is its own schedule's
+    t = m.times(i, torch.zeros(256, 1))
+    want = torch.tensor([m.schedules[int(a)][int(b)] for a, b in zip(s, i)], dtype=torch.float32)
+    torch.testing.assert_close(t, want)
+    # the final samples: a 2-step sample equals the 2-step sampler's output, a 4-step one the 4-step sampler's
+    b = tiny_batch(teacher, b=16)
+    x0 = m.final_samples(b)
+    for k in range(16):
+        sched = m.schedules[int(m.cur_sched[k])]
+        ref = sample(lambda x, t_: velocity(m.student, x, t_, b), b.noise, torch.tensor(sched, dtype=torch.float64))
+        torch.testing.assert_close(x0[k], ref[k], atol=1e-5, rtol=1e-4)
+    assert len(set(m.cur_sched.tolist())) == 2  # both counts present in this draw (seeded)
+
+
+def test_also_steps_trains_the_student_and_refuses_what_it_cannot_mix(teacher_dir, tmp_path, tiny_corpus):
+    m, teacher = make("dmd2", teacher_dir, tmp_path, tiny_corpus, student_steps=4, also_steps=[2], adversarial=False,
+                      critic_ratio=1)
+    s0 = snapshot(m.student)
+    run_step(m, tiny_batch(teacher, b=4), 0)  # critic
+    assert all(torch.equal(s0[k], v) for k, v in m.student.state_dict().items())
+    out = run_step(m, tiny_batch(teacher, b=4), 1)
+    assert out.step == ("student",) and any(not torch.equal(s0[k], v) for k, v in m.student.state_dict().items())
+    for bad, msg in (({"also_steps": [4]}, "must not repeat"), ({"also_steps": [0]}, "step counts >= 1"),
+                     ({"also_steps": [2], "split": "low"}, "does not use split"),
+                     ({"also_steps": [2], "schedule": [1.0, 0.5, 0.0]}, "does not use also_steps")):
+        with pytest.raises(FlowflashError, match=msg):
+            DMD2.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "dmd2", student_steps=4, **bad), LOOP_FIELDS)
+    from flowflash.methods.tg import TrajectoryGuidance
+    with pytest.raises(FlowflashError, match="does not use also_steps"):
+        TrajectoryGuidance.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "tg", also_steps=[1]), LOOP_FIELDS)

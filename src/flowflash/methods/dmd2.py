@@ -216,7 +216,7 @@ class DMD2(StudentMethod):
     def critic_step(self, b: Batch) -> StepOutput:
         self.critic.requires_grad_(True)  # also when the last student step's backward never ran (diagnostics)
         with torch.no_grad():
-            x0 = self.rollout(b, len(self.schedule) - 1)
+            x0 = self.final_samples(b)
         t = self.critic_times(x0.shape[0]).to(x0.dtype)
         eps = self.randn(*x0.shape)
         if self.tap:

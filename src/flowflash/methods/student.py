@@ -24,7 +24,7 @@ from .schedule import split_range, steps_in_range, student_schedule
 STUDENT_FIELDS = frozenset({"method", "teacher", "init_student", "student_steps", "student_shift", "schedule",
                             "split", "split_at", "guidance", "prompts", "size", "drop", "max_sequence_length",
                             "embed_cache", "fsdp", "grad_checkpointing", "step_per_sample", "p_single", "concepts",
-                            "p_phrasing", "teacher_prompt"})
+                            "p_phrasing", "teacher_prompt", "also_steps"})
 EMOJI_DATA_FIELDS = frozenset({"p_single", "concepts", "p_phrasing", "teacher_prompt"})
 LATENT_FIELDS = frozenset({"prompts", "size", "drop", "max_sequence_length", "real_images", "embed_cache"})
 
@@ -68,13 +68,32 @@ def check_steps(cfg):
     """The student's step count and shift, checked before anything is built."""
     if not isinstance(cfg.student_steps, int) or cfg.student_steps < 1:
         raise FlowflashError(f"student_steps must be an integer >= 1, got {cfg.student_steps!r}")
+    also = getattr(cfg, "also_steps", None)
+    if also is not None:
+        if not also or any(not isinstance(k, int) or k < 1 for k in also):
+            raise FlowflashError(f"also_steps lists step counts >= 1, got {also!r}")
+        if cfg.student_steps in also or len(set(also)) != len(also):
+            raise FlowflashError(f"also_steps {also} must not repeat a step count or student_steps "
+                                 f"({cfg.student_steps})")
     if cfg.student_shift is not None and not cfg.student_shift > 0:
         raise FlowflashError(f"student_shift must be > 0, got {cfg.student_shift!r}")
 
 
 def refuse_schedule_overrides(method: type[Method], cfg):
     if cfg.schedule is not None:
-        refuse(method, set_fields(cfg, {"student_steps", "student_shift"}), " when an explicit schedule is given")
+        refuse(method, set_fields(cfg, {"student_steps", "student_shift", "also_steps"}),
+               " when an explicit schedule is given")
+
+
+def all_schedules(cfg, teacher, first: list[float]) -> list[list[float]]:
+    """The schedule the student exports (`first`), then one per count of also_steps: the same shift, so that
+    `--steps K` at sampling time visits exactly the times it was trained at."""
+    if not cfg.also_steps:
+        return [first]
+    if is_latent(teacher):
+        raise FlowflashError("also_steps is for emoji teachers; an SD3 student exports one scheduler's steps")
+    shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
+    return [first] + [student_schedule(k, shift) for k in cfg.also_steps]
 
 
 class StudentMethod(Method):
@@ -85,6 +104,13 @@ class StudentMethod(Method):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = (student if student is not None else copy.deepcopy(teacher)).train().requires_grad_(True)
         self.schedule = schedule_from(cfg, teacher)
+        # also_steps: each sample draws one of several schedules (the same weights then run at each count);
+        # a table padded with zeros (a step past a schedule's end has dt = 0) indexed by (schedule, step)
+        self.schedules = all_schedules(cfg, teacher, self.schedule)
+        width = max(len(s) for s in self.schedules)
+        self.table = torch.tensor([s + [0.0] * (width - len(s)) for s in self.schedules], dtype=torch.float64)
+        self.n_steps = torch.tensor([len(s) - 1 for s in self.schedules])
+        self.cur_sched: Tensor | None = None  # each sample's schedule index, set by pick_steps / final_samples
         lo, hi = split_range(cfg.split, cfg.split_at)
         self.train_steps = steps_in_range(self.schedule, lo, hi)
         self.networks = {"student": self.student}
@@ -96,10 +122,29 @@ class StudentMethod(Method):
         check_steps(cfg)
         if cfg.split is None:
             refuse(cls, set_fields(cfg, {"split_at"}), " without a split branch")
+        if cfg.also_steps:
+            refuse(cls, set_fields(cfg, {"split"}) + (["step_per_sample"] if not cfg.step_per_sample else []),
+                   " with also_steps (each sample draws its own schedule)")
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.schedules) > 1
+
+    def _global_draw(self, n: int) -> tuple[Tensor, int, int]:
+        r, w = self.draw_slice or (0, 1)
+        return torch.rand((n * w,), generator=self.gen), r, w
 
     def pick_steps(self, n: int) -> Tensor:
         """Student step indices for n samples (restricted to the split's range): one per sample, or with
         step_per_sample false one for the whole batch (the old behaviour, an ablation arm)."""
+        if self.mixed:  # a schedule per sample, then a step of it
+            us, r, _ = self._global_draw(n)
+            ui, _, _ = self._global_draw(n)
+            s = (us * len(self.schedules)).long().clamp(max=len(self.schedules) - 1)
+            i = torch.minimum((ui * self.n_steps[s]).long(), self.n_steps[s] - 1)
+            self.depth = int(i.max())
+            self.cur_sched = s[r * n: (r + 1) * n].to(self.device)
+            return i[r * n: (r + 1) * n].to(self.device)
         steps = torch.tensor(self.train_steps)
         if self.cfg.step_per_sample:
             r, w = self.draw_slice or (0, 1)
@@ -116,9 +161,24 @@ class StudentMethod(Method):
 
     def times(self, i: Tensor, like: Tensor, offset: int = 0) -> Tensor:
         """t_{i + offset} per sample, in like's dtype (at least fp32) and on its device."""
-        sched = torch.tensor(self.schedule, dtype=torch.float64, device=like.device)
         dtype = like.dtype if torch.finfo(like.dtype).bits >= 32 else torch.float32
+        if self.mixed:
+            return self.table.to(like.device)[self.cur_sched, i + offset].to(dtype)
+        sched = torch.tensor(self.schedule, dtype=torch.float64, device=like.device)
         return sched[i + offset].to(dtype)
+
+    @torch.no_grad()
+    def final_samples(self, b: Batch) -> Tensor:
+        """The student's samples at t = 0; under also_steps each sample runs its own drawn schedule."""
+        if not self.mixed:
+            return self.rollout(b, len(self.schedule) - 1)
+        n = b.noise.shape[0]
+        us, r, _ = self._global_draw(n)
+        s = (us * len(self.schedules)).long().clamp(max=len(self.schedules) - 1)
+        self.depth = int(self.n_steps[s].max())
+        s = s[r * n: (r + 1) * n]
+        self.cur_sched = s.to(self.device)
+        return self.rollout(b, self.n_steps[s].to(self.device))
 
     @torch.no_grad()
     def rollout(self, b: Batch, upto: Tensor | int) -> Tensor:
@@ -129,8 +189,13 @@ class StudentMethod(Method):
         x, states = b.noise, [b.noise]
         depth = max(int(upto.max()), getattr(self, "depth", 0))
         for k in range(depth):  # every sample through the deepest index drawn; each keeps its own
-            t = full_t(x, self.schedule[k])
-            x = euler_step(x, velocity(self.student, x, t, b), self.schedule[k], self.schedule[k + 1])
+            if self.mixed:  # each sample's own times (past its schedule's end: t = t_next = 0, no move)
+                t0, t1 = (self.table.to(x.device)[self.cur_sched, k + j].to(torch.float32) for j in (0, 1))
+                t = t0.to(x.dtype) if torch.finfo(x.dtype).bits >= 32 else t0
+                x = euler_step(x, velocity(self.student, x, t, b), t0, t1)
+            else:
+                t = full_t(x, self.schedule[k])
+                x = euler_step(x, velocity(self.student, x, t, b), self.schedule[k], self.schedule[k + 1])
             states.append(x)
         return torch.stack(states)[upto, torch.arange(x.shape[0], device=x.device)]
 

@@ -58,6 +58,9 @@ class DistillConfig(LoopConfig):
     student_steps: int = 4
     student_shift: float | None = None  # default: the teacher's shift
     schedule: list[float] | None = None  # explicit student times, 1 -> 0
+    # other step counts the same weights learn (e.g. [2] beside student_steps 4): each sample draws one of the
+    # schedules; the export's default stays student_steps, `--steps K` runs the others (emoji teachers; dmd2, flash)
+    also_steps: list[int] | None = None
     lr: float = 2e-5
     lr_critic: float = 4e-5
     guidance: float = 4.0  # the real score (teacher) uses CFG at this scale
