@@ -304,6 +304,7 @@ def write_index(folder: Path, cls: str) -> Path:
     ("measure variance", "--measure-variance runs on an emoji teacher"),
     ("init critic", "holds no critic checkpoint"),
     ("emoji rows", "p_single, p_phrasing: only for an emoji teacher"),
+    ("also steps", "also_steps: only for an emoji teacher"),
 ])
 def test_bad_input_is_one_line_exit_2_and_no_run_folder(sd3, tmp_path, capsys, case, message):
     teacher, prompts, _ = sd3
@@ -342,6 +343,8 @@ def test_bad_input_is_one_line_exit_2_and_no_run_folder(sd3, tmp_path, capsys, c
         args += ["--config", str(tmp_path / "c.yaml")]
     elif case == "measure variance":
         args += ["--measure-variance", "2"]
+    elif case == "also steps":
+        args += ["--also-steps", "2"]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err

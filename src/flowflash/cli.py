@@ -160,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--teacher", default=None, help="teacher: a shipped name, a flowflash model folder, or a diffusers "
                     "StableDiffusion3Pipeline folder (trained in its latent space)")
     ds.add_argument("--student-steps", type=int, default=None, help="the student's steps (overrides the config)")
+    ds.add_argument("--also-steps", type=int, nargs="+", default=None, metavar="K",
+                    help="other step counts the same student learns (e.g. 2 beside --student-steps 4; each sample "
+                         "draws its schedule; `generate --steps K` then runs them)")
     ds.add_argument("--iterations", type=positive_int, default=None, help="training iterations (the config's steps)")
     ds.add_argument("--prompts", default=None, metavar="FILE",
                     help="SD3 teacher: training prompts, one a line, or JSONL with a 'prompt' field")
@@ -479,7 +482,8 @@ def cmd_distill(a) -> int:
     from .train.configs import DistillConfig
     from .train.run import distill, measure_variance
 
-    flags = {"out": a.out, "teacher": a.teacher, "student_steps": a.student_steps, "steps": a.iterations,
+    flags = {"out": a.out, "teacher": a.teacher, "student_steps": a.student_steps, "also_steps": a.also_steps,
+             "steps": a.iterations,
              "prompts": a.prompts, "size": list(a.size) if isinstance(a.size, tuple) else a.size, "drop": a.drop,
              "real_images": a.real_images, "batch_size": a.batch_size, "device": a.device, "precision": a.precision,
              "fsdp": a.fsdp, "grad_checkpointing": a.grad_checkpointing, "embed_cache": a.embed_cache}

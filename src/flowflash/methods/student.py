@@ -91,7 +91,8 @@ def all_schedules(cfg, teacher, first: list[float]) -> list[list[float]]:
     if not cfg.also_steps:
         return [first]
     if is_latent(teacher):
-        raise FlowflashError("also_steps is for emoji teachers; an SD3 student exports one scheduler's steps")
+        raise FlowflashError("also_steps: only for an emoji teacher; an SD3 student's folder runs one scheduler's "
+                             "steps in diffusers")
     shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
     return [first] + [student_schedule(k, shift) for k in cfg.also_steps]
 

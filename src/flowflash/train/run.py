@@ -119,6 +119,9 @@ def distill_setup(cfg: DistillConfig, d: Dist) -> DistillSetup:
         if emoji_only:
             raise FlowflashError(f"{', '.join(emoji_only)}: only for an emoji teacher (rows of its corpus); an SD3 "
                                  "teacher trains on the prompts of --prompts as given")
+        if cfg.also_steps:
+            raise FlowflashError("also_steps: only for an emoji teacher; an SD3 student's folder runs one scheduler's "
+                                 "steps in diffusers")
         return latent_setup(cfg, d, method_cls, teacher_dir)
     keep = check_rows(cfg)
     latent_only = set_fields(cfg, LATENT_FIELDS | {"fsdp", "grad_checkpointing"})
