@@ -346,3 +346,18 @@ def test_placed_samplers_draw_their_noise_from_a_generator_of_their_own(teacher_
     again = RowSampler(su.bank, rows, rows[:0])
     again.place(torch.device("cpu"), seed=3)
     assert torch.equal(again(4, torch.Generator().manual_seed(0)).noise, b.noise)
+
+
+def test_until_step_stops_at_a_step_number_also_after_a_resume(teacher_dir, tmp_path, tiny_corpus):
+    # --max-steps counts one invocation's steps; exporting a run at fixed points needs step numbers. A resumed
+    # run must stop at the asked step, not that many steps later (the bug of distill-points.sh until stop 23).
+    c = cfg(teacher_dir, tiny_corpus, tmp_path / "u", "dmd2", steps=6, ckpt_every=1)
+    step = lambda: json.loads((tmp_path / "u" / "checkpoint" / "state.json").read_text())["state"]["step"]
+    distill(c, until=2)
+    assert step() == 2
+    distill(c, resume=True, until=3)
+    assert step() == 3
+    with pytest.raises(FlowflashError, match="at step 3, not before --until-step 3"):
+        distill(c, resume=True, until=3)
+    distill(c, resume=True, max_steps=2)
+    assert step() == 5

@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     tt.add_argument("--config", required=True)
     tt.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     tt.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in this run")
+    tt.add_argument("--until-step", type=positive_int, default=None, metavar="N",
+                    help="stop at step N of the run (with --resume: wherever the checkpoint is)")
     te = tsub.add_parser("ship", help="copy a teacher run's EMA model (--run) or a distilled student folder "
                                       "(--student, with --stages) into a model folder with its model card")
     src = te.add_mutually_exclusive_group(required=True)
@@ -181,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--embed-cache", default=None, metavar="DIR",
                     help="where prompt embeddings and real latents are cached (default ~/.cache/flowflash/embeddings)")
     ds.add_argument("--resume", action="store_true")
-    ds.add_argument("--max-steps", type=positive_int, default=None)
+    ds.add_argument("--max-steps", type=positive_int, default=None, help="stop after this many steps in this run")
+    ds.add_argument("--until-step", type=positive_int, default=None, metavar="N",
+                    help="stop at step N of the run (with --resume: wherever the checkpoint is), e.g. to export it "
+                         "at fixed points")
     ds.add_argument("--measure-variance", type=positive_int, default=None, metavar="DRAWS",
                     help="do not train: draw the distribution-matching gradient DRAWS times on one fixed batch, "
                          "with timestep sharing and with re-noising, and report their variance (JSON to stdout)")
@@ -385,7 +390,8 @@ def cmd_train(a) -> int:
     from .train.configs import TeacherConfig
     from .train.run import train_teacher
 
-    print(train_teacher(load_config(TeacherConfig, a.config), resume=a.resume, max_steps=a.max_steps))
+    print(train_teacher(load_config(TeacherConfig, a.config), resume=a.resume, max_steps=a.max_steps,
+                        until=a.until_step))
     return 0
 
 
@@ -502,7 +508,7 @@ def cmd_distill(a) -> int:
         res = measure_variance(cfg, a.measure_variance, a.variance_batch, from_checkpoint=a.from_checkpoint)
         print(json.dumps({k: v for k, v in res.items() if k != "config"}, indent=1))
         return 0
-    folder = distill(cfg, resume=a.resume, max_steps=a.max_steps)
+    folder = distill(cfg, resume=a.resume, max_steps=a.max_steps, until=a.until_step)
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
         print(folder)
     return 0

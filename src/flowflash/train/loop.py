@@ -145,9 +145,10 @@ def full(v: torch.Tensor) -> torch.Tensor:
 
 
 def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resume: bool = False,
-               max_steps: int | None = None, ema_warmup: bool = True,
+               max_steps: int | None = None, until: int | None = None, ema_warmup: bool = True,
                sample: Callable[[Path, Path], None] | None = None) -> Path:
-    """Run `method` from step 0 (or the checkpoint) to cfg.steps; returns the exported model folder.
+    """Run `method` from step 0 (or the checkpoint) to cfg.steps; returns the exported model folder. `max_steps`
+    counts this invocation's steps; `until` is a step number (stop there, e.g. to export a run at fixed points).
     `sample(model_folder, png_path)` draws a grid from an export every `sample_every` steps."""
     out = Path(cfg.out)
     if cfg.precision not in PRECISIONS:
@@ -197,6 +198,11 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
                    if any(p is q for g in o.param_groups for p in g["params"] for q in net.parameters()))
     local_b = cfg.batch_size // d.world
     end = cfg.steps if max_steps is None else min(cfg.steps, step + max_steps)
+    if until is not None:
+        if until <= step:
+            raise FlowflashError(f"{ckpt} is at step {step}, not before --until-step {until}: an earlier point "
+                                 "of this run cannot be exported any more")
+        end = min(end, until)
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.main, desc=method.name, dynamic_ncols=True)
     t0, seen = time.time(), 0
     # On the CPU every step is checked for a non-finite loss before its update. On an accelerator a check is

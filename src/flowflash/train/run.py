@@ -49,7 +49,8 @@ def write_config(cfg, d: Dist):
 
 
 # ------------------------------------------------------------------ teacher (rf)
-def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | None = None,
+                  until: int | None = None) -> Path:
     from ..methods.rf import RectifiedFlow
 
     d = init_dist(cfg.device)
@@ -88,7 +89,7 @@ def train_teacher(cfg: TeacherConfig, resume: bool = False, max_steps: int | Non
     method = RectifiedFlow(cfg, model)
     draw = RowSampler(bank, singles, bank.scene_rows(), cfg.p_single, cfg.p_phrasing)
     sample = lambda folder, png: sample_grid(folder, cfg.sample_prompts, png, steps=28, guidance=4.0)
-    folder = train_loop(method, draw, cfg, d, resume=resume, max_steps=max_steps, sample=sample)
+    folder = train_loop(method, draw, cfg, d, resume=resume, max_steps=max_steps, until=until, sample=sample)
     close_dist(d)
     return folder
 
@@ -272,7 +273,7 @@ def carry_critic(method, run: Path):
                                  f"{str(e).splitlines()[0]}") from None
 
 
-def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None) -> Path:
+def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = None, until: int | None = None) -> Path:
     d = init_dist(cfg.device)
     su = distill_setup(cfg, d)
     write_config(cfg, d)
@@ -284,7 +285,7 @@ def distill(cfg: DistillConfig, resume: bool = False, max_steps: int | None = No
         return out / "student"
     sample = lambda folder, png: sample_grid(folder, su.sample_prompts, png, **(su.sample_kw or {}))
     # a split branch's EMA stays anchored to the common start (no warm-up)
-    folder = train_loop(su.method, su.draw, cfg, d, resume=resume, max_steps=max_steps,
+    folder = train_loop(su.method, su.draw, cfg, d, resume=resume, max_steps=max_steps, until=until,
                         ema_warmup=cfg.split is None, sample=sample)
     close_dist(d)
     return folder
