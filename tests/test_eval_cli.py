@@ -67,9 +67,12 @@ def test_bench_runs_tiny_settings_side_by_side(tmp_path, capsys, tiny_model_dir)
     assert rows["bf"]["precision"] == "bf16" and all(r["peak_rss_mb"] > 50 for r in rows.values())
     size = sum(p.stat().st_size for p in tiny_model_dir.glob("*.safetensors")) / 1e6
     assert all(r["file_mb"] == pytest.approx(size) for r in rows.values())
-    # a fresh process imports torch and more, so it takes longer than `import torch` alone
-    assert res["import_torch_s"] > 0 and all(r["cold_s"] > res["import_torch_s"] for r in rows.values())
-    assert "cold one-image vs `import torch`" in capsys.readouterr().out
+    # one cold start each: whether it beats `import torch` alone is a benchmark's question (on a loaded machine a
+    # single draw of either can win), so the test checks that both were measured and the ratio line reports them
+    assert res["import_torch_s"] > 0 and all(r["cold_s"] > 0 for r in rows.values())
+    out = capsys.readouterr().out
+    assert "cold one-image vs `import torch`" in out
+    assert f"four {rows['four']['cold_vs_import_torch']:.2f}x" in out and rows['four']['cold_vs_import_torch'] > 0
 
 
 def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, tmp_path, monkeypatch, capsys):

