@@ -66,8 +66,8 @@ def main():
     for i, m in enumerate([a.teacher, *a.candidates]):
         if i == 0 and a.teacher_core_top5 is not None:
             rows.append({"model": m, "teacher": True, "steps": None, "given": True,
-                         "grid64-core": {"concept_top5": a.teacher_core_top5, "concept_top1": float("nan")},
-                         "grid64-plain": {"concept_top5": float("nan"), "concept_top1": float("nan")}})
+                         "grid64-core": {"concept_top5": a.teacher_core_top5, "concept_top1": None},
+                         "grid64-plain": {"concept_top5": None, "concept_top1": None}})
             continue
         steps = a.steps if i > 0 else None
         row = {"model": m, "teacher": i == 0, "steps": steps}
@@ -93,8 +93,9 @@ def main():
     for r in rows:
         c, p = r["grid64-core"], r["grid64-plain"]
         al = (f"{r['clip_score']:.1f} | {r['r_precision']:.3f}" if "clip_score" in r else "- | -")
-        lines.append(f"| {name(r['model'])}{' (teacher)' if r['teacher'] else ''} | {al} | {c['concept_top5']:.3f} | "
-                     f"{c['concept_top1']:.3f} | {p['concept_top5']:.3f} | {p['concept_top1']:.3f} |")
+        f = lambda v: "-" if v is None else f"{v:.3f}"  # a teacher score given on the command line has no grid
+        lines.append(f"| {name(r['model'])}{' (teacher)' if r['teacher'] else ''} | {al} | {f(c['concept_top5'])} | "
+                     f"{f(c['concept_top1'])} | {f(p['concept_top5'])} | {f(p['concept_top1'])} |")
     write_text_atomic(a.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -282,10 +282,11 @@ def test_a_mixed_student_ships_with_its_counts_on_the_card_and_samples_each(teac
                       adversarial=False))
     dest = tmp_path / "emoji-student"
     assert main(["train", "ship", "--student", str(out), "--stages", f"{tmp_path / 'mix'}@2", "--to", str(dest),
-                 "--command", "c", "--storage", "fp16"]) == 0
+                 "--command", "c", "--storage", "fp16", "--threads", "2"]) == 0
     card = (dest / "README.md").read_text()
     assert "4-step, CFG-free" in card and "also trained for 2 step(s)" in card and "trained for 2 step(s) too" in card
     assert "`mix` at step 2: method `dmd2`, 2 steps at batch" in card  # an export at a point of the run
+    assert "logged wall-clock x 2 thread(s) per stage" in card
     assert main(["train", "ship", "--student", str(out), "--stages", f"{tmp_path / 'mix'}@9", "--to",
                  str(tmp_path / "x"), "--command", "c"]) == 2 and not (tmp_path / "x").exists()
     assert load_model(dest).cfg.sampling.steps == 4

@@ -122,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--to", required=True)
     te.add_argument("--command", required=True, help="the command that reproduces the run (goes in the card)")
     te.add_argument("--metrics", default=None, help="a markdown file of measured metrics for the card")
+    te.add_argument("--threads", type=positive_int, default=1,
+                    help="with --student: threads each stage ran with (logged wall-clock x N is the card's CPU-hours)")
     te.add_argument("--notes", default=None, help="a markdown file of notes for the card (e.g. training phases)")
     te.add_argument("--storage", choices=["int8", "fp16"], default="int8",
                     help="weights as int8 weight-only with per-channel scales (default) or fp16")
@@ -383,7 +385,8 @@ def cmd_train(a) -> int:
         notes = Path(a.notes).read_text() if a.notes else ""
         if a.student:
             stages = [Path(r) for r in (a.stages or "").split(",") if r.strip()]
-            print(ship_student(Path(a.student), Path(a.to), stages, a.command, metrics, notes, storage_kind=a.storage))
+            print(ship_student(Path(a.student), Path(a.to), stages, a.command, metrics, notes, cores=a.threads,
+                               storage_kind=a.storage))
         else:
             print(ship(Path(a.run), Path(a.to), a.command, metrics, notes, storage_kind=a.storage))
         return 0

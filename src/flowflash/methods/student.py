@@ -68,7 +68,7 @@ def check_steps(cfg):
     """The student's step count and shift, checked before anything is built."""
     if not isinstance(cfg.student_steps, int) or cfg.student_steps < 1:
         raise FlowflashError(f"student_steps must be an integer >= 1, got {cfg.student_steps!r}")
-    also = getattr(cfg, "also_steps", None)
+    also = cfg.also_steps
     if also is not None:
         if not also or any(not isinstance(k, int) or k < 1 for k in also):
             raise FlowflashError(f"also_steps lists step counts >= 1, got {also!r}")
@@ -131,30 +131,35 @@ class StudentMethod(Method):
     def mixed(self) -> bool:
         return len(self.schedules) > 1
 
-    def _global_draw(self, n: int) -> tuple[Tensor, int, int]:
-        r, w = self.draw_slice or (0, 1)
-        return torch.rand((n * w,), generator=self.gen), r, w
+    def _global_rand(self, n: int) -> Tensor:
+        """Uniform draws for the global batch (every rank's generator alike); a rank keeps `self._rows(...)`."""
+        return torch.rand((n * (self.draw_slice or (0, 1))[1],), generator=self.gen)
+
+    def _rows(self, x: Tensor, n: int) -> Tensor:
+        r = (self.draw_slice or (0, 1))[0]
+        return x[r * n: (r + 1) * n]
+
+    def _draw_schedules(self, n: int) -> Tensor:
+        """Under also_steps: a schedule index per sample of the global batch, uniformly."""
+        k = len(self.schedules)
+        return (self._global_rand(n) * k).long().clamp(max=k - 1)
 
     def pick_steps(self, n: int) -> Tensor:
         """Student step indices for n samples (restricted to the split's range): one per sample, or with
-        step_per_sample false one for the whole batch (the old behaviour, an ablation arm)."""
+        step_per_sample false one for the whole batch (the old behaviour, an ablation arm). Every rank rolls
+        out as deep as the deepest sample of the global batch (`self.depth`): sharded roles gather their
+        weights once per forward, so all ranks must run the same number of forwards."""
         if self.mixed:  # a schedule per sample, then a step of it
-            us, r, _ = self._global_draw(n)
-            ui, _, _ = self._global_draw(n)
-            s = (us * len(self.schedules)).long().clamp(max=len(self.schedules) - 1)
-            i = torch.minimum((ui * self.n_steps[s]).long(), self.n_steps[s] - 1)
+            s = self._draw_schedules(n)
+            i = torch.minimum((self._global_rand(n) * self.n_steps[s]).long(), self.n_steps[s] - 1)
             self.depth = int(i.max())
-            self.cur_sched = s[r * n: (r + 1) * n].to(self.device)
-            return i[r * n: (r + 1) * n].to(self.device)
+            self.cur_sched = self._rows(s, n).to(self.device)
+            return self._rows(i, n).to(self.device)
         steps = torch.tensor(self.train_steps)
         if self.cfg.step_per_sample:
-            r, w = self.draw_slice or (0, 1)
-            u = torch.rand((n * w,), generator=self.gen)  # the global batch's draws; this rank takes its rows
-            j = (u * len(steps)).long().clamp(max=len(steps) - 1)
-            # every rank rolls out as deep as the deepest sample of the global batch: sharded roles gather their
-            # weights once per forward, so all ranks must run the same number of forwards
+            j = (self._global_rand(n) * len(steps)).long().clamp(max=len(steps) - 1)
             self.depth = int(steps[j].max())
-            j = j[r * n: (r + 1) * n]
+            j = self._rows(j, n)
         else:
             j = torch.randint(len(steps), (1,), generator=self.gen).expand(n)
             self.depth = int(steps[j[0]])
@@ -174,10 +179,9 @@ class StudentMethod(Method):
         if not self.mixed:
             return self.rollout(b, len(self.schedule) - 1)
         n = b.noise.shape[0]
-        us, r, _ = self._global_draw(n)
-        s = (us * len(self.schedules)).long().clamp(max=len(self.schedules) - 1)
+        s = self._draw_schedules(n)
         self.depth = int(self.n_steps[s].max())
-        s = s[r * n: (r + 1) * n]
+        s = self._rows(s, n)
         self.cur_sched = s.to(self.device)
         return self.rollout(b, self.n_steps[s].to(self.device))
 
@@ -189,9 +193,11 @@ class StudentMethod(Method):
             return sample(lambda x, t: velocity(self.student, x, t, b), b.noise, ts)
         x, states = b.noise, [b.noise]
         depth = max(int(upto.max()), getattr(self, "depth", 0))
+        # each sample's own times under also_steps (past its schedule's end: t = t_next = 0, no move)
+        own = self.table.to(x.device)[self.cur_sched].to(torch.float32) if self.mixed else None
         for k in range(depth):  # every sample through the deepest index drawn; each keeps its own
-            if self.mixed:  # each sample's own times (past its schedule's end: t = t_next = 0, no move)
-                t0, t1 = (self.table.to(x.device)[self.cur_sched, k + j].to(torch.float32) for j in (0, 1))
+            if self.mixed:
+                t0, t1 = own[:, k], own[:, k + 1]
                 t = t0.to(x.dtype) if torch.finfo(x.dtype).bits >= 32 else t0
                 x = euler_step(x, velocity(self.student, x, t, b), t0, t1)
             else:

