@@ -100,6 +100,25 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
     row = res["rows"][0]
     assert res["prompt_set"] == "p" and len(res["prompt_set_sha"]) == 10
     assert row["n_images"] == n and row["fd_effnetl0"] > 0 and 0 <= row["r_precision"] <= 1
+    # --seeds: one row a seed (seed 0's the same as the single-seed run's), then their mean and its standard error
+    code = main(["eval", "--model", str(tiny_model_dir), "--steps", "2", "--data", str(tiny_corpus), "--prompts",
+                 str(tmp_path / "p.jsonl"), "--seeds", "0,3", "--out", str(tmp_path / "evs"),
+                 "--save-images", str(tmp_path / "imgs-s")])
+    assert code == 0
+    s0, s3, mean = json.loads((tmp_path / "evs.json").read_text())["rows"]
+    assert (s0["seed"], s3["seed"], mean["seeds"]) == (0, 3, [0, 3])
+    assert s0["fd_effnetl0"] == pytest.approx(row["fd_effnetl0"]) and s0["r_precision"] == row["r_precision"]
+    assert s3["fd_effnetl0"] != pytest.approx(s0["fd_effnetl0"])  # other noise, other images
+    for k in ("fd_effnetl0", "clip_score", "r_precision"):
+        assert mean[k] == pytest.approx((s0[k] + s3[k]) / 2)
+        assert mean[f"{k}_se"] == pytest.approx(abs(s0[k] - s3[k]) / 2)  # the SE of a two-seed mean
+    assert sorted(p.name for p in (tmp_path / "imgs-s").iterdir()) == ["seed-0", "seed-3"]
+    assert "R-prec SE over seeds" in (tmp_path / "evs.md").read_text()
+    assert main(["eval", "--images", str(tmp_path / "imgs"), "--seeds", "0,1", "--data", str(tiny_corpus),
+                 "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad.json").exists()
+    with pytest.raises(SystemExit) as e:  # argparse: a repeated seed is refused before any work
+        main(["eval", "--seeds", "1,1", "--data", str(tiny_corpus), "--out", str(tmp_path / "bad")])
+    assert e.value.code == 2
     # the same images read back from a folder score identically (up to PNG round trip, which is lossless)
     code = main(["eval", "--images", str(tmp_path / "imgs"), "--data", str(tiny_corpus),
                  "--prompts", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "ev2")])

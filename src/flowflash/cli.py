@@ -31,6 +31,17 @@ nonneg_int = _number(int, lambda v: v >= 0, "a non-negative integer")
 nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 
 
+def _seed_list(s: str) -> list[int] | None:
+    try:
+        seeds = [int(x) for x in s.split(",")]
+    except ValueError:
+        return None
+    return seeds if seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds) else None
+
+
+seed_list = _number(_seed_list, lambda v: True, "distinct non-negative seeds separated by commas, e.g. 0,1,2")
+
+
 def size_arg(s: str) -> int | tuple[int, int]:
     """N (square) or WxH."""
     try:
@@ -151,8 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--images", default=None, help="score these images (00000.png, ... in prompt order) instead")
     e.add_argument("--data", required=True, help="the built corpus (real held-out images)")
     e.add_argument("--prompts", default=None, help="prompt set: a packaged name (eval_v1, the default) or a JSONL file")
-    e.add_argument("--seed", type=nonneg_int, default=0)
-    e.add_argument("--save-images", default=None, help="also write the generated images to this folder")
+    es = e.add_mutually_exclusive_group()
+    es.add_argument("--seed", type=nonneg_int, default=0)
+    es.add_argument("--seeds", type=seed_list, default=None,
+                    help="several seeds (e.g. 0,1,2): one row each and their mean with its standard error, since one "
+                         "seed of a small prompt set moves R-precision by several prompts")
+    e.add_argument("--save-images", default=None, help="also write the generated images to this folder "
+                   "(with --seeds, one seed-K folder each)")
     e.add_argument("--cache", default=None, help="reuse generated images from this folder (see bench --cache)")
     e.add_argument("--out", required=True, help="results path stem: writes OUT.json and OUT.md")
 
@@ -547,15 +563,19 @@ def cmd_judge(a) -> int:
 def cmd_eval(a) -> int:
     from .eval.generate import Setting
     from .eval.results import markdown_table
-    from .eval.tasks import evaluate
+    from .eval.tasks import evaluate, evaluate_seeds
 
+    if a.images and a.seeds:
+        raise FlowflashError("--seeds draws new images for each seed; a folder given with --images has one set")
     source = Path(a.images) if a.images else Setting(
         name=f"{Path(a.model).name}-{a.steps or 'default'}", model=a.model, steps=a.steps, guidance=a.guidance,
         drop=("minilm",) if a.no_minilm else ())
-    row = evaluate(source, Path(a.data), a.prompts, Path(a.out), seed=a.seed,
-                   save_images=Path(a.save_images) if a.save_images else None,
-                   cache=Path(a.cache) if a.cache else None)
-    print(markdown_table([row]))
+    kw = dict(save_images=Path(a.save_images) if a.save_images else None, cache=Path(a.cache) if a.cache else None)
+    if a.seeds:
+        rows = evaluate_seeds(source, Path(a.data), a.prompts, Path(a.out), seeds=a.seeds, **kw)
+    else:
+        rows = [evaluate(source, Path(a.data), a.prompts, Path(a.out), seed=a.seed, **kw)]
+    print(markdown_table(rows))
     return 0
 
 

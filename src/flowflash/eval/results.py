@@ -9,6 +9,7 @@ from ..fsutil import write_text_atomic
 # (row key, column title, format); a column appears when any row has its key
 COLUMNS = [("file_mb", "file MB", "{:.1f}"), ("cold_s", "cold one-image s", "{:.2f}"), ("fd_effnetl0", "FD-EffNetL0 ↓", "{:.1f}"), ("kid_effnetl0", "KID ↓", "{:.4f}"),
            ("clip_score", "CLIP-score analogue ↑", "{:.1f}"), ("r_precision", "R-prec@10 ↑", "{:.3f}"),
+           ("r_precision_se", "R-prec SE over seeds", "{:.3f}"),
            ("compositional_acc", "compositional ↑", "{:.3f}"), ("sec_per_image", "s/image ↓", "{:.3f}"),
            ("speedup", "speed-up", "{:.1f}x"), ("peak_rss_mb", "peak RSS MB", "{:.0f}")]
 

@@ -96,6 +96,37 @@ def evaluate(source: Setting | Path, data: Path, prompts: PromptSource = None, o
     return row
 
 
+# the metrics whose mean and standard error over seeds an evaluate_seeds run reports
+SEED_METRICS = ("fd_effnetl0", "kid_effnetl0", "clip_score", "r_precision", "compositional_acc")
+
+
+def evaluate_seeds(setting: Setting, data: Path, prompts: PromptSource = None, out: Path | None = None, *,
+                   seeds: list[int], save_images: Path | None = None, cache: Path | None = None) -> list[dict]:
+    """`evaluate` for each seed (the judge and the real features loaded once), then a row of their means, each with
+    its standard error over the seeds (`<metric>_se`). Returns the per-seed rows, then the mean row."""
+    if len(seeds) < 2:
+        raise FlowflashError(f"evaluate_seeds needs at least two seeds, got {seeds}")
+    ref = load_reference(data, prompts)
+    rows = []
+    for seed in seeds:
+        images, timing = setting_images(setting, ref.ps, seed=seed, cache=cache)
+        res, _ = score(images, ref.ps, ref.judge, ref.real_feats)
+        rows.append({"setting": f"{setting.name} seed {seed}", **setting_columns(setting), "seed": seed, **res, **timing})
+        if save_images:
+            save_image_folder(images, Path(save_images) / f"seed-{seed}")
+    mean = {"setting": f"{setting.name} mean of {len(seeds)}", **setting_columns(setting), "seeds": list(seeds)}
+    for k in SEED_METRICS:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        if len(vals) == len(rows):
+            m = sum(vals) / len(vals)
+            mean[k] = m
+            mean[f"{k}_se"] = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1) / len(vals)) ** 0.5
+    rows.append(mean)
+    if out:
+        write_results({"prompt_set": ref.ps.name, "prompt_set_sha": ref.ps.sha, "seeds": list(seeds), "rows": rows}, out)
+    return rows
+
+
 def check_bench(settings: list[Setting], baseline: str | None, quality: bool, data: Path | None) -> str:
     """Every input problem before any work; returns the baseline's name."""
     from ..runtime.pipeline import resolve_model
