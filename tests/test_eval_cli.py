@@ -139,6 +139,10 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
     assert code == 0
     g = json.loads((tmp_path / "grid.json").read_text())
     assert g["prompts"] == singles[:3] + [plain] and g["generated"]["pool"] == len(singles)
+    assert g["steps"] == 2 and g["timesteps"] == [1.0, 0.5, 0.0]
+    code = main(["grid", "--prompts", str(tmp_path / "grid.txt"), "--model", str(tiny_model_dir), "--timesteps",
+                 "1,0.3,0", "--score", str(tiny_corpus), "-o", str(tmp_path / "grid-t.png")])
+    assert code == 0 and json.loads((tmp_path / "grid-t.json").read_text())["timesteps"] == [1.0, 0.3, 0.0]
     first_listing = next(r["caption"] for r in rows if r["kind"] == "single" and plain in r["phrasings"])
     assert g["captions"] == singles[:3] + [first_listing]
     for side in ("generated", "real"):

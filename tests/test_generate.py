@@ -96,6 +96,26 @@ def test_run_returns_the_images_parameters_and_timings(tiny_model_dir):
         pipe.run(["a", "b"], [0])
 
 
+def test_explicit_timesteps_replace_the_schedule(tiny_model_dir, tmp_path, capsys):
+    pipe = Pipeline.load(tiny_model_dir)
+    default = pipe.run(["a red apple"], [3], steps=2)  # the tiny model's 2 steps: 1, 0.5, 0
+    same = pipe.run(["a red apple"], [3], timesteps=[1, 0.5, 0])
+    other = pipe.run(["a red apple"], [3], timesteps=[1, 0.2, 0])
+    assert np.array_equal(np.asarray(default.images[0]), np.asarray(same.images[0]))
+    assert not np.array_equal(np.asarray(default.images[0]), np.asarray(other.images[0]))
+    assert other.params.timesteps == [1.0, 0.2, 0.0] and other.params.steps == 2
+    with pytest.raises(FlowflashError, match="not both"):
+        pipe.run(["a red apple"], [3], steps=2, timesteps=[1, 0.5, 0])
+    # the CLI: the times go into the PNG's parameters, so the image can be made again
+    out = tmp_path / "t.png"
+    code, _, _ = run(capsys, "generate", "a red apple", "--model", str(tiny_model_dir), "--timesteps", "1,0.2,0",
+                     "--seed", "3", "-o", str(out))
+    assert code == 0 and np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(other.images[0]))
+    assert "Steps: 2," in Image.open(out).info["parameters"] and "Timesteps: 1 0.2 0" in Image.open(out).info["parameters"]
+    with pytest.raises(SystemExit):  # argparse: one or the other
+        main(["generate", "x", "--model", str(tiny_model_dir), "--steps", "2", "--timesteps", "1,0"])
+
+
 @pytest.mark.parametrize("args,needle", [
     (["   "], "prompt is empty"),
     (["x", "--steps", "0"], "positive integer"),
@@ -112,13 +132,16 @@ def test_run_returns_the_images_parameters_and_timings(tiny_model_dir):
     (["x", "-o", "/nonexistent/dir/a.png"], "does not exist"),
     (["x", "-o", "out.jpg"], "must end in .png"),
     (["x", "--model", "/no/such/model"], "unknown model"),
+    (["x", "--timesteps", "1,0.5,0.7,0"], "strictly decreasing"),
+    (["x", "--timesteps", "1,0.5"], "down to 0"),
+    (["x", "--timesteps", "1,a,0"], "times separated by commas"),
 ])
 def test_bad_input_one_line_exit_2_no_file(tiny_model_dir, tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)
     argv = ["generate", *args]
     if "--model" not in args:
         argv += ["--model", str(tiny_model_dir)]
-    if needle in ("positive integer", "non-negative integer", "number >= 0", "size N or WxH"):
+    if needle in ("positive integer", "non-negative integer", "number >= 0", "size N or WxH", "times separated by commas"):
         with pytest.raises(SystemExit) as exc:  # argparse's own usage error
             main(argv)
         code = exc.value.code

@@ -39,6 +39,18 @@ def _seed_list(s: str) -> list[int] | None:
     return seeds if seeds and min(seeds) >= 0 and len(set(seeds)) == len(seeds) else None
 
 
+def _float_list(s: str) -> list[float] | None:
+    try:
+        return [float(x) for x in s.split(",")]
+    except ValueError:
+        return None
+
+
+# checked as a schedule by the Pipeline (one message for a bad order, wherever the times come from)
+time_list = _number(_float_list, lambda v: True, "times separated by commas, e.g. 1,0.6,0")
+TIMESTEPS_HELP = ("the times to integrate, from noise (<= 1) down to 0, e.g. 1,0.6,0; in place of --steps and the "
+                  "model's own schedule")
+
 seed_list = _number(_seed_list, lambda v: True, "distinct non-negative seeds separated by commas, e.g. 0,1,2")
 
 
@@ -66,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Generate images. Prompts longer than the text encoders take (24 words / "
                                    "24 MiniLM tokens) are truncated with one warning.")
     g.add_argument("prompt")
-    g.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    gs = g.add_mutually_exclusive_group()
+    gs.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
+    gs.add_argument("--timesteps", type=time_list, default=None, help=TIMESTEPS_HELP)
     g.add_argument("--guidance", type=nonneg_float, default=None, help="CFG scale, >= 0 (1 = no CFG; default: the model's)")
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--num-images", type=positive_int, default=1)
@@ -257,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     gr = sub.add_parser("grid", help="a grid of one image per prompt (a prompts file, one per line)")
     gr.add_argument("--prompts", required=True, help="a text file, one prompt a line, or a packaged list (grid64, grid64-core)")
     gr.add_argument("--model", default=None)
-    gr.add_argument("--steps", type=positive_int, default=None)
+    grs = gr.add_mutually_exclusive_group()
+    grs.add_argument("--steps", type=positive_int, default=None)
+    grs.add_argument("--timesteps", type=time_list, default=None, help=TIMESTEPS_HELP)
     gr.add_argument("--guidance", type=nonneg_float, default=None)
     gr.add_argument("--seed", type=nonneg_int, default=0)
     gr.add_argument("--cols", type=positive_int, default=8)
@@ -341,7 +357,7 @@ def cmd_generate(a) -> int:
               "ov_weights": a.ov_weights or ("int8" if ours and quantized_bits(resolve_model(a.model)) == 8 else "fp32")}
     pipe = Pipeline.load(a.model, drop=drop, dtype=dtype or "fp32", device=device or "cpu", config=a.config,
                          max_sequence_length=a.max_sequence_length, compile=a.compile, low_memory=low_memory, **ov)
-    n_steps = len(pipe.timesteps(a.steps, a.size)) - 1
+    n_steps = len(a.timesteps) - 1 if a.timesteps else len(pipe.timesteps(a.steps, a.size)) - 1
     shown: list[str] = []
     text_s = denoise_s = 0.0
     # Batches of --batch-size, each image written as soon as its batch is done: memory does not grow with
@@ -355,12 +371,13 @@ def cmd_generate(a) -> int:
             warnings.simplefilter("ignore")  # the Generation lists them; printed once below
             gen = pipe.run([prompt] * len(chunk), seeds, steps=a.steps, guidance=a.guidance, size=a.size,
                            negative_prompt=a.negative_prompt, init_image=a.init_image, strength=a.strength,
-                           progress=lambda i: steps_bar.update(1))
+                           progress=lambda i: steps_bar.update(1), timesteps=a.timesteps)
         steps_bar.close()
         pp = gen.params
         for img, path, seed in zip(gen.images, chunk, pp.seeds):
             save_png(img, path, parameters_text(prompt, pp.steps, pp.guidance, seed, pp.size, pipe.name,
-                                                pipe.hash, negative=pp.negative_prompt, strength=pp.strength))
+                                                pipe.hash, negative=pp.negative_prompt, strength=pp.strength,
+                                                timesteps=a.timesteps))
             if len(paths) <= 20:
                 print(path)
         images_bar.update(len(chunk))
@@ -494,7 +511,8 @@ def cmd_doctor(a) -> int:
 def cmd_grid(a) -> int:
     from .eval.grid import draw_grid, recognition_summary
 
-    res = draw_grid(a.prompts, a.output, model=a.model, steps=a.steps, guidance=a.guidance, seed=a.seed,
+    res = draw_grid(a.prompts, a.output, model=a.model, steps=a.steps, timesteps=a.timesteps, guidance=a.guidance,
+                    seed=a.seed,
                     cols=a.cols, score=Path(a.score) if a.score else None)
     print(res["path"])
     print(f"{res['n_prompts']} images in {res['seconds']:.1f} s", file=sys.stderr)

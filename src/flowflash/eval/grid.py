@@ -27,7 +27,8 @@ def score_grid(images: list[Image.Image], prompts: list[str], data: Path, judge)
 
 
 def draw_grid(prompts: str | Path, output: str, *, model: str | None = None, steps: int | None = None,
-              guidance: float | None = None, seed: int = 0, cols: int = 8, score: Path | None = None) -> dict:
+              guidance: float | None = None, seed: int = 0, cols: int = 8, score: Path | None = None,
+              timesteps: list[float] | None = None) -> dict:
     """Draw every prompt of a prompt list (a packaged name such as `grid64`, or a file) with one seed
     into one PNG. With `score` (a corpus), also write OUT.json with the recognition ranks.
     Returns {"path", "n_prompts", "seconds" (generation only), "json" and "scores" when scored}."""
@@ -43,15 +44,17 @@ def draw_grid(prompts: str | Path, output: str, *, model: str | None = None, ste
     out = output_paths(output, 1)[0]
     pipe = Pipeline.load(model)
     t0 = time.perf_counter()
-    gen = pipe.run(lines, [seed] * len(lines), steps=steps, guidance=guidance)
+    gen = pipe.run(lines, [seed] * len(lines), steps=steps, guidance=guidance, timesteps=timesteps)
     seconds = time.perf_counter() - t0
     p = gen.params
-    save_png(image_grid(gen.images, cols), out, f"{len(lines)} prompts from {label}\nSteps: {p.steps}, "
+    times = f" ({' '.join(f'{t:g}' for t in p.timesteps)})" if timesteps is not None else ""
+    save_png(image_grid(gen.images, cols), out, f"{len(lines)} prompts from {label}\nSteps: {p.steps}{times}, "
              f"CFG scale: {p.guidance:g}, Seed: {seed}, Model hash: {pipe.hash}, Model: {pipe.name}")
     res = {"path": out, "n_prompts": len(lines), "seconds": seconds}
     if judge is not None:
         scores = score_grid(gen.images, lines, score, judge)
-        scores.update({"model": pipe.name, "model_hash": pipe.hash, "steps": p.steps, "guidance": p.guidance,
+        scores.update({"model": pipe.name, "model_hash": pipe.hash, "steps": p.steps, "timesteps": p.timesteps,
+                       "guidance": p.guidance,
                        "seed": seed, "prompts_file": label})
         write_text_atomic(out.with_suffix(".json"), json.dumps(scores, indent=1))
         res.update(json=out.with_suffix(".json"), scores=scores)

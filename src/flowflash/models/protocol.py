@@ -16,6 +16,17 @@ from ..errors import FlowflashError
 from ..sampling import timesteps as shifted_timesteps
 
 
+def check_schedule(times) -> tuple[float, ...]:
+    """Sampling times as floats: from a time in (0, 1] down to exactly 0, strictly decreasing; else one clear error."""
+    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    s = list(times) if isinstance(times, (list, tuple)) else []
+    if (len(s) < 2 or not all(num(t) for t in s) or s[-1] != 0 or not 0 < s[0] <= 1
+            or any(a <= b for a, b in zip(s, s[1:]))):
+        raise FlowflashError(f"a sampling schedule runs from a time in (0, 1] down to 0, strictly decreasing; "
+                             f"got {times!r}")
+    return tuple(float(t) for t in s)
+
+
 @dataclass(frozen=True)
 class SamplingDefaults:
     steps: int = 50
@@ -33,12 +44,7 @@ class SamplingDefaults:
         if not (num(self.shift) and self.shift > 0):
             raise FlowflashError(f"sampling shift must be a number > 0, got {self.shift!r}")
         if self.schedule is not None:
-            s = list(self.schedule)
-            if (len(s) < 2 or not all(num(t) for t in s) or s[-1] != 0 or not 0 < s[0] <= 1
-                    or any(a <= b for a, b in zip(s, s[1:]))):
-                raise FlowflashError(f"a sampling schedule runs from a time in (0, 1] down to 0, strictly "
-                                     f"decreasing; got {self.schedule!r}")
-            object.__setattr__(self, "schedule", tuple(float(t) for t in s))
+            object.__setattr__(self, "schedule", check_schedule(self.schedule))
 
     def timesteps(self, steps: int | None = None) -> Tensor:
         """The times to sample at: the fixed schedule when no step count or its own count is asked, else

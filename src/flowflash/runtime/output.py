@@ -13,10 +13,13 @@ from ..fsutil import atomic_file
 
 
 def parameters_text(prompt: str, steps: int, guidance: float, seed: int, size: tuple[int, int], model: str,
-                    model_hash: str, negative: str | None = None, strength: float | None = None) -> str:
-    """A1111's layout: prompt, optional 'Negative prompt:' line, then the settings line."""
+                    model_hash: str, negative: str | None = None, strength: float | None = None,
+                    timesteps: list[float] | None = None) -> str:
+    """A1111's layout: prompt, optional 'Negative prompt:' line, then the settings line (timesteps: when given in
+    place of the model's schedule, so that the image can be made again)."""
     neg = f"\nNegative prompt: {negative}" if negative else ""
     extra = f", Denoising strength: {strength:g}" if strength is not None else ""
+    extra += f", Timesteps: {' '.join(f'{t:g}' for t in timesteps)}" if timesteps is not None else ""
     return (f"{prompt}{neg}\nSteps: {steps}, Sampler: Euler (rectified flow), CFG scale: {guidance:g}, Seed: {seed}, "
             f"Size: {size[0]}x{size[1]}, Model hash: {model_hash}, Model: {model}{extra}")
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from ..errors import FlowflashError
 from ..images import pil_to_u8, u8_to_pil
-from ..models.protocol import SamplingDefaults, TextToImageModel, check_drop
+from ..models.protocol import SamplingDefaults, TextToImageModel, check_drop, check_schedule
 from ..models.storage import weights_hash
 from ..sampling import add_noise, guided_velocity, sample, x0_from_v
 
@@ -212,22 +212,23 @@ class Pipeline:
     def generate(self, prompt: str | list[str], steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, num_images: int = 1, size: int | tuple[int, int] | None = None,
                  negative_prompt: str | None = None, init_image=None, strength: float = 0.8,
-                 progress=None) -> list[Image.Image]:
+                 progress=None, timesteps: list[float] | None = None) -> list[Image.Image]:
         """num_images per prompt; image k of each prompt uses seed + k, independent of batching.
         guidance <= 1 turns classifier-free guidance off (as diffusers). init_image (a PIL image or a path)
-        with strength in (0, 1]: img2img, starting that far into the schedule from the noised image."""
+        with strength in (0, 1]: img2img, starting that far into the schedule from the noised image.
+        timesteps (e.g. [1, 0.5, 0]) in place of steps: the times to integrate, not the model's own."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise FlowflashError(f"num_images must be a positive integer, got {num_images!r}")
         seeds = [seed + k for _ in prompts for k in range(num_images)]
         return self.run([p for p in prompts for _ in range(num_images)], seeds, steps, guidance, size,
                         negative_prompt=negative_prompt, init_image=init_image, strength=strength,
-                        progress=progress).images
+                        progress=progress, timesteps=timesteps).images
 
     @torch.inference_mode()
     def run(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
             size: int | tuple[int, int] | None = None, *, negative_prompt: str | None = None, init_image=None,
-            strength: float = 0.8, progress=None, preview=None) -> Generation:
+            strength: float = 0.8, progress=None, preview=None, timesteps: list[float] | None = None) -> Generation:
         """One image per (prompt, seed) pair; the noise of an image depends on its seed only.
         progress(i) after each denoising step; preview(i, n, images) also (n: the steps this call integrates),
         with each image's current prediction of the clean image decoded (costs a decode a step). Either may raise to stop the call."""
@@ -236,6 +237,10 @@ class Pipeline:
             raise FlowflashError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
             raise FlowflashError(f"steps must be a positive integer, got {steps!r}")
+        if timesteps is not None:
+            if steps is not None:
+                raise FlowflashError("give steps or timesteps, not both (timesteps fix the step count)")
+            timesteps = check_schedule(timesteps)
         guidance = self.sampling.guidance if guidance is None else float(guidance)
         if not guidance >= 0:
             raise FlowflashError(f"guidance must be >= 0, got {guidance}")
@@ -266,7 +271,7 @@ class Pipeline:
             if preview is not None:
                 preview(i, len(ts) - 1, u8_to_pil(self.model.decode(latest["x0"])))
 
-        ts = self.model.timesteps(steps, wh)
+        ts = self.model.timesteps(steps, wh) if timesteps is None else torch.tensor(timesteps, dtype=torch.float64)
         n_steps = len(ts) - 1
         if init is None:
             x = self.model.noise(seeds, wh)
