@@ -1,7 +1,8 @@
 """R-precision@10 and the CLIP-score analogue of a model on a prompt set, over several seeds, split by whether each
 prompt's concept is in a concept list (e.g. `core-wide`, the concepts a run's singles were drawn from): where an
 alignment gap lies. The hits are those of `flowflash eval` (the same distractors), so the whole-set column equals
-eval's R-prec@10 for that seed; the groups are its prompts with and without a listed concept.
+eval's R-prec@10 for that seed; the groups are its prompts whose first concept is listed and the rest (a scene's
+other concepts are not looked at), an empty group's numbers null.
 
     python scripts/split_by_concepts.py --model teacher --steps 50 --guidance 4 --prompts plain_v1 \\
         --concepts core-wide --seeds 0,1,2 --out docs/bench/plain-split-teacher
@@ -50,9 +51,11 @@ def main():
         img = judge.scorer.embed_images(judge.features(imgs))
         hits = r_precision_hits(img, txt, idx, k=10).float()
         cos = 100 * (img * txt[idx]).sum(-1).clamp(min=0)
-        per_seed[seed] = {g: {"r_precision": float(hits[m].mean()), "clip_score": float(cos[m].mean()), "n": int(m.sum())}
+        avg = lambda v, m: float(v[m].mean()) if m.any() else None
+        per_seed[seed] = {g: {"r_precision": avg(hits, m), "clip_score": avg(cos, m), "n": int(m.sum())}
                           for g, m in (("all", torch.ones_like(inside)), ("listed", inside), ("other", ~inside))}
-    mean = {g: {k: sum(s[g][k] for s in per_seed.values()) / len(per_seed) for k in ("r_precision", "clip_score")}
+    mean = {g: {k: (None if per_seed[next(iter(per_seed))][g]["n"] == 0
+                    else sum(s[g][k] for s in per_seed.values()) / len(per_seed)) for k in ("r_precision", "clip_score")}
             for g in ("all", "listed", "other")}
     res = {"model": a.model, "steps": a.steps, "guidance": a.guidance, "prompt_set": ref.ps.name,
            "concepts": a.concepts, "per_seed": per_seed, "mean": mean}
@@ -62,9 +65,10 @@ def main():
     lines = [f"# {name} on {ref.ps.name}, split by `{a.concepts}`", "",
              f"| seed | R-prec@10, all ({n['all']['n']}) | in {a.concepts} ({n['listed']['n']}) | other ({n['other']['n']}) "
              "| CLIP-score analogue, all | in list | other |", "|---|---|---|---|---|---|---|"]
+    f = lambda v, spec: "-" if v is None else format(v, spec)
     for seed, s in [*per_seed.items(), ("mean", mean)]:
-        lines.append(f"| {seed} | " + " | ".join(f"{s[g]['r_precision']:.3f}" for g in ("all", "listed", "other"))
-                     + " | " + " | ".join(f"{s[g]['clip_score']:.1f}" for g in ("all", "listed", "other")) + " |")
+        lines.append(f"| {seed} | " + " | ".join(f(s[g]["r_precision"], ".3f") for g in ("all", "listed", "other"))
+                     + " | " + " | ".join(f(s[g]["clip_score"], ".1f") for g in ("all", "listed", "other")) + " |")
     write_text_atomic(a.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -116,6 +116,9 @@ def test_judge_build_validate_and_eval_end_to_end(tiny_corpus, tiny_model_dir, t
     assert "R-prec SE over seeds" in (tmp_path / "evs.md").read_text()
     assert main(["eval", "--images", str(tmp_path / "imgs"), "--seeds", "0,1", "--data", str(tiny_corpus),
                  "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad.json").exists()
+    assert main(["eval", "--model", str(tiny_model_dir), "--seeds", "5", "--data", str(tiny_corpus),
+                 "--out", str(tmp_path / "bad")]) == 2 and not (tmp_path / "bad.json").exists()
+    assert "use --seed for one" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse: a repeated seed is refused before any work
         main(["eval", "--seeds", "1,1", "--data", str(tiny_corpus), "--out", str(tmp_path / "bad")])
     assert e.value.code == 2

@@ -3,6 +3,7 @@ import socket
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from flowflash.cli import main
@@ -106,6 +107,15 @@ def test_explicit_timesteps_replace_the_schedule(tiny_model_dir, tmp_path, capsy
     assert other.params.timesteps == [1.0, 0.2, 0.0] and other.params.steps == 2
     with pytest.raises(FlowflashError, match="not both"):
         pipe.run(["a red apple"], [3], steps=2, timesteps=[1, 0.5, 0])
+    # any sequence of numbers (an array, a tensor) is the same schedule
+    for times in (np.array([1, 0.2, 0], dtype=np.float32), torch.tensor([1.0, 0.2, 0.0])):
+        again = pipe.run(["a red apple"], [3], timesteps=times)
+        assert np.array_equal(np.asarray(again.images[0]), np.asarray(other.images[0]))
+    # img2img: the strength picks where along the given times to start, as along the model's own schedule
+    init = tmp_path / "init.png"
+    other.images[0].save(init)
+    i2i = pipe.run(["a red apple"], [3], timesteps=[1, 0.75, 0.5, 0.25, 0], init_image=init, strength=0.5)
+    assert i2i.params.timesteps == [0.5, 0.25, 0.0] and i2i.params.steps == 4
     # the CLI: the times go into the PNG's parameters, so the image can be made again
     out = tmp_path / "t.png"
     code, _, _ = run(capsys, "generate", "a red apple", "--model", str(tiny_model_dir), "--timesteps", "1,0.2,0",
@@ -135,6 +145,8 @@ def test_explicit_timesteps_replace_the_schedule(tiny_model_dir, tmp_path, capsy
     (["x", "--timesteps", "1,0.5,0.7,0"], "strictly decreasing"),
     (["x", "--timesteps", "1,0.5"], "down to 0"),
     (["x", "--timesteps", "1,a,0"], "times separated by commas"),
+    (["x", "--timesteps", "1,nan,0"], "strictly decreasing"),
+    (["x", "--timesteps", "0.6,0.3,0"], "start at 1"),
 ])
 def test_bad_input_one_line_exit_2_no_file(tiny_model_dir, tmp_path, capsys, monkeypatch, args, needle):
     monkeypatch.chdir(tmp_path)

@@ -51,7 +51,7 @@ time_list = _number(_float_list, lambda v: True, "times separated by commas, e.g
 TIMESTEPS_HELP = ("the times to integrate, from noise (<= 1) down to 0, e.g. 1,0.6,0; in place of --steps and the "
                   "model's own schedule")
 
-seed_list = _number(_seed_list, lambda v: True, "distinct non-negative seeds separated by commas, e.g. 0,1,2")
+seed_list = _number(_seed_list, lambda v: True, "distinct non-negative seeds separated by commas, e.g. 0,1000,2000")
 
 
 def size_arg(s: str) -> int | tuple[int, int]:
@@ -179,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     es = e.add_mutually_exclusive_group()
     es.add_argument("--seed", type=nonneg_int, default=0)
     es.add_argument("--seeds", type=seed_list, default=None,
-                    help="several seeds (e.g. 0,1,2): one row each and their mean with its standard error, since one "
-                         "seed of a small prompt set moves R-precision by several prompts")
+                    help="several seeds (e.g. 0,1000,2000): one row each and their mean with its standard error, "
+                         "since one seed of a small prompt set moves R-precision by several prompts. Image i of seed S "
+                         "draws noise seed S + i, so seeds closer than the number of prompts share noises (on other "
+                         "prompts): space them by more than that for independent sets")
     e.add_argument("--save-images", default=None, help="also write the generated images to this folder "
                    "(with --seeds, one seed-K folder each)")
     e.add_argument("--cache", default=None, help="reuse generated images from this folder (see bench --cache)")
@@ -317,11 +319,13 @@ def cmd_generate(a) -> int:
     from tqdm import tqdm
 
     from .runtime.output import output_paths, parameters_text, save_png
-    from .runtime.pipeline import Pipeline, validate_prompt
+    from .runtime.pipeline import Pipeline, check_explicit_timesteps, validate_prompt
 
     prompt = validate_prompt(a.prompt)
     if a.init_image is not None and not 0 < a.strength <= 1:
         raise FlowflashError(f"--strength must lie in (0, 1], got {a.strength}")
+    if a.timesteps is not None:  # before the model loads (an SD3 folder takes a while)
+        check_explicit_timesteps(a.timesteps)
     paths = output_paths(a.output, a.num_images)
     device, dtype, threads, batch = a.device, a.dtype or a.precision, a.threads, a.batch_size
     backend, low_memory = a.backend, a.low_memory
@@ -585,6 +589,8 @@ def cmd_eval(a) -> int:
 
     if a.images and a.seeds:
         raise FlowflashError("--seeds draws new images for each seed; a folder given with --images has one set")
+    if a.seeds and len(a.seeds) < 2:
+        raise FlowflashError("--seeds needs at least two seeds (use --seed for one)")
     source = Path(a.images) if a.images else Setting(
         name=f"{Path(a.model).name}-{a.steps or 'default'}", model=a.model, steps=a.steps, guidance=a.guidance,
         drop=("minilm",) if a.no_minilm else ())

@@ -33,9 +33,11 @@ def draw_grid(prompts: str | Path, output: str, *, model: str | None = None, ste
     into one PNG. With `score` (a corpus), also write OUT.json with the recognition ranks.
     Returns {"path", "n_prompts", "seconds" (generation only), "json" and "scores" when scored}."""
     from ..runtime.output import output_paths, save_png
-    from ..runtime.pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline, check_explicit_timesteps
 
     label, lines = load_prompt_lines(prompts)
+    if timesteps is not None:  # before the judge and the model load
+        check_explicit_timesteps(timesteps)
     judge = None
     if score is not None:
         from .judge import Judge

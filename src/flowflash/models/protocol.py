@@ -6,6 +6,7 @@ samples by default is recorded apart from the architecture, in `SamplingDefaults
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -17,14 +18,18 @@ from ..sampling import timesteps as shifted_timesteps
 
 
 def check_schedule(times) -> tuple[float, ...]:
-    """Sampling times as floats: from a time in (0, 1] down to exactly 0, strictly decreasing; else one clear error."""
-    num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
-    s = list(times) if isinstance(times, (list, tuple)) else []
-    if (len(s) < 2 or not all(num(t) for t in s) or s[-1] != 0 or not 0 < s[0] <= 1
+    """Sampling times as floats (any sequence of numbers: a list, a tuple, an array, a 1-D tensor): from a time in
+    (0, 1] down to exactly 0, strictly decreasing and finite; else one clear error."""
+    try:
+        s = [float(t) for t in times if not isinstance(t, (bool, str))] if not isinstance(times, (str, bytes)) else []
+        s = s if len(s) == len(times) else []
+    except (TypeError, ValueError):
+        s = []
+    if (len(s) < 2 or not all(math.isfinite(t) for t in s) or s[-1] != 0 or not 0 < s[0] <= 1
             or any(a <= b for a, b in zip(s, s[1:]))):
         raise FlowflashError(f"a sampling schedule runs from a time in (0, 1] down to 0, strictly decreasing; "
-                             f"got {times!r}")
-    return tuple(float(t) for t in s)
+                             f"got {s or times!r}")
+    return tuple(s)
 
 
 @dataclass(frozen=True)

@@ -106,6 +106,16 @@ class Generation:
     warnings: list[str] = field(default_factory=list)
 
 
+def check_explicit_timesteps(times) -> tuple[float, ...]:
+    """Times given in place of a model's schedule: a schedule (check_schedule) that starts at 1, where the noise
+    is pure (img2img's strength then picks its own start, as with the model's schedule)."""
+    ts = check_schedule(times)
+    if ts[0] != 1.0:
+        raise FlowflashError(f"explicit timesteps start at 1 (pure noise; for img2img, --strength picks the start), "
+                             f"got {ts[0]:g}")
+    return ts
+
+
 class Pipeline:
     """Text-to-image over one loaded model. `pipe.last` is the Generation of the most recent call."""
 
@@ -240,7 +250,7 @@ class Pipeline:
         if timesteps is not None:
             if steps is not None:
                 raise FlowflashError("give steps or timesteps, not both (timesteps fix the step count)")
-            timesteps = check_schedule(timesteps)
+            timesteps = check_explicit_timesteps(timesteps)
         guidance = self.sampling.guidance if guidance is None else float(guidance)
         if not guidance >= 0:
             raise FlowflashError(f"guidance must be >= 0, got {guidance}")
