@@ -273,6 +273,31 @@ def test_also_steps_trains_the_student_and_refuses_what_it_cannot_mix(teacher_di
         TrajectoryGuidance.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "tg", also_steps=[1]), LOOP_FIELDS)
 
 
+def test_also_times_set_each_counts_times_and_the_export_samples_them(teacher_dir, tmp_path, tiny_corpus):
+    from flowflash.methods.schedule import student_schedule
+    from flowflash.models.flow_model import load_model
+    from flowflash.runtime.pipeline import Pipeline
+
+    m, teacher = make("dmd2", teacher_dir, tmp_path, tiny_corpus, student_steps=4, also_steps=[2],
+                      also_times=[[1.0, 0.3, 0.0]])
+    assert m.schedules == [student_schedule(4, teacher.cfg.sampling.shift), [1.0, 0.3, 0.0]]
+    i = m.pick_steps(256)
+    t = m.times(i, torch.zeros(256, 1))
+    assert sorted({round(x, 5) for x in t[m.cur_sched == 1].tolist()}) == [0.3, 1.0]  # the 2-step side: 1 and 0.3
+    folder = tmp_path / "exp"
+    m.save_export({k: v.detach() for k, v in m.student.state_dict().items()}, folder)
+    assert load_model(folder).cfg.sampling.other_schedules == ((1.0, 0.3, 0.0),)
+    pipe = Pipeline.load(str(folder))
+    assert pipe.timesteps(2).tolist() == [1.0, 0.3, 0.0] and len(pipe.timesteps(4)) == 5
+    assert pipe.timesteps(3).tolist() == student_schedule(3, teacher.cfg.sampling.shift)  # untrained: shifted
+    for bad, msg in (({"also_times": [[1.0, 0.3, 0.0]]}, "set also_steps too"),
+                     ({"also_steps": [2], "also_times": [[1.0, 0.0]]}, "one schedule per count"),
+                     ({"also_steps": [2], "also_times": [[1.0, 0.3, 0.5]]}, "ends at 0"),
+                     ({"also_steps": [2], "also_times": [[1.0, 0.3, 0.0], [1.0, 0.0]]}, "one schedule per count")):
+        with pytest.raises(FlowflashError, match=msg):
+            DMD2.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "dmd2", student_steps=4, **bad), LOOP_FIELDS)
+
+
 def test_a_mixed_student_ships_with_its_counts_on_the_card_and_samples_each(teacher_dir, tmp_path, tiny_corpus):
     from flowflash.cli import main
     from flowflash.models.flow_model import load_model

@@ -24,7 +24,7 @@ from .schedule import split_range, steps_in_range, student_schedule
 STUDENT_FIELDS = frozenset({"method", "teacher", "init_student", "student_steps", "student_shift", "schedule",
                             "split", "split_at", "guidance", "prompts", "size", "drop", "max_sequence_length",
                             "embed_cache", "fsdp", "grad_checkpointing", "step_per_sample", "p_single", "concepts",
-                            "p_phrasing", "teacher_prompt", "also_steps"})
+                            "p_phrasing", "teacher_prompt", "also_steps", "also_times"})
 EMOJI_DATA_FIELDS = frozenset({"p_single", "concepts", "p_phrasing", "teacher_prompt"})
 LATENT_FIELDS = frozenset({"prompts", "size", "drop", "max_sequence_length", "real_images", "embed_cache"})
 
@@ -35,10 +35,12 @@ def is_latent(teacher) -> bool:
     return isinstance(teacher, LatentFlow)
 
 
-def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance: float = 1.0) -> FlowModel:
-    """A model with the teacher's architecture whose sampling defaults are the student's schedule (no CFG)."""
+def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance: float = 1.0,
+                  others: list[list[float]] = ()) -> FlowModel:
+    """A model with the teacher's architecture whose sampling defaults are the student's schedule (no CFG), and
+    the other schedules the same weights were trained at (also_steps)."""
     sampling = SamplingDefaults(steps=len(schedule) - 1, guidance=guidance, shift=teacher.cfg.sampling.shift,
-                                schedule=tuple(schedule))
+                                schedule=tuple(schedule), other_schedules=tuple(tuple(o) for o in others))
     return FlowModel(dataclasses.replace(teacher.cfg, kind="student", name=name, sampling=sampling))
 
 
@@ -75,13 +77,22 @@ def check_steps(cfg):
         if cfg.student_steps in also or len(set(also)) != len(also):
             raise FlowflashError(f"also_steps {also} must not repeat a step count or student_steps "
                                  f"({cfg.student_steps})")
+    if cfg.also_times is not None:
+        if also is None:
+            raise FlowflashError("also_times gives the times of also_steps' counts: set also_steps too")
+        if len(cfg.also_times) != len(also) or any(
+                not isinstance(t, list) or len(t) != k + 1 for t, k in zip(cfg.also_times, also)):
+            raise FlowflashError(f"also_times lists one schedule per count of also_steps {also}, each of count + 1 "
+                                 f"times; got {cfg.also_times!r}")
+        for t in cfg.also_times:
+            student_schedule(len(t) - 1, 1.0, t)  # from (0, 1] down to 0, strictly decreasing
     if cfg.student_shift is not None and not cfg.student_shift > 0:
         raise FlowflashError(f"student_shift must be > 0, got {cfg.student_shift!r}")
 
 
 def refuse_schedule_overrides(method: type[Method], cfg):
     if cfg.schedule is not None:
-        refuse(method, set_fields(cfg, {"student_steps", "student_shift", "also_steps"}),
+        refuse(method, set_fields(cfg, {"student_steps", "student_shift", "also_steps", "also_times"}),
                " when an explicit schedule is given")
 
 
@@ -94,7 +105,8 @@ def all_schedules(cfg, teacher, first: list[float]) -> list[list[float]]:
         raise FlowflashError("also_steps: only for an emoji teacher; an SD3 student's folder runs one scheduler's "
                              "steps in diffusers")
     shift = cfg.student_shift if cfg.student_shift is not None else teacher.cfg.sampling.shift
-    return [first] + [student_schedule(k, shift) for k in cfg.also_steps]
+    times = cfg.also_times or [None] * len(cfg.also_steps)
+    return [first] + [student_schedule(k, shift, t) for k, t in zip(cfg.also_steps, times)]
 
 
 class StudentMethod(Method):
@@ -214,7 +226,8 @@ class StudentMethod(Method):
         return x, v, x0_from_v(x, t, v)
 
     def export_model(self, weights: dict[str, Tensor]) -> FlowModel:
-        return load_cast(student_model(self.teacher, self.schedule, Path(self.cfg.out).name), weights)
+        return load_cast(student_model(self.teacher, self.schedule, Path(self.cfg.out).name,
+                                       others=self.schedules[1:]), weights)
 
     def save_export(self, weights: dict[str, Tensor], folder: Path) -> Path:
         if not is_latent(self.teacher):

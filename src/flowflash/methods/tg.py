@@ -13,7 +13,7 @@ from .student import STUDENT_FIELDS, StudentMethod
 
 class TrajectoryGuidance(StudentMethod):
     name = "tg"
-    uses = (STUDENT_FIELDS - {"also_steps"}) | {"tg_teacher_steps", "tg_pool"}  # its trajectory bank is one schedule's
+    uses = (STUDENT_FIELDS - {"also_steps", "also_times"}) | {"tg_teacher_steps", "tg_pool"}  # its trajectory bank is one schedule's
 
     def __init__(self, cfg, teacher, student=None):
         super().__init__(cfg, teacher, student)

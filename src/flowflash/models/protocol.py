@@ -38,6 +38,8 @@ class SamplingDefaults:
     guidance: float = 4.0  # CFG scale; 1 turns CFG off
     shift: float = 1.5  # SD3's time shift (also the training-time shift of a teacher)
     schedule: tuple[float, ...] | None = None  # a distilled student's fixed times, 1 -> 0
+    # other step counts the same weights were trained at (also_steps), each with its own times: `--steps K` runs them
+    other_schedules: tuple[tuple[float, ...], ...] = ()
 
     def __post_init__(self):
         """Checked here, so a bad config.json is one clear error, not a failure at the first call."""
@@ -50,17 +52,28 @@ class SamplingDefaults:
             raise FlowflashError(f"sampling shift must be a number > 0, got {self.shift!r}")
         if self.schedule is not None:
             object.__setattr__(self, "schedule", check_schedule(self.schedule))
+        others = tuple(check_schedule(o) for o in (self.other_schedules or ()))
+        counts = [len(o) - 1 for o in ((self.schedule,) if self.schedule else ()) + others]
+        if len(set(counts)) != len(counts):
+            raise FlowflashError(f"sampling schedules give one step count twice: {counts}")
+        object.__setattr__(self, "other_schedules", others)
 
     def timesteps(self, steps: int | None = None) -> Tensor:
-        """The times to sample at: the fixed schedule when no step count or its own count is asked, else
-        shifted uniform (so `--steps 4` on a 4-step student is its default, not another schedule)."""
+        """The times to sample at: the fixed schedule when no step count or its own count is asked, a trained
+        other schedule of that count, else shifted uniform (so `--steps 4` on a 4-step student is its default)."""
         if self.schedule and (steps is None or steps == len(self.schedule) - 1):
             return torch.tensor(self.schedule, dtype=torch.float64)
+        for other in self.other_schedules:
+            if steps == len(other) - 1:
+                return torch.tensor(other, dtype=torch.float64)
         return shifted_timesteps(steps or self.steps, self.shift)
 
     def to_dict(self) -> dict:
-        return {"steps": self.steps, "guidance": self.guidance, "shift": self.shift,
-                "schedule": list(self.schedule) if self.schedule else None}
+        d = {"steps": self.steps, "guidance": self.guidance, "shift": self.shift,
+             "schedule": list(self.schedule) if self.schedule else None}
+        if self.other_schedules:  # written only when present: older folders' config.json stay as they were
+            d["other_schedules"] = [list(o) for o in self.other_schedules]
+        return d
 
 
 @dataclass

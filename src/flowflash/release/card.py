@@ -140,7 +140,9 @@ def stage_line(stage: Path | str, cores: int) -> tuple[str, float]:
 
 
 def also_note(cfg: dict) -> str:
-    return " and ".join(str(k) for k in cfg["also_steps"])
+    times = cfg.get("also_times") or [None] * len(cfg["also_steps"])
+    return " and ".join(str(k) + (f" (times {', '.join(f'{x:g}' for x in t)})" if t else "")
+                        for k, t in zip(cfg["also_steps"], times))
 
 
 def sharing(cfg: dict) -> bool:

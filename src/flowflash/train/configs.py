@@ -61,6 +61,9 @@ class DistillConfig(LoopConfig):
     # other step counts the same weights learn (e.g. [2] beside student_steps 4): each sample draws one of the
     # schedules; the export's default stays student_steps, `--steps K` runs the others (emoji teachers; dmd2, flash)
     also_steps: list[int] | None = None
+    # also_steps' times, one list per count in the same order (e.g. [[1, 0.333, 0]] for a 2-step side whose last step
+    # starts where the 4-step one's does); None: each count's shifted times. The export records them either way.
+    also_times: list[list[float]] | None = None
     lr: float = 2e-5
     lr_critic: float = 4e-5
     guidance: float = 4.0  # the real score (teacher) uses CFG at this scale
