@@ -48,7 +48,7 @@ def _float_list(s: str) -> list[float] | None:
 
 # checked as a schedule by the Pipeline (one message for a bad order, wherever the times come from)
 time_list = _number(_float_list, lambda v: True, "times separated by commas, e.g. 1,0.6,0")
-TIMESTEPS_HELP = ("the times to integrate, from noise (<= 1) down to 0, e.g. 1,0.6,0; in place of --steps and the "
+TIMESTEPS_HELP = ("the times to integrate, from 1 (noise) down to 0, e.g. 1,0.6,0; in place of --steps and the "
                   "model's own schedule")
 
 seed_list = _number(_seed_list, lambda v: True, "distinct non-negative seeds separated by commas, e.g. 0,1000,2000")

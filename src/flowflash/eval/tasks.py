@@ -76,11 +76,8 @@ def setting_images(setting: Setting, ps: PromptSet, seed: int = 0, cache: Path |
     return images, {**timings, "sec_per_image": (time.perf_counter() - t0) / len(images)}
 
 
-def evaluate(source: Setting | Path, data: Path, prompts: PromptSource = None, out: Path | None = None, *,
-             seed: int = 0, save_images: Path | None = None, cache: Path | None = None) -> dict:
-    """Score a setting's generated images, or a folder of images (00000.png, ... in prompt order), on
-    the prompt set. Writes OUT.json / OUT.md when `out` is given; returns the result row."""
-    ref = load_reference(data, prompts)  # a missing judge or corpus fails before any generation
+def score_source(source: Setting | Path, ref: Reference, seed: int = 0, cache: Path | None = None) -> tuple[dict, torch.Tensor]:
+    """One result row (and its images) for a setting's images at `seed`, or for a folder of images."""
     if isinstance(source, Setting):
         images, timing = setting_images(source, ref.ps, seed=seed, cache=cache)
         name, columns = source.name, setting_columns(source)
@@ -88,7 +85,15 @@ def evaluate(source: Setting | Path, data: Path, prompts: PromptSource = None, o
         images, timing = read_image_folder(source, len(ref.ps.rows)), {}
         name, columns = Path(source).name, {}
     res, _ = score(images, ref.ps, ref.judge, ref.real_feats)
-    row = {"setting": name, **columns, **res, **timing}
+    return {"setting": name, **columns, **res, **timing}, images
+
+
+def evaluate(source: Setting | Path, data: Path, prompts: PromptSource = None, out: Path | None = None, *,
+             seed: int = 0, save_images: Path | None = None, cache: Path | None = None) -> dict:
+    """Score a setting's generated images, or a folder of images (00000.png, ... in prompt order), on
+    the prompt set. Writes OUT.json / OUT.md when `out` is given; returns the result row."""
+    ref = load_reference(data, prompts)  # a missing judge or corpus fails before any generation
+    row, images = score_source(source, ref, seed, cache)
     if save_images:
         save_image_folder(images, save_images)
     if out:
@@ -109,9 +114,8 @@ def evaluate_seeds(setting: Setting, data: Path, prompts: PromptSource = None, o
     ref = load_reference(data, prompts)
     rows = []
     for seed in seeds:
-        images, timing = setting_images(setting, ref.ps, seed=seed, cache=cache)
-        res, _ = score(images, ref.ps, ref.judge, ref.real_feats)
-        rows.append({"setting": f"{setting.name} seed {seed}", **setting_columns(setting), "seed": seed, **res, **timing})
+        row, images = score_source(setting, ref, seed, cache)
+        rows.append({**row, "setting": f"{setting.name} seed {seed}", "seed": seed})
         if save_images:
             save_image_folder(images, Path(save_images) / f"seed-{seed}")
     mean = {"setting": f"{setting.name} mean of {len(seeds)}", **setting_columns(setting), "seeds": list(seeds)}

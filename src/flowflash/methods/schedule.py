@@ -4,19 +4,13 @@ from __future__ import annotations
 import torch
 
 from ..errors import FlowflashError
+from ..models.protocol import check_schedule
 from ..sampling import timesteps
 
 
 def student_schedule(steps: int, shift: float, explicit: list[float] | None = None) -> list[float]:
-    if explicit is not None:
-        s = [float(t) for t in explicit]
-        if len(s) < 2 or s[-1] != 0.0:
-            raise FlowflashError(f"a student schedule lists its times from noise to 0 and ends at 0, got {s}")
-        if any(not (0.0 < t <= 1.0) for t in s[:-1]):
-            raise FlowflashError(f"student schedule steps must lie in (0, 1], got {s[:-1]}")
-        if any(a <= b for a, b in zip(s, s[1:])):
-            raise FlowflashError(f"student schedule must decrease strictly, got {s}")
-        return s
+    if explicit is not None:  # checked as the exported model's schedule will be
+        return list(check_schedule(explicit))
     if steps < 1:
         raise FlowflashError(f"student steps must be >= 1, got {steps}")
     return [float(t) for t in timesteps(steps, shift)]

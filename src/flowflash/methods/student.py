@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..errors import FlowflashError
 from ..models.flow_model import FlowModel
-from ..models.protocol import SamplingDefaults
+from ..models.protocol import SamplingDefaults, check_schedule
 from ..sampling import euler_step, sample, x0_from_v
 from ..train.common import load_cast
 from ..train.data import Batch
@@ -85,7 +85,7 @@ def check_steps(cfg):
             raise FlowflashError(f"also_times lists one schedule per count of also_steps {also}, each of count + 1 "
                                  f"times; got {cfg.also_times!r}")
         for t in cfg.also_times:
-            student_schedule(len(t) - 1, 1.0, t)  # from (0, 1] down to 0, strictly decreasing
+            check_schedule(t)
     if cfg.student_shift is not None and not cfg.student_shift > 0:
         raise FlowflashError(f"student_shift must be > 0, got {cfg.student_shift!r}")
 

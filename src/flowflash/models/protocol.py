@@ -21,14 +21,14 @@ def check_schedule(times) -> tuple[float, ...]:
     """Sampling times as floats (any sequence of numbers: a list, a tuple, an array, a 1-D tensor): from a time in
     (0, 1] down to exactly 0, strictly decreasing and finite; else one clear error."""
     try:
-        s = [float(t) for t in times if not isinstance(t, (bool, str))] if not isinstance(times, (str, bytes)) else []
-        s = s if len(s) == len(times) else []
+        s = [] if isinstance(times, (str, bytes)) or any(isinstance(t, (bool, str)) for t in times) else \
+            [float(t) for t in times]
     except (TypeError, ValueError):
         s = []
     if (len(s) < 2 or not all(math.isfinite(t) for t in s) or s[-1] != 0 or not 0 < s[0] <= 1
             or any(a <= b for a, b in zip(s, s[1:]))):
-        raise FlowflashError(f"a sampling schedule runs from a time in (0, 1] down to 0, strictly decreasing; "
-                             f"got {s or times!r}")
+        raise FlowflashError(f"a sampling schedule runs from a time in (0, 1] down to 0, strictly decreasing (it "
+                             f"ends at 0); got {s or times!r}")
     return tuple(s)
 
 
