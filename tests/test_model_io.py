@@ -159,6 +159,8 @@ def test_first_format_folder_converts_once_and_generates_the_same(tmp_path):
     ({"schedule": ["x", 0]}, "sampling schedule runs from"),
     ({"schedule": [0.5, 0.7, 0.0]}, "sampling schedule runs from"),
     ({"schedule": [1.0, 0.5]}, "sampling schedule runs from"),
+    ({"steps": 4, "schedule": [1.0, 0.5, 0.0]}, r"sampling steps \(4\) differ from the schedule's count \(2"),
+    ({"steps": 2, "schedule": [1.0, 0.5, 0.0], "other_schedules": [[1.0, 0.3, 0.0]]}, "one step count twice"),
     ({"warp": 2}, "unknown fields"),
 ])
 def test_a_bad_sampling_block_is_one_clear_error(tiny_model_dir, sampling, needle):

@@ -331,6 +331,20 @@ class GatedServer:
         raise AssertionError(f"job {job_id} is {s!r}, not {want!r}")
 
 
+def test_models_list_the_step_counts_a_student_was_trained_for(model_dir, tmp_path):
+    from tests.conftest import tiny_model_config
+
+    from flowflash.models.flow_model import FlowModel, save_model
+
+    student = save_model(FlowModel(tiny_model_config(sampling={"steps": 3, "schedule": [1.0, 0.6, 0.3, 0.0],
+                                                               "other_schedules": [[1.0, 0.4, 0.0]]})),
+                         tmp_path / "student")
+    for folder, want, steps in ((student, [3, 2], 3), (model_dir, [], 4)):
+        with GatedServer(folder, tmp_path) as g, httpx.Client(base_url=g.url, timeout=30) as c:
+            m = c.get("/api/models").json()["models"][0]
+            assert (m["trained_steps"], m["steps"]) == (want, steps)
+
+
 def test_compatible_waiting_jobs_share_one_call(model_dir, tmp_path):
     with GatedServer(model_dir, tmp_path, max_queue=8) as g, httpx.Client(base_url=g.url, timeout=30) as c:
         first = c.post("/api/jobs", json={"prompt": "dog", "steps": 2}).json()["id"]

@@ -113,7 +113,10 @@ def served_model(tmp_path_factory, tiny_minilm):
     # 100-step batch of 8 with guidance several seconds, long enough to cancel it while it runs.
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("browser-model") / "tiny-model"
-    save_model(FlowModel(tiny_model_config(image_size=64, patch_size=2, num_layers=2, head_dim=16)), folder)
+    # trained times for 4 and 2 steps, as a distilled student's: the page offers those counts
+    sampling = {"schedule": [1.0, 0.75, 0.5, 0.25, 0.0], "other_schedules": [[1.0, 0.5, 0.0]]}
+    save_model(FlowModel(tiny_model_config(image_size=64, patch_size=2, num_layers=2, head_dim=16,
+                                           sampling=sampling)), folder)
     env["FLOWFLASH_MINILM_DIR"] = str(tiny_minilm)
     return str(folder), env, True
 
@@ -238,6 +241,10 @@ def test_generate_shows_previews_results_and_downloads(browser, server, served_m
     assert not d.find_element("id", "apikey-row").is_displayed()  # no key asked for: no key field
     assert d.find_element("id", "cancel").get_attribute("disabled") is not None
     assert d.find_element("id", "width").get_attribute("value") == "64"  # prefilled from the model
+    if tiny:  # the counts the model was trained for, offered and named beside the steps field
+        opts = d.find_elements("css selector", "#steps-trained option")
+        assert [o.get_attribute("value") for o in opts] == ["4", "2"]
+        assert d.find_element("id", "steps-hint").text == "(trained: 4, 2)"
 
     # errors: the page's own check, then the server's `detail`, both inline; no card appears
     d.find_element("id", "generate").click()

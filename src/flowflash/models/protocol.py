@@ -52,11 +52,20 @@ class SamplingDefaults:
             raise FlowflashError(f"sampling shift must be a number > 0, got {self.shift!r}")
         if self.schedule is not None:
             object.__setattr__(self, "schedule", check_schedule(self.schedule))
+            if len(self.schedule) - 1 != self.steps:  # `steps` is what a caller without --steps gets: one answer
+                raise FlowflashError(f"sampling steps ({self.steps}) differ from the schedule's count "
+                                     f"({len(self.schedule) - 1} steps: {list(self.schedule)})")
         others = tuple(check_schedule(o) for o in (self.other_schedules or ()))
         counts = [len(o) - 1 for o in ((self.schedule,) if self.schedule else ()) + others]
         if len(set(counts)) != len(counts):
             raise FlowflashError(f"sampling schedules give one step count twice: {counts}")
         object.__setattr__(self, "other_schedules", others)
+
+    @property
+    def trained_steps(self) -> tuple[int, ...]:
+        """The step counts with times of their own (a distilled student's: its default first, then also_steps);
+        empty for a model that samples any count on the shifted grid."""
+        return tuple(len(s) - 1 for s in ((self.schedule,) if self.schedule else ()) + self.other_schedules)
 
     def timesteps(self, steps: int | None = None) -> Tensor:
         """The times to sample at: the fixed schedule when no step count or its own count is asked, a trained

@@ -111,6 +111,10 @@
       if (force || $(id).value === "") $(id).value = v ?? "";
     };
     fill("steps", m.steps);
+    // A distilled student samples well only at the counts it was trained for: offer those, say which they are.
+    const trained = m.trained_steps || [];
+    $("steps-trained").replaceChildren(...trained.map((k) => new Option(String(k), String(k))));
+    $("steps-hint").textContent = trained.length ? `(trained: ${trained.join(", ")})` : "";
     fill("guidance", m.guidance);
     fill("width", m.width);
     fill("height", m.height);
