@@ -298,7 +298,8 @@ def test_also_times_set_each_counts_times_and_the_export_samples_them(teacher_di
             DMD2.check_config(cfg(teacher_dir, tiny_corpus, tmp_path, "dmd2", student_steps=4, **bad), LOOP_FIELDS)
 
 
-def test_a_mixed_student_ships_with_its_counts_on_the_card_and_samples_each(teacher_dir, tmp_path, tiny_corpus):
+def test_a_mixed_student_ships_with_its_counts_on_the_card_and_samples_each(teacher_dir, tmp_path, tiny_corpus,
+                                                                             capsys):
     from flowflash.cli import main
     from flowflash.models.flow_model import load_model
     from flowflash.runtime.pipeline import Pipeline
@@ -331,3 +332,8 @@ def test_a_mixed_student_ships_with_its_counts_on_the_card_and_samples_each(teac
         torch.testing.assert_close(pipe.timesteps(k).double(), torch.tensor(sched, dtype=torch.float64))
     two, four = (pipe.generate("dog face", seed=0, steps=k)[0] for k in (2, 4))
     assert two.size == four.size and two.tobytes() != four.tobytes()
+    assert pipe.last.warnings == []  # a trained count: nothing to say
+    with pytest.warns(UserWarning, match="emoji-student was trained for 4 and 2 steps; 3 steps sample times it"):
+        pipe.generate("dog face", seed=0, steps=3)
+    assert main(["generate", "dog face", "--model", str(dest), "--steps", "3", "-o", str(tmp_path / "three.png")]) == 0
+    assert "warning: emoji-student was trained for 4 and 2 steps" in capsys.readouterr().err

@@ -299,11 +299,16 @@ class Pipeline:
         x = sample(velocity, x, ts, callback=step_done if progress or preview else None)
         t2 = time.perf_counter()
         images = u8_to_pil(self.model.decode(x))
-        for note in dict.fromkeys(cond.warnings):
+        notes = list(dict.fromkeys(cond.warnings))
+        trained = self.sampling.trained_steps
+        if timesteps is None and steps is not None and trained and steps not in trained:
+            # a distilled student is only good at the counts it learnt; other counts run, but say so
+            notes.append(f"{self.name} was trained for {' and '.join(map(str, trained))} steps; {steps} steps "
+                         f"sample times it never learnt")
+        for note in notes:
             warnings.warn(note, stacklevel=3)
         params = GenerationParams(n_steps, guidance, list(seeds), wh, [float(t) for t in ts],
                                   tuple(sorted(self.drop)), negative_prompt if use_cfg else None,
                                   strength if init is not None else None)
-        self.last = Generation(images, params, Timings(t1 - t0, t2 - t1, time.perf_counter() - t2),
-                               list(dict.fromkeys(cond.warnings)))
+        self.last = Generation(images, params, Timings(t1 - t0, t2 - t1, time.perf_counter() - t2), notes)
         return self.last
