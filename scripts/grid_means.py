@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import math
 from pathlib import Path
+
+from flowflash.eval.metrics import mean_and_se
 
 
 def summarise(files: list[Path]) -> dict:
@@ -20,8 +21,7 @@ def summarise(files: list[Path]) -> dict:
             raise SystemExit(f"{f}: no concept scores (was the grid drawn with --score?)")
         per[d["seed"]] = d["generated"]["groups"]["top5"]
     vals = [per[k] for k in sorted(per)]
-    mean = sum(vals) / len(vals)
-    se = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1) / len(vals)) if len(vals) > 1 else float("nan"))
+    mean, se = mean_and_se(vals)
     return {"seeds": sorted(per), "top5": vals, "mean": mean, "se": se}
 
 

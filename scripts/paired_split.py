@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
+
+from flowflash.eval.metrics import mean_and_se
 
 
 def paired(a: dict, b: dict, group: str = "all") -> dict:
@@ -17,8 +18,7 @@ def paired(a: dict, b: dict, group: str = "all") -> dict:
     if len(seeds) < 2:
         raise SystemExit(f"the two results share {len(seeds)} seed(s); a paired SE needs two or more")
     d = [b["per_seed"][s][group]["r_precision"] - a["per_seed"][s][group]["r_precision"] for s in seeds]
-    mean = sum(d) / len(d)
-    se = math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
+    mean, se = mean_and_se(d)
     return {"seeds": seeds, "diffs": d, "mean": mean, "se": se}
 
 

@@ -145,3 +145,14 @@ def test_caption_ranks_counts_ties_against_the_image():
     # grouped: captions 0 and 1 are one concept, so image 1 now finds its group first.
     groups = torch.tensor([0, 0, 1, 2])
     assert caption_ranks(img, txt, torch.tensor([0, 0, 2]), groups).tolist() == [1, 1, 3]
+
+
+def test_mean_and_se_over_seeds():
+    import math
+
+    from flowflash.eval.metrics import mean_and_se
+    m, se = mean_and_se([0.25, 0.5, 0.75])
+    assert m == 0.5 and abs(se - math.sqrt(0.0625 / 3)) < 1e-12  # sample variance / n, square-rooted
+    assert math.isnan(mean_and_se([0.3])[1])
+    with pytest.raises(ValueError, match="no values"):
+        mean_and_se([])

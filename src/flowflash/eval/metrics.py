@@ -5,6 +5,16 @@ import numpy as np
 import torch
 
 
+def mean_and_se(values) -> tuple[float, float]:
+    """Mean of a few numbers (per-seed scores) and the standard error of that mean (nan for one number)."""
+    v = [float(x) for x in values]
+    if not v:
+        raise ValueError("mean_and_se of no values")
+    m = sum(v) / len(v)
+    se = (sum((x - m) ** 2 for x in v) / (len(v) - 1) / len(v)) ** 0.5 if len(v) > 1 else float("nan")
+    return m, se
+
+
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) between Gaussian fits of two feature sets.
 

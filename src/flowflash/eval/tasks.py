@@ -12,6 +12,7 @@ import torch
 from ..errors import FlowflashError
 from .generate import Setting, generate_set
 from .image_sets import read_image_folder, real_images, save_image_folder
+from .metrics import mean_and_se
 from .prompt_set import DEFAULT_PROMPTS, PromptSet, load_prompt_set
 from .results import write_results
 from .score import score
@@ -122,9 +123,7 @@ def evaluate_seeds(setting: Setting, data: Path, prompts: PromptSource = None, o
     for k in SEED_METRICS:
         vals = [r[k] for r in rows if r.get(k) is not None]
         if len(vals) == len(rows):
-            m = sum(vals) / len(vals)
-            mean[k] = m
-            mean[f"{k}_se"] = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1) / len(vals)) ** 0.5
+            mean[k], mean[f"{k}_se"] = mean_and_se(vals)
     rows.append(mean)
     if out:
         write_results({"prompt_set": ref.ps.name, "prompt_set_sha": ref.ps.sha, "seeds": list(seeds), "rows": rows}, out)

@@ -55,11 +55,10 @@ class SamplingDefaults:
             if len(self.schedule) - 1 != self.steps:  # `steps` is what a caller without --steps gets: one answer
                 raise FlowflashError(f"sampling steps ({self.steps}) differ from the schedule's count "
                                      f"({len(self.schedule) - 1} steps: {list(self.schedule)})")
-        others = tuple(check_schedule(o) for o in (self.other_schedules or ()))
-        counts = [len(o) - 1 for o in ((self.schedule,) if self.schedule else ()) + others]
+        object.__setattr__(self, "other_schedules", tuple(check_schedule(o) for o in (self.other_schedules or ())))
+        counts = self.trained_steps
         if len(set(counts)) != len(counts):
-            raise FlowflashError(f"sampling schedules give one step count twice: {counts}")
-        object.__setattr__(self, "other_schedules", others)
+            raise FlowflashError(f"sampling schedules give one step count twice: {list(counts)}")
 
     @property
     def trained_steps(self) -> tuple[int, ...]:
