@@ -30,7 +30,7 @@ def build(smoke: bool, device: str, dtype):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     from flowflash.models.protocol import SamplingDefaults
-    from flowflash.models.sd3 import SD3Model
+    from flowflash.models.sd3 import SD3Model, SD3TextEncoders
 
     tcfg = dict(SD35_MEDIUM)
     vcfg = dict(SD3_VAE)
@@ -46,9 +46,34 @@ def build(smoke: bool, device: str, dtype):
         transformer = SD3Transformer2DModel(**tcfg).to(dtype).eval().requires_grad_(False)
         vae = AutoencoderKL(**vcfg).to(dtype).eval().requires_grad_(False)
     params = sum(p.numel() for p in transformer.parameters())
-    model = SD3Model(transformer, vae, FlowMatchEulerDiscreteScheduler(shift=3.0), {}, "sd3.5-medium-shaped",
-                     SamplingDefaults(steps=4, guidance=1.0, shift=3.0), 256, widths)
+    vae = vae.to(memory_format=torch.channels_last)  # as SD3Model.load leaves it
+    text = SD3TextEncoders({}, widths, 256, tcfg["joint_attention_dim"], dtype).to(device)  # every encoder dropped
+    model = SD3Model(transformer, vae, FlowMatchEulerDiscreteScheduler(shift=3.0), text, "sd3.5-medium-shaped",
+                     SamplingDefaults(steps=4, guidance=1.0, shift=3.0))
     return model, params
+
+
+def components(model, size: int, reps: int, sync) -> dict:
+    """Milliseconds of one transformer forward and one VAE decode at this size (synchronised, median of reps
+    after one warm-up): where the time of an image goes."""
+    import torch
+
+    cond = model.condition(["a photo of a red apple"], frozenset(("clip_l", "clip_g", "t5")), False)
+    x = model.noise([0], (size, size))
+    t = torch.ones(1, device=x.device)
+
+    def timed(fn):
+        out = []
+        for _ in range(reps + 1):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            out.append(1000 * (time.perf_counter() - t0))
+        return statistics.median(out[1:])
+
+    with torch.inference_mode():
+        return {"transformer_ms": timed(lambda: model.velocity(x, t, cond)), "decode_ms": timed(lambda: model.decode(x))}
 
 
 def time_size(pipe, size: int, reps: int, sync) -> dict:
@@ -70,6 +95,7 @@ def main():
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the transformer "
                     "(default, reduce-overhead = CUDA graphs, max-autotune-no-cudagraphs)")
     ap.add_argument("--skip-eager", action="store_true")
+    ap.add_argument("--compile-sizes", default=None, help="sizes to time compiled (default: --sizes)")
     a = ap.parse_args()
 
     import torch
@@ -89,19 +115,30 @@ def main():
     def save():
         (a.out / "gpu-sd3.json").write_text(json.dumps(res, indent=1))
 
+    # the VAE's layout on this device: SD3Model.load makes it channels-last (oneDNN's fast one on CPUs)
+    layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+    best = ("channels_last", float("inf"))
     for size in [] if a.skip_eager else sizes:
-        row = {"mode": "eager", **time_size(pipe, size, a.reps, sync)}
-        res["rows"].append(row)
-        print(json.dumps(row), flush=True)
-        save()
+        for name in ([*layouts] if size == sizes[0] else [best[0]]):
+            model.vae.to(memory_format=layouts[name])
+            row = {"mode": "eager", "vae_layout": name, **time_size(pipe, size, a.reps, sync),
+                   **components(model, size, a.reps, sync)}
+            res["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            save()
+            if size == sizes[0] and row["sec_per_image"] < best[1]:
+                best = (name, row["sec_per_image"])
+    model.vae.to(memory_format=layouts[best[0]])
+    res["vae_layout_compiled"] = best[0]
     t0 = time.perf_counter()
     model.transformer.compile(mode=None if a.compile_mode == "default" else a.compile_mode)
     model.vae.decoder.compile()
-    for size in sizes:
+    for size in [int(x) for x in a.compile_sizes.split(",")] if a.compile_sizes else sizes:
         t1 = time.perf_counter()
-        row = {"mode": f"compile ({a.compile_mode})", **time_size(pipe, size, a.reps, sync),
+        row = {"mode": f"compile ({a.compile_mode})", "vae_layout": best[0], **time_size(pipe, size, a.reps, sync),
                "compile_and_warmup_s": None}
         row["compile_and_warmup_s"] = time.perf_counter() - t1 - sum(row["runs"])
+        row.update(components(model, size, a.reps, sync))
         res["rows"].append(row)
         print(json.dumps(row), flush=True)
         save()
