@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--drop", action="append", default=[], metavar="ENCODER",
                    help="leave out this text encoder (emoji: light, minilm; SD3: t5, clip_g, clip_l); repeatable")
     g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (same as --drop minilm)")
+    g.add_argument("--as-typed", action="store_true", help="draw a prompt that names no style as typed (the emoji "
+                   "models otherwise append their best style, ', twemoji style'; the PNG records the prompt drawn)")
     g.add_argument("--max-sequence-length", type=positive_int, default=256, help="T5 tokens (SD3; diffusers' 256)")
     g.add_argument("--profile", choices=["auto", "tiny", "laptop", "desktop", "gpu"], default=None,
                    help="device, dtype, threads, batch size and encoders for this kind of machine (flags given "
@@ -176,6 +178,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=positive_int, default=None)
     e.add_argument("--guidance", type=nonneg_float, default=None)
     e.add_argument("--no-minilm", action="store_true")
+    e.add_argument("--as-typed", action="store_true", help="draw each prompt as typed (no style completion)")
     e.add_argument("--images", default=None, help="score these images (00000.png, ... in prompt order) instead")
     e.add_argument("--data", required=True, help="the built corpus (real held-out images)")
     e.add_argument("--prompts", default=None, help="prompt set: a packaged name (eval_v1, the default) or a JSONL file")
@@ -378,16 +381,19 @@ def cmd_generate(a) -> int:
             warnings.simplefilter("ignore")  # the Generation lists them; printed once below
             gen = pipe.run([prompt] * len(chunk), seeds, steps=a.steps, guidance=a.guidance, size=a.size,
                            negative_prompt=a.negative_prompt, init_image=a.init_image, strength=a.strength,
-                           progress=lambda i: steps_bar.update(1), timesteps=a.timesteps)
+                           progress=lambda i: steps_bar.update(1), timesteps=a.timesteps,
+                           complete_style=not a.as_typed)
         steps_bar.close()
         pp = gen.params
-        for img, path, seed in zip(gen.images, chunk, pp.seeds):
-            save_png(img, path, parameters_text(prompt, pp.steps, pp.guidance, seed, pp.size, pipe.name,
+        for img, path, seed, drawn in zip(gen.images, chunk, pp.seeds, pp.prompts):
+            save_png(img, path, parameters_text(drawn, pp.steps, pp.guidance, seed, pp.size, pipe.name,
                                                 pipe.hash, negative=pp.negative_prompt, strength=pp.strength,
                                                 timesteps=a.timesteps))
             if len(paths) <= 20:
                 print(path)
         images_bar.update(len(chunk))
+        if start == 0 and pp.prompts[0] != prompt:  # said once, so the image is never a surprise
+            print(f"drawn as {pp.prompts[0]!r} (--as-typed draws the prompt as typed)", file=sys.stderr)
         shown += [w for w in gen.warnings if w not in shown]
         text_s, denoise_s = text_s + gen.timings.text_s, denoise_s + gen.timings.denoise_s
     images_bar.close()
@@ -598,7 +604,7 @@ def cmd_eval(a) -> int:
         raise FlowflashError("--seeds needs at least two seeds (use --seed for one)")
     source = Path(a.images) if a.images else Setting(
         name=f"{Path(a.model).name}-{a.steps or 'default'}", model=a.model, steps=a.steps, guidance=a.guidance,
-        drop=("minilm",) if a.no_minilm else ())
+        drop=("minilm",) if a.no_minilm else (), complete_style=not a.as_typed)
     kw = dict(save_images=Path(a.save_images) if a.save_images else None, cache=Path(a.cache) if a.cache else None)
     if a.seeds:
         rows = evaluate_seeds(source, Path(a.data), a.prompts, Path(a.out), seeds=a.seeds, **kw)

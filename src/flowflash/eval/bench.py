@@ -12,7 +12,7 @@ from tqdm import tqdm
 from ..errors import FlowflashError
 from .generate import Setting
 
-KEYS = {"model", "steps", "guidance", "minilm", "precision", "backend", "lowmem", "threads"}
+KEYS = {"model", "steps", "guidance", "minilm", "precision", "backend", "lowmem", "threads", "style"}
 BACKENDS = ("torch", "openvino", "openvino-int8", "openvino-int4")
 
 
@@ -29,7 +29,7 @@ def parse_setting(spec: str) -> Setting:
         try:
             flag = lambda s: s.lower() in ("1", "true", "yes", "on")
             kw[k] = {"steps": int, "guidance": float, "minilm": flag, "lowmem": flag, "threads": int,
-                     "model": str, "precision": str, "backend": str}[k](v)
+                     "model": str, "precision": str, "backend": str, "style": flag}[k](v)
         except ValueError:
             raise FlowflashError(f"setting {name!r}: bad value for {k}: {v!r}") from None
     if not name:
@@ -42,6 +42,8 @@ def parse_setting(spec: str) -> Setting:
         kw["drop"] = ("minilm",)
     if "lowmem" in kw:
         kw["low_memory"] = kw.pop("lowmem")
+    if "style" in kw:  # style:0 draws prompts as typed
+        kw["complete_style"] = kw.pop("style")
     return Setting(name=name, **kw)
 
 

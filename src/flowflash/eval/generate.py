@@ -28,6 +28,7 @@ class Setting:
     backend: str = "torch"  # or openvino, openvino-int8, openvino-int4 (its weight compression)
     low_memory: bool = False  # quantized weights kept int8 in memory (same images)
     threads: int | None = None  # torch CPU threads while this setting runs (None: as the process has them)
+    complete_style: bool = True  # a prompt naming no style gets the model's default style (SamplingDefaults.complete)
 
     def __post_init__(self):
         object.__setattr__(self, "drop", tuple(sorted(set(self.drop))))  # one spelling per encoder set
@@ -57,8 +58,16 @@ def cache_path(cache: Path, pipe, setting: Setting, seed: int, ps: PromptSet) ->
              setting.precision, seed, ps.sha]
     if setting.backend != "torch":  # another runtime draws (slightly) other images; torch keys stay as they were
         parts.append(setting.backend)
+    drawn = drawn_captions(pipe, setting, ps)
+    if drawn != ps.captions:  # style completion changed a prompt: key what was drawn (unchanged sets keep their keys)
+        parts.append(hashlib.sha256("\n".join(drawn).encode()).hexdigest()[:16])
     key = json.dumps(parts)
     return Path(cache) / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.safetensors"
+
+
+def drawn_captions(pipe, setting: Setting, ps: PromptSet) -> list[str]:
+    """The prompts as the setting draws them (with the model's style completed unless the setting says not)."""
+    return [pipe.sampling.complete(c) for c in ps.captions] if setting.complete_style else ps.captions
 
 
 def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64, pipe=None,
@@ -78,7 +87,7 @@ def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64
     for i in tqdm(range(0, len(caps), batch), desc=f"generate {setting.name}", leave=False):
         chunk = caps[i: i + batch]
         gen = pipe.run(chunk, [seed + i + j for j in range(len(chunk))], steps=setting.steps,
-                       guidance=setting.guidance)
+                       guidance=setting.guidance, complete_style=setting.complete_style)
         for k in PHASES:
             timings[k] += getattr(gen.timings, k)
         chunks.append(pil_to_u8(gen.images))

@@ -40,7 +40,8 @@ def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance
     """A model with the teacher's architecture whose sampling defaults are the student's schedule (no CFG), and
     the other schedules the same weights were trained at (also_steps)."""
     sampling = SamplingDefaults(steps=len(schedule) - 1, guidance=guidance, shift=teacher.cfg.sampling.shift,
-                                schedule=tuple(schedule), other_schedules=tuple(tuple(o) for o in others))
+                                schedule=tuple(schedule), other_schedules=tuple(tuple(o) for o in others),
+                                default_style=teacher.cfg.sampling.default_style, styles=teacher.cfg.sampling.styles)
     return FlowModel(dataclasses.replace(teacher.cfg, kind="student", name=name, sampling=sampling))
 
 

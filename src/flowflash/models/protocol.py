@@ -7,6 +7,7 @@ samples by default is recorded apart from the architecture, in `SamplingDefaults
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -40,6 +41,11 @@ class SamplingDefaults:
     schedule: tuple[float, ...] | None = None  # a distilled student's fixed times, 1 -> 0
     # other step counts the same weights were trained at (also_steps), each with its own times: `--steps K` runs them
     other_schedules: tuple[tuple[float, ...], ...] = ()
+    # Style completion: a prompt that names none of `styles` (nor the word "style") gets ", DEFAULT_STYLE" appended.
+    # The emoji corpus captions every single "NAME, STYLE", and its models draw a plain prompt that names their best
+    # style much better (docs/benchmarks.md, "The ninth look"). None: prompts are drawn as typed.
+    default_style: str | None = None
+    styles: tuple[str, ...] = ()
 
     def __post_init__(self):
         """Checked here, so a bad config.json is one clear error, not a failure at the first call."""
@@ -59,6 +65,23 @@ class SamplingDefaults:
         counts = self.trained_steps
         if len(set(counts)) != len(counts):
             raise FlowflashError(f"sampling schedules give one step count twice: {list(counts)}")
+        styles = self.styles or ()
+        if isinstance(styles, str) or not all(isinstance(x, str) and _words(x) for x in styles):
+            raise FlowflashError(f"sampling styles must be a list of style names, got {self.styles!r}")
+        object.__setattr__(self, "styles", tuple(styles))
+        if self.default_style is not None and self.default_style not in self.styles:
+            raise FlowflashError(f"sampling default_style {self.default_style!r} is not one of its styles "
+                                 f"{list(self.styles)}")
+
+    def complete(self, prompt: str) -> str:
+        """The prompt as the model draws it: with the default style appended when it names no style (a style's
+        first word, e.g. "twemoji" or "fluent", or the word "style"); unchanged for a model without one."""
+        if self.default_style is None:
+            return prompt
+        named = {"style"} | {_words(s)[0] for s in self.styles}
+        if named & set(_words(prompt)):
+            return prompt
+        return f"{prompt.rstrip().rstrip('.,;:!').rstrip()}, {self.default_style}"
 
     @property
     def trained_steps(self) -> tuple[int, ...]:
@@ -81,7 +104,15 @@ class SamplingDefaults:
              "schedule": list(self.schedule) if self.schedule else None}
         if self.other_schedules:  # written only when present: older folders' config.json stay as they were
             d["other_schedules"] = [list(o) for o in self.other_schedules]
+        if self.styles:
+            d["styles"] = list(self.styles)
+        if self.default_style is not None:
+            d["default_style"] = self.default_style
         return d
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 @dataclass

@@ -95,6 +95,7 @@ class GenerationParams:
     dropped: tuple[str, ...] = ()
     negative_prompt: str | None = None
     strength: float | None = None  # img2img only
+    prompts: list[str] = field(default_factory=list)  # as drawn: with the model's style completed (SamplingDefaults)
 
 
 @dataclass
@@ -222,27 +223,32 @@ class Pipeline:
     def generate(self, prompt: str | list[str], steps: int | None = None, guidance: float | None = None,
                  seed: int = 0, num_images: int = 1, size: int | tuple[int, int] | None = None,
                  negative_prompt: str | None = None, init_image=None, strength: float = 0.8,
-                 progress=None, timesteps: list[float] | None = None) -> list[Image.Image]:
+                 progress=None, timesteps: list[float] | None = None, complete_style: bool = True) -> list[Image.Image]:
         """num_images per prompt; image k of each prompt uses seed + k, independent of batching.
         guidance <= 1 turns classifier-free guidance off (as diffusers). init_image (a PIL image or a path)
         with strength in (0, 1]: img2img, starting that far into the schedule from the noised image.
-        timesteps (e.g. [1, 0.5, 0]) in place of steps: the times to integrate, not the model's own."""
+        timesteps (e.g. [1, 0.5, 0]) in place of steps: the times to integrate, not the model's own.
+        complete_style=False draws a prompt that names no style as typed (see SamplingDefaults.complete)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise FlowflashError(f"num_images must be a positive integer, got {num_images!r}")
         seeds = [seed + k for _ in prompts for k in range(num_images)]
         return self.run([p for p in prompts for _ in range(num_images)], seeds, steps, guidance, size,
                         negative_prompt=negative_prompt, init_image=init_image, strength=strength,
-                        progress=progress, timesteps=timesteps).images
+                        progress=progress, timesteps=timesteps, complete_style=complete_style).images
 
     @torch.inference_mode()
     def run(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
             size: int | tuple[int, int] | None = None, *, negative_prompt: str | None = None, init_image=None,
-            strength: float = 0.8, progress=None, preview=None, timesteps: list[float] | None = None) -> Generation:
+            strength: float = 0.8, progress=None, preview=None, timesteps: list[float] | None = None,
+            complete_style: bool = True) -> Generation:
         """One image per (prompt, seed) pair; the noise of an image depends on its seed only.
         progress(i) after each denoising step; preview(i, n, images) also (n: the steps this call integrates),
-        with each image's current prediction of the clean image decoded (costs a decode a step). Either may raise to stop the call."""
+        with each image's current prediction of the clean image decoded (costs a decode a step). Either may raise to stop the call.
+        A prompt that names no style gets the model's default style, if it has one, unless complete_style=False."""
         prompts = [validate_prompt(p) for p in prompts]
+        if complete_style:
+            prompts = [self.sampling.complete(p) for p in prompts]
         if len(prompts) != len(seeds):
             raise FlowflashError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
@@ -309,6 +315,6 @@ class Pipeline:
             warnings.warn(note, stacklevel=3)
         params = GenerationParams(n_steps, guidance, list(seeds), wh, [float(t) for t in ts],
                                   tuple(sorted(self.drop)), negative_prompt if use_cfg else None,
-                                  strength if init is not None else None)
+                                  strength if init is not None else None, list(prompts))
         self.last = Generation(images, params, Timings(t1 - t0, t2 - t1, time.perf_counter() - t2), notes)
         return self.last

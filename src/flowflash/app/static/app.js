@@ -363,6 +363,7 @@
     });
     const dl = el("dl", "params");
     param(dl, "prompt", p.prompt);
+    if (p.drawn_as && p.drawn_as !== p.prompt) param(dl, "drawn as", p.drawn_as);
     param(dl, "negative", p.negative_prompt);
     param(dl, "model", p.model);
     param(dl, seeds.length > 1 ? "seeds" : "seed", seeds.join(", "));

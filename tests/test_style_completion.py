@@ -1,0 +1,108 @@
+"""Style completion: a prompt naming no style gets the model's default style (SamplingDefaults.complete), on every
+path that draws a prompt (Python, CLI and its PNG, eval and its cache), and can be turned off."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from flowflash.cli import main
+from flowflash.errors import FlowflashError
+from flowflash.models.protocol import SamplingDefaults
+from flowflash.runtime.pipeline import Pipeline
+
+from .conftest import tiny_model_config
+
+STYLES = {"styles": ["twemoji style", "fluent flat style"], "default_style": "twemoji style"}
+
+
+@pytest.fixture
+def styled_model_dir(tmp_path):
+    from flowflash.models.flow_model import FlowModel, save_model
+
+    torch.manual_seed(0)
+    folder = tmp_path / "styled"
+    save_model(FlowModel(tiny_model_config(sampling=STYLES)), folder)
+    return folder
+
+
+@pytest.mark.parametrize("prompt, drawn", [
+    ("a dog face", "a dog face, twemoji style"),
+    ("red apple.", "red apple, twemoji style"),  # a trailing full stop does not end up before the comma
+    ("dog face, twemoji style", "dog face, twemoji style"),
+    ("Dog face in FLUENT", "Dog face in FLUENT"),  # a style's first word, any case
+    ("dog face, pixel art style", "dog face, pixel art style"),  # a style the model does not know: left alone
+    ("a stylish dog", "a stylish dog, twemoji style"),  # words, not substrings
+])
+def test_complete_appends_the_default_style_only_when_none_is_named(prompt, drawn):
+    assert SamplingDefaults(**STYLES).complete(prompt) == drawn
+
+
+def test_without_a_default_style_prompts_are_drawn_as_typed():
+    assert SamplingDefaults().complete("a dog face") == "a dog face"
+    assert SamplingDefaults(styles=("twemoji style",)).complete("a dog face") == "a dog face"
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"styles": ["twemoji style"], "default_style": "fluent flat style"}, "not one of its styles"),
+    ({"default_style": "twemoji style"}, "not one of its styles"),
+    ({"styles": "twemoji style"}, "list of style names"),
+    ({"styles": ["twemoji style", ""]}, "list of style names"),
+])
+def test_bad_style_settings_are_one_clear_error(kw, needle):
+    with pytest.raises(FlowflashError, match=needle):
+        SamplingDefaults(**kw)
+
+
+def test_styles_round_trip_through_config_json_and_older_configs_have_none(styled_model_dir, tiny_model_dir):
+    from flowflash.models.flow_model import read_config
+
+    s = read_config(styled_model_dir).sampling
+    assert s.styles == ("twemoji style", "fluent flat style") and s.default_style == "twemoji style"
+    assert read_config(tiny_model_dir).sampling.default_style is None
+    assert "default_style" not in read_config(tiny_model_dir).sampling.to_dict()  # old folders stay as written
+
+
+def test_a_student_keeps_its_teachers_styles():
+    from flowflash.methods.student import student_model
+    from flowflash.models.flow_model import FlowModel
+
+    student = student_model(FlowModel(tiny_model_config(sampling=STYLES)), [1.0, 0.5, 0.0], "s")
+    assert student.cfg.sampling.default_style == "twemoji style" and student.cfg.sampling.styles == (
+        "twemoji style", "fluent flat style")
+
+
+def test_run_draws_the_completed_prompt_and_records_it(styled_model_dir):
+    pipe = Pipeline.load(styled_model_dir)
+    done = pipe.run(["a dog face"], [3], steps=2)
+    typed = pipe.run(["a dog face"], [3], steps=2, complete_style=False)
+    spelled = pipe.run(["a dog face, twemoji style"], [3], steps=2, complete_style=False)
+    assert done.params.prompts == ["a dog face, twemoji style"] and typed.params.prompts == ["a dog face"]
+    a, b, c = (torch.from_numpy(np.asarray(g.images[0]).copy()) for g in (done, typed, spelled))
+    assert torch.equal(a, c) and not torch.equal(a, b)  # completion is exactly the spelled-out prompt
+
+
+def test_cli_records_the_drawn_prompt_and_as_typed_turns_it_off(styled_model_dir, tmp_path, capsys):
+    out, raw = tmp_path / "a.png", tmp_path / "b.png"
+    assert main(["generate", "a dog face", "--model", str(styled_model_dir), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "drawn as 'a dog face, twemoji style'" in err and "--as-typed" in err
+    assert Image.open(out).info["parameters"].startswith("a dog face, twemoji style\nSteps:")
+    assert main(["generate", "a dog face", "--model", str(styled_model_dir), "--as-typed", "-o", str(raw)]) == 0
+    assert "drawn as" not in capsys.readouterr().err
+    assert Image.open(raw).info["parameters"].startswith("a dog face\nSteps:")
+
+
+def test_eval_cache_keys_what_was_drawn(styled_model_dir, tmp_path):
+    from flowflash.eval.bench import parse_setting
+    from flowflash.eval.generate import Setting, cache_path
+    from flowflash.eval.prompt_set import PromptSet
+
+    pipe = Pipeline.load(styled_model_dir)
+    plain = PromptSet("p", "sha1", [{"caption": "a dog face"}])
+    styled = PromptSet("s", "sha2", [{"caption": "dog face, fluent flat style"}])
+    on, off = Setting("x", str(styled_model_dir)), Setting("x", str(styled_model_dir), complete_style=False)
+    assert cache_path(tmp_path, pipe, on, 0, plain) != cache_path(tmp_path, pipe, off, 0, plain)
+    # a set whose prompts all name a style draws the same either way, under the key it always had
+    assert cache_path(tmp_path, pipe, on, 0, styled) == cache_path(tmp_path, pipe, off, 0, styled)
+    assert parse_setting("s=model:teacher,style:0").complete_style is False
+    assert parse_setting("s=model:teacher").complete_style is True
