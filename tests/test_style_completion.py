@@ -106,3 +106,20 @@ def test_eval_cache_keys_what_was_drawn(styled_model_dir, tmp_path):
     assert cache_path(tmp_path, pipe, on, 0, styled) == cache_path(tmp_path, pipe, off, 0, styled)
     assert parse_setting("s=model:teacher,style:0").complete_style is False
     assert parse_setting("s=model:teacher").complete_style is True
+
+
+def test_a_web_job_records_the_prompt_as_drawn(styled_model_dir):
+    import time
+
+    from flowflash.app.jobs import JobSpec, Worker
+
+    worker = Worker({"styled": Pipeline.load(styled_model_dir)}).start()
+    try:
+        job = worker.submit(JobSpec("a dog face", "styled", steps=2, previews=False))
+        deadline = time.time() + 60  # bounded: a stuck worker fails the test, never hangs it
+        while not job.finished and time.time() < deadline:
+            time.sleep(0.05)
+        assert job.status == "done", job.error
+        assert job.params["prompt"] == "a dog face" and job.params["drawn_as"] == "a dog face, twemoji style"
+    finally:
+        worker.stop()

@@ -420,8 +420,9 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
                              body.negative_prompt or None, init, strength, previews=True))
         await wait_done(request, job)
         p = job.params
-        infotexts = [f"{p.get('drawn_as', body.prompt)}\nNegative prompt: {body.negative_prompt}\nSteps: {p['steps']}, Sampler: Euler, "
-                     f"CFG scale: {p['guidance']}, Seed: {s}, Size: {p['width']}x{p['height']}, Model: {model}"
+        infotexts = [f"{p.get('drawn_as', body.prompt)}\nNegative prompt: {body.negative_prompt}\n"
+                     f"Steps: {p['steps']}, Sampler: Euler, CFG scale: {p['guidance']}, Seed: {s}, "
+                     f"Size: {p['width']}x{p['height']}, Model: {model}"
                      for s in job.seeds]
         info = {"prompt": body.prompt, "negative_prompt": body.negative_prompt, "seed": job.seeds[0],
                 "all_seeds": job.seeds, "all_prompts": [body.prompt] * n, "steps": p["steps"],

@@ -42,8 +42,9 @@ class SamplingDefaults:
     # other step counts the same weights were trained at (also_steps), each with its own times: `--steps K` runs them
     other_schedules: tuple[tuple[float, ...], ...] = ()
     # Style completion: a prompt that names none of `styles` (nor the word "style") gets ", DEFAULT_STYLE" appended.
-    # The emoji corpus captions every single "NAME, STYLE", and its models draw a plain prompt that names their best
-    # style much better (docs/benchmarks.md, "The ninth look"). None: prompts are drawn as typed.
+    # The emoji corpus captions every single "NAME, STYLE", and the emoji student draws held-out plain prompts better
+    # with its best style named (docs/benchmarks.md, the ninth and tenth looks; the shipped models leave it off).
+    # None: prompts are drawn as typed.
     default_style: str | None = None
     styles: tuple[str, ...] = ()
 
