@@ -29,6 +29,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--prompts", default="plain_v1")
+    ap.add_argument("--as-typed", action="store_true", help="no style completion (the teacher completes since stop 26: "
+                    "its plain_v1 numbers from before were drawn as typed)")
     ap.add_argument("--concepts", default="core-wide", help="a concept list of data/concepts/ or a file")
     ap.add_argument("--data", type=Path, default=Path("data/emoji64"))
     ap.add_argument("--seeds", default="0,1,2")
@@ -44,7 +46,7 @@ def main():
     txt = judge.scorer.embed_texts(encode_texts(judge.minilm, pool))
     idx = torch.tensor([pool.index(c) for c in ref.ps.captions])
     name = Path(a.model).name if Path(a.model).exists() else a.model
-    setting = Setting(name=name, model=a.model, steps=a.steps, guidance=a.guidance)
+    setting = Setting(name=name, model=a.model, steps=a.steps, guidance=a.guidance, complete_style=not a.as_typed)
     per_seed = {}
     for seed in (int(s) for s in a.seeds.split(",")):
         imgs, _ = setting_images(setting, ref.ps, seed=seed, cache=a.cache)

@@ -62,13 +62,22 @@ def test_styles_round_trip_through_config_json_and_older_configs_have_none(style
     assert "default_style" not in read_config(tiny_model_dir).sampling.to_dict()  # old folders stay as written
 
 
-def test_a_student_keeps_its_teachers_styles():
+def test_a_student_knows_its_teachers_styles_but_not_its_default():
     from flowflash.methods.student import student_model
     from flowflash.models.flow_model import FlowModel
 
     student = student_model(FlowModel(tiny_model_config(sampling=STYLES)), [1.0, 0.5, 0.0], "s")
-    assert student.cfg.sampling.default_style == "twemoji style" and student.cfg.sampling.styles == (
-        "twemoji style", "fluent flat style")
+    assert student.cfg.sampling.styles == ("twemoji style", "fluent flat style")
+    assert student.cfg.sampling.default_style is None  # completion is judged per model, a student's too
+
+
+def test_the_shipped_teacher_completes_the_style_and_the_student_does_not():
+    from flowflash.models.flow_model import read_config
+    from flowflash.runtime.pipeline import resolve_model
+
+    teacher, student = read_config(resolve_model("teacher")).sampling, read_config(resolve_model("student")).sampling
+    assert teacher.complete("a red apple") == "a red apple, twemoji style"
+    assert student.complete("a red apple") == "a red apple"
 
 
 def test_run_draws_the_completed_prompt_and_records_it(styled_model_dir):

@@ -38,10 +38,11 @@ def is_latent(teacher) -> bool:
 def student_model(teacher: FlowModel, schedule: list[float], name: str, guidance: float = 1.0,
                   others: list[list[float]] = ()) -> FlowModel:
     """A model with the teacher's architecture whose sampling defaults are the student's schedule (no CFG), and
-    the other schedules the same weights were trained at (also_steps)."""
+    the other schedules the same weights were trained at (also_steps). It knows the teacher's styles but does not
+    take its default style: completion is judged per model (docs/benchmarks.md, the tenth look)."""
     sampling = SamplingDefaults(steps=len(schedule) - 1, guidance=guidance, shift=teacher.cfg.sampling.shift,
                                 schedule=tuple(schedule), other_schedules=tuple(tuple(o) for o in others),
-                                default_style=teacher.cfg.sampling.default_style, styles=teacher.cfg.sampling.styles)
+                                styles=teacher.cfg.sampling.styles)
     return FlowModel(dataclasses.replace(teacher.cfg, kind="student", name=name, sampling=sampling))
 
 
