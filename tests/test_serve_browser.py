@@ -114,7 +114,9 @@ def served_model(tmp_path_factory, tiny_minilm):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("browser-model") / "tiny-model"
     # trained times for 4 and 2 steps, as a distilled student's: the page offers those counts
-    sampling = {"schedule": [1.0, 0.75, 0.5, 0.25, 0.0], "other_schedules": [[1.0, 0.5, 0.0]]}
+    sampling = {"schedule": [1.0, 0.75, 0.5, 0.25, 0.0], "other_schedules": [[1.0, 0.5, 0.0]],
+                # a default style, as the shipped teacher's: the page says how a plain prompt was drawn
+                "styles": ["twemoji style", "fluent flat style"], "default_style": "twemoji style"}
     save_model(FlowModel(tiny_model_config(image_size=64, patch_size=2, num_layers=2, head_dim=16,
                                            sampling=sampling)), folder)
     env["FLOWFLASH_MINILM_DIR"] = str(tiny_minilm)
@@ -306,6 +308,8 @@ def test_generate_shows_previews_results_and_downloads(browser, server, served_m
                        and all(r["loaded"] for r in c["results"]), JOB_TIMEOUT, "the Ctrl+Enter job's images")
     assert second["state"] == "done" and len(second["results"]) == 2, second["status"]
     assert second["params"]["prompt"] == apple and second["params"]["seeds"] == "3, 4"
+    if tiny:  # completed; the first job named its style, so its card shows no "drawn as"
+        assert second["params"]["drawn as"] == "a red apple, twemoji style" and "drawn as" not in card["params"]
     assert [c["id"] for c in cards(d)] == [second["id"], card["id"]]  # newest first
     assert d.find_element("id", "prompt").get_attribute("value") == apple  # the shortcut typed no newline
 
