@@ -170,7 +170,8 @@ class CaptionSampler:
 def config(a, **kw):
     from flowflash.train.configs import DistillConfig
 
-    base = dict(teacher=str(TEACHER), student_steps=4, batch_size=a.batch, lr=a.lr, ema=0.99, device=a.device,
+    base = dict(teacher=str(TEACHER), student_steps=a.student_steps, batch_size=a.batch, lr=a.lr, ema=0.99,
+                device=a.device,
                 precision="bf16" if a.device == "cuda" else "fp32", sample_every=0, log_every=50)
     if kw.get("method") != "tg":  # the two-player methods: the critic's rate, no adversarial heads
         base.update(lr_critic=2 * a.lr, adversarial=False)
@@ -368,6 +369,7 @@ def run_jobs(a, jobs: list, work: Path, start: float) -> list[dict]:
             cmd = [sys.executable, __file__, "arm", "--arm", arm, "--seed", str(s), "--data", a.data, "--work",
                    str(work), "--results", str(work / "results"), "--device", a.device, "--updates", str(a.updates),
                    "--batch", str(a.batch), "--lr", str(a.lr), "--threads", str(a.threads), "--points", a.points,
+                   "--student-steps", str(a.student_steps),
                    "--split-updates", str(a.split_updates), "--split-at", str(a.split_at), "--train-prompts",
                    str(a.train_prompts), "--noise-k", str(a.noise_k), "--noise-ref", str(a.noise_ref)]
             if a.split_from:
@@ -614,6 +616,9 @@ def main():
         r.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
         r.add_argument("--updates", type=int, default=256, help="student updates per arm run (x6 iterations; the protocol asks at least 250)")
         r.add_argument("--batch", type=int, default=64)
+        r.add_argument("--student-steps", type=int, default=4, choices=[4, 2],
+                       help="the students' step count, common start included (the protocol's 4-step and 2-step rows; "
+                            "one count per run, each in its own --work and --out)")
         r.add_argument("--lr", type=float, default=1e-4)
         r.add_argument("--threads", type=int, default=1, help="torch threads per process")
         r.add_argument("--points", choices=["all", "final"], default="all",

@@ -45,3 +45,30 @@ def test_split_table_picks_the_ratio_on_training_prompts_and_judges_it_against_t
     assert res["vs_control"]["pair"] == "merge_r050 - unsplit" and res["vs_control"]["align_diff"] > 0
     rows = {r["arm"]: r for r in res["rows"]}
     assert rows["merge_r100"]["train_align"] == 29.0 and rows["unsplit"]["seeds"] == 2
+
+
+def test_the_step_count_reaches_every_config_and_every_arm_subprocess(tmp_path, monkeypatch):
+    import argparse
+    import sys
+
+    a = argparse.Namespace(student_steps=2, batch=4, lr=1e-4, device="cpu", parallel=6, budget=60, data="d",
+                           updates=8, threads=1, points="final", split_updates=4, split_at=0.5, train_prompts=2,
+                           noise_k=2, noise_ref=2, split_from=None, noise_mid=False, seeds=[0])
+    assert p14.config(a, method="tg").student_steps == 2 and p14.config(a, method="dmd2").student_steps == 2
+    launched = []
+
+    class Done:  # a subprocess that has already finished
+        returncode = 0
+
+        def __init__(self, cmd, **kw):
+            launched.append(cmd)
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(p14.subprocess, "Popen", Done)
+    monkeypatch.setattr(p14.time, "sleep", lambda s: None)
+    done = p14.run_jobs(a, [("A", 0), ("B", 0)], tmp_path, start=p14.time.time())
+    assert [d["rc"] for d in done] == [0, 0] and len(launched) == 2
+    for cmd in launched:
+        assert cmd[0] == sys.executable and cmd[cmd.index("--student-steps") + 1] == "2"
