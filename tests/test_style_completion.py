@@ -1,5 +1,7 @@
 """Style completion: a prompt naming no style gets the model's default style (SamplingDefaults.complete), on every
 path that draws a prompt (Python, CLI and its PNG, eval and its cache), and can be turned off."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -130,5 +132,33 @@ def test_a_web_job_records_the_prompt_as_drawn(styled_model_dir):
             time.sleep(0.05)
         assert job.status == "done", job.error
         assert job.params["prompt"] == "a dog face" and job.params["drawn_as"] == "a dog face, twemoji style"
+    finally:
+        worker.stop()
+
+
+def test_the_http_apis_draw_as_typed_on_request_and_say_what_was_drawn(styled_model_dir):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient  # in process: no socket
+
+    from flowflash.app.jobs import Worker
+    from flowflash.app.server import create_app
+
+    worker = Worker({"styled": Pipeline.load(styled_model_dir)}).start()
+    try:
+        client = TestClient(create_app(worker), base_url="http://127.0.0.1")  # the server answers loopback only
+        r = client.post("/v1/images/generations", json={"prompt": "a dog face", "steps": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+        done = r.json()
+        typed = client.post("/v1/images/generations", json={"prompt": "a dog face", "steps": 2, "seed": 1,
+                                                             "as_typed": True}).json()
+        assert done["data"][0]["revised_prompt"] == "a dog face, twemoji style"  # OpenAI's field for a rewrite
+        assert typed["data"][0]["revised_prompt"] == "a dog face"
+        assert done["data"][0]["b64_json"] != typed["data"][0]["b64_json"]
+        job = client.post("/api/jobs", json={"prompt": "a dog face", "steps": 2, "as_typed": True}).json()
+        deadline = time.time() + 60
+        while (state := client.get(f"/api/jobs/{job['id']}").json())["status"] not in ("done", "failed") \
+                and time.time() < deadline:
+            time.sleep(0.05)
+        assert state["status"] == "done" and state["parameters"]["drawn_as"] == "a dog face"
     finally:
         worker.stop()

@@ -44,12 +44,13 @@ class JobSpec:
     init_image: Image.Image | None = field(default=None, compare=False)
     strength: float = 0.8
     previews: bool = True
+    complete_style: bool = True  # False: a prompt naming no style is drawn as typed (SamplingDefaults.complete)
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share one denoising call; img2img jobs run alone."""
         if self.init_image is not None:
             return None
-        return (self.model, self.steps, self.guidance, self.size, self.negative_prompt)
+        return (self.model, self.steps, self.guidance, self.size, self.negative_prompt, self.complete_style)
 
 
 @dataclass
@@ -309,7 +310,7 @@ class Worker:
         if spec.init_image is not None:  # img2img integrates only the tail of the schedule (as Pipeline.run)
             steps_of -= int(max(steps_of - steps_of * spec.strength, 0))
         gen = pipe.run(prompts, seeds, spec.steps, spec.guidance, spec.size, negative_prompt=spec.negative_prompt,
-                       init_image=spec.init_image, strength=spec.strength,
+                       init_image=spec.init_image, strength=spec.strength, complete_style=spec.complete_style,
                        preview=on_step if wants else None,
                        progress=None if wants else (lambda i: on_step(i, steps_of, None)))
         p = gen.params

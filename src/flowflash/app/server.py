@@ -90,6 +90,7 @@ class OpenAIImageRequest(_Body):
     steps: StrictInt | None = None
     guidance: StrictFloat | StrictInt | None = None
     negative_prompt: StrictStr | None = None
+    as_typed: StrictBool = False  # no style completion (a flowflash extension, as seed and steps)
 
 
 class A1111Request(_Body):
@@ -122,6 +123,7 @@ class JobRequest(_Body):
     init_image: StrictStr | None = None
     strength: StrictFloat | StrictInt = 0.8
     previews: StrictBool = True
+    as_typed: StrictBool = False
 
 
 # ---------------------------------------------------------------- the app
@@ -367,14 +369,15 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
         size = parse_size(body.size, model)
         seed = worker.random_seed() if body.seed is None else body.seed
         job = submit(JobSpec(body.prompt, model, body.n, body.steps, body.guidance, seed, size,
-                             body.negative_prompt or None, previews=False))
+                             body.negative_prompt or None, previews=False, complete_style=not body.as_typed))
         await wait_done(request, job)
         if body.response_format == "url":
             base = str(request.base_url).rstrip("/")
-            data = [{"url": f"{base}/outputs/{save_output(job, k, im)}", "revised_prompt": body.prompt}
+            data = [{"url": f"{base}/outputs/{save_output(job, k, im)}",
+                     "revised_prompt": job.params["drawn_as"]}
                     for k, im in enumerate(job.pngs)]
         else:
-            data = [{"b64_json": im, "revised_prompt": body.prompt} for im in job.pngs]
+            data = [{"b64_json": im, "revised_prompt": job.params["drawn_as"]} for im in job.pngs]
         worker.forget(job.id)
         return {"created": int(job.created), "data": data}
 
@@ -510,7 +513,8 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
             check_strength(model, body.steps, size, float(body.strength), "strength")
         seed = worker.random_seed() if body.seed is None else body.seed
         job = submit(JobSpec(body.prompt, model, body.n, body.steps, body.guidance, seed, size,
-                             body.negative_prompt or None, init, float(body.strength), body.previews))
+                             body.negative_prompt or None, init, float(body.strength), body.previews,
+                             complete_style=not body.as_typed))
         return {"id": job.id, "position": worker.position(job), "seeds": job.seeds}
 
     @app.get("/api/jobs/{job_id}")
