@@ -313,6 +313,17 @@ def test_generate_shows_previews_results_and_downloads(browser, server, served_m
     assert [c["id"] for c in cards(d)] == [second["id"], card["id"]]  # newest first
     assert d.find_element("id", "prompt").get_attribute("value") == apple  # the shortcut typed no newline
 
+    if tiny:  # the model names a default style: the page says so and can draw the prompt as typed instead
+        assert d.find_element("id", "as-typed-row").is_displayed()
+        assert '", twemoji style"' in d.find_element("id", "as-typed-hint").text
+        d.find_element("id", "as-typed").click()
+        d.find_element("id", "generate").click()
+        third = new_card(d, 2)
+        third = wait_card(d, third["id"], lambda c: c["state"] in TERMINAL and all(r["loaded"] for r in c["results"]),
+                          JOB_TIMEOUT, "the as-typed job's images")
+        assert third["state"] == "done" and third["params"]["prompt"] == apple and "drawn as" not in third["params"]
+        d.find_element("id", "as-typed").click()  # off again
+
     assert off_origin_requests(d, server) == []  # no CDN, no web font, nothing but this server
     save_screenshot(d, tmp_path / "serve.png")
     if os.environ.get("FLOWFLASH_SCREENSHOT"):

@@ -160,5 +160,7 @@ def test_the_http_apis_draw_as_typed_on_request_and_say_what_was_drawn(styled_mo
                 and time.time() < deadline:
             time.sleep(0.05)
         assert state["status"] == "done" and state["parameters"]["drawn_as"] == "a dog face"
+        assert state["parameters"]["as_typed"] is True
+        assert client.get("/api/models").json()["models"][0]["default_style"] == "twemoji style"  # the page's cue
     finally:
         worker.stop()

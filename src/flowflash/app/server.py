@@ -563,7 +563,8 @@ def create_app(worker: Worker, settings: Settings | None = None) -> FastAPI:
             s = pipe.sampling
             w, h = pipe.model.check_size(None)
             out.append({"name": name, "default": name == state["default"], "steps": s.steps,
-                        "trained_steps": list(s.trained_steps), "guidance": s.guidance, "width": w, "height": h})
+                        "trained_steps": list(s.trained_steps), "guidance": s.guidance, "width": w, "height": h,
+                        "default_style": s.default_style})
         return {"models": out, "limits": {"max_images": lim.max_images, "max_steps": lim.max_steps,
                                           "max_prompt_chars": lim.max_prompt_chars}}
 

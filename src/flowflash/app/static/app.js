@@ -118,6 +118,9 @@
     fill("guidance", m.guidance);
     fill("width", m.width);
     fill("height", m.height);
+    // A model with a default style appends it to a prompt that names none: say so, and let it be turned off.
+    $("as-typed-row").hidden = !m.default_style;
+    $("as-typed-hint").textContent = m.default_style ? `(else ", ${m.default_style}" is added when no style is named)` : "";
   }
 
   async function loadModels() {
@@ -177,6 +180,7 @@
       width: number("width", "width"),
       height: number("height", "height"),
       negative_prompt: $("negative").value.trim() || null,
+      as_typed: !$("as-typed-row").hidden && $("as-typed").checked,
       previews: true,
     };
   }
@@ -385,6 +389,7 @@
     if (p.model && state.models.some((m) => m.name === p.model)) $("model").value = p.model;
     $("prompt").value = p.prompt ?? "";
     $("negative").value = p.negative_prompt ?? "";
+    $("as-typed").checked = !!p.as_typed;
     $("steps").value = p.steps ?? "";
     $("guidance").value = p.guidance ?? "";
     $("seed").value = seeds.length ? seeds[0] : "";
