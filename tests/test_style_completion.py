@@ -73,13 +73,14 @@ def test_a_student_knows_its_teachers_styles_but_not_its_default():
     assert student.cfg.sampling.default_style is None  # completion is judged per model, a student's too
 
 
-def test_the_shipped_teacher_completes_the_style_and_the_student_does_not():
+def test_both_shipped_models_complete_the_style():
     from flowflash.models.flow_model import read_config
     from flowflash.runtime.pipeline import resolve_model
 
-    teacher, student = read_config(resolve_model("teacher")).sampling, read_config(resolve_model("student")).sampling
-    assert teacher.complete("a red apple") == "a red apple, twemoji style"
-    assert student.complete("a red apple") == "a red apple"
+    for name in ("teacher", "student"):  # each earned it on fresh seeds (docs/benchmarks.md, looks 10 and 11)
+        sampling = read_config(resolve_model(name)).sampling
+        assert sampling.complete("a red apple") == "a red apple, twemoji style"
+        assert sampling.complete("red apple, fluent flat style") == "red apple, fluent flat style"
 
 
 def test_run_draws_the_completed_prompt_and_records_it(styled_model_dir):
@@ -164,3 +165,15 @@ def test_the_http_apis_draw_as_typed_on_request_and_say_what_was_drawn(styled_mo
         assert client.get("/api/models").json()["models"][0]["default_style"] == "twemoji style"  # the page's cue
     finally:
         worker.stop()
+
+
+def test_a_grid_draws_as_generate_does_unless_as_typed(styled_model_dir, tmp_path):
+    from flowflash.eval.grid import draw_grid
+
+    (tmp_path / "p.txt").write_text("a dog face\nred apple, fluent flat style\n")
+    done = draw_grid(tmp_path / "p.txt", str(tmp_path / "a.png"), model=str(styled_model_dir), steps=2)
+    typed = draw_grid(tmp_path / "p.txt", str(tmp_path / "b.png"), model=str(styled_model_dir), steps=2,
+                      complete_style=False)
+    a, b = (np.asarray(Image.open(r["path"])) for r in (done, typed))
+    w = a.shape[1] // 8  # one column per prompt: the first drawn otherwise, the styled second the same
+    assert not np.array_equal(a[:, :w], b[:, :w]) and np.array_equal(a[:, w:2 * w], b[:, w:2 * w])

@@ -285,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     gr.add_argument("--guidance", type=nonneg_float, default=None)
     gr.add_argument("--seed", type=nonneg_int, default=0)
     gr.add_argument("--cols", type=positive_int, default=8)
+    gr.add_argument("--as-typed", action="store_true", help="draw each prompt as typed (no style completion)")
     gr.add_argument("--score", metavar="DATA", default=None,
                     help="also rank each single-emoji prompt's caption among all single-emoji captions of the "
                          "corpus DATA with the evaluation judge (generated vs the corpus image); writes OUT.json")
@@ -527,8 +528,8 @@ def cmd_grid(a) -> int:
     from .eval.grid import draw_grid, recognition_summary
 
     res = draw_grid(a.prompts, a.output, model=a.model, steps=a.steps, timesteps=a.timesteps, guidance=a.guidance,
-                    seed=a.seed,
-                    cols=a.cols, score=Path(a.score) if a.score else None)
+                    seed=a.seed, cols=a.cols, score=Path(a.score) if a.score else None,
+                    complete_style=not a.as_typed)
     print(res["path"])
     print(f"{res['n_prompts']} images in {res['seconds']:.1f} s", file=sys.stderr)
     if "scores" in res:

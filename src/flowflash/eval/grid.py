@@ -28,9 +28,10 @@ def score_grid(images: list[Image.Image], prompts: list[str], data: Path, judge)
 
 def draw_grid(prompts: str | Path, output: str, *, model: str | None = None, steps: int | None = None,
               guidance: float | None = None, seed: int = 0, cols: int = 8, score: Path | None = None,
-              timesteps: list[float] | None = None) -> dict:
+              timesteps: list[float] | None = None, complete_style: bool = True) -> dict:
     """Draw every prompt of a prompt list (a packaged name such as `grid64`, or a file) with one seed
-    into one PNG. With `score` (a corpus), also write OUT.json with the recognition ranks.
+    into one PNG, each as `generate` draws it (complete_style=False: as typed). With `score` (a corpus), also
+    write OUT.json with the recognition ranks (of the prompts as typed).
     Returns {"path", "n_prompts", "seconds" (generation only), "json" and "scores" when scored}."""
     from ..runtime.output import output_paths, save_png
     from ..runtime.pipeline import Pipeline, check_explicit_timesteps
@@ -46,7 +47,8 @@ def draw_grid(prompts: str | Path, output: str, *, model: str | None = None, ste
     out = output_paths(output, 1)[0]
     pipe = Pipeline.load(model)
     t0 = time.perf_counter()
-    gen = pipe.run(lines, [seed] * len(lines), steps=steps, guidance=guidance, timesteps=timesteps)
+    gen = pipe.run(lines, [seed] * len(lines), steps=steps, guidance=guidance, timesteps=timesteps,
+                   complete_style=complete_style)
     seconds = time.perf_counter() - t0
     p = gen.params
     times = f" ({' '.join(f'{t:g}' for t in p.timesteps)})" if timesteps is not None else ""
@@ -56,8 +58,8 @@ def draw_grid(prompts: str | Path, output: str, *, model: str | None = None, ste
     if judge is not None:
         scores = score_grid(gen.images, lines, score, judge)
         scores.update({"model": pipe.name, "model_hash": pipe.hash, "steps": p.steps, "timesteps": p.timesteps,
-                       "guidance": p.guidance,
-                       "seed": seed, "prompts_file": label})
+                       "guidance": p.guidance, "seed": seed, "prompts_file": label,
+                       "styles_completed": sum(a != b for a, b in zip(p.prompts, lines))})
         write_text_atomic(out.with_suffix(".json"), json.dumps(scores, indent=1))
         res.update(json=out.with_suffix(".json"), scores=scores)
     return res

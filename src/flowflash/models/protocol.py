@@ -43,7 +43,7 @@ class SamplingDefaults:
     other_schedules: tuple[tuple[float, ...], ...] = ()
     # Style completion: a prompt that names none of `styles` (nor the word "style") gets ", DEFAULT_STYLE" appended.
     # The emoji corpus captions every single "NAME, STYLE", and the emoji student draws held-out plain prompts better
-    # with its best style named (docs/benchmarks.md, the ninth and tenth looks: on for the shipped teacher only).
+    # with its best style named (docs/benchmarks.md, the ninth to eleventh looks: on for both shipped models).
     # None: prompts are drawn as typed.
     default_style: str | None = None
     styles: tuple[str, ...] = ()
