@@ -9,7 +9,7 @@
 # then, through the device tool: `bash scripts/device-session.sh` with carry [".whl"].
 set -u
 BENCH_S=${BENCH_S:-165}   # issue 12's bench (eager at 1024 and 512 px, compiled at 1024); 0 skips it
-P14_S=${P14_S:-350}       # issue 14's protocol run, common start included; its runs are killed at this budget
+P14_S=${P14_S:-330}       # issue 14's protocol run, common start included; its runs are killed at this budget
 SEEDS=${SEEDS:-0,1}       # 2 seeds x 3 points: each arm's image file stays under the 16 MiB a returned file may hold
 STEPS=${STEPS:-4}         # the students' step count (4, or 2 for the protocol's 2-step rows)
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/diffusers-*.whl || exit 1

@@ -29,8 +29,8 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--guidance", type=float, default=None)
     ap.add_argument("--prompts", default="plain_v1")
-    ap.add_argument("--as-typed", action="store_true", help="no style completion (the teacher completes since stop 26: "
-                    "its plain_v1 numbers from before were drawn as typed)")
+    ap.add_argument("--as-typed", action="store_true", help="no style completion (both shipped models complete since "
+                    "stop 26: their plain_v1 numbers from before were drawn as typed)")
     ap.add_argument("--concepts", default="core-wide", help="a concept list of data/concepts/ or a file")
     ap.add_argument("--data", type=Path, default=Path("data/emoji64"))
     ap.add_argument("--seeds", default="0,1,2")

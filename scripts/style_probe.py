@@ -35,7 +35,8 @@ def main():
     for seed in seeds:
         style = {"alt": STYLES[seed % 2], "twemoji": STYLES[0], "fluent": STYLES[1]}.get(mode)
         rows = [dict(r, caption=r["caption"] if style is None else f'{r["caption"]}, {style}') for r in ref.ps.rows]
-        ps = PromptSet(f"plain_v1-{style}", "x" + str(style), rows)  # its own cache key
+        # its own cache key, which follows plain_v1's contents
+        ps = PromptSet(f"plain_v1-{style}", ref.ps.sha if style is None else f"{ref.ps.sha}+{style}", rows)
         # as typed here, whatever the model's config says: the probe appends the style itself
         setting = Setting(name=Path(model).name, model=model, steps=steps, guidance=guidance, complete_style=False)
         imgs, _ = setting_images(setting, ps, seed=seed, cache=Path("runs/eval-cache"))

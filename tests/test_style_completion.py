@@ -34,6 +34,8 @@ def styled_model_dir(tmp_path):
     ("Dog face in FLUENT", "Dog face in FLUENT"),  # a style's first word, any case
     ("dog face, pixel art style", "dog face, pixel art style"),  # a style the model does not know: left alone
     ("a stylish dog", "a stylish dog, twemoji style"),  # words, not substrings
+    ("a dog?, ", "a dog, twemoji style"),  # trailing punctuation and spaces go
+    ("...", "twemoji style"),  # nothing but punctuation: the style alone, no leading comma
 ])
 def test_complete_appends_the_default_style_only_when_none_is_named(prompt, drawn):
     assert SamplingDefaults(**STYLES).complete(prompt) == drawn
@@ -120,9 +122,22 @@ def test_eval_cache_keys_what_was_drawn(styled_model_dir, tmp_path):
     assert parse_setting("s=model:teacher").complete_style is True
 
 
-def test_a_web_job_records_the_prompt_as_drawn(styled_model_dir):
-    import time
+def test_jobs_batch_only_with_jobs_that_complete_alike():
+    from flowflash.app.jobs import JobSpec
 
+    assert JobSpec("a", "m").batch_key() == JobSpec("b", "m").batch_key()
+    assert JobSpec("a", "m").batch_key() != JobSpec("a", "m", complete_style=False).batch_key()
+
+
+def test_results_say_when_prompts_were_drawn_as_typed():
+    from flowflash.eval.generate import Setting
+    from flowflash.eval.tasks import setting_columns
+
+    assert "as_typed" not in setting_columns(Setting("x"))  # rows as they always were
+    assert setting_columns(Setting("x", complete_style=False))["as_typed"] is True
+
+
+def test_a_web_job_records_the_prompt_as_drawn(styled_model_dir):
     from flowflash.app.jobs import JobSpec, Worker
 
     worker = Worker({"styled": Pipeline.load(styled_model_dir)}).start()

@@ -604,7 +604,8 @@ def cmd_eval(a) -> int:
     if a.seeds and len(a.seeds) < 2:
         raise FlowflashError("--seeds needs at least two seeds (use --seed for one)")
     source = Path(a.images) if a.images else Setting(
-        name=f"{Path(a.model).name}-{a.steps or 'default'}", model=a.model, steps=a.steps, guidance=a.guidance,
+        name=f"{Path(a.model).name}-{a.steps or 'default'}{'-as-typed' if a.as_typed else ''}", model=a.model,
+        steps=a.steps, guidance=a.guidance,
         drop=("minilm",) if a.no_minilm else (), complete_style=not a.as_typed)
     kw = dict(save_images=Path(a.save_images) if a.save_images else None, cache=Path(a.cache) if a.cache else None)
     if a.seeds:

@@ -99,7 +99,7 @@ def time_settings(settings: list[Setting], prompt: str, reps: int = 5, warmup: i
         med = lambda i: statistics.median(r[i] for r in rows)
         out[s.name] = {"text_s": med(0), "denoise_s": med(1), "decode_s": med(2), "sec_per_image": med(3),
                        "steps": rows[0][4], "guidance": rows[0][5], "reps": reps, "model": s.model,
-                       "minilm": s.minilm, "precision": s.precision}
+                       "minilm": s.minilm, "precision": s.precision, **({} if s.complete_style else {"as_typed": True})}
     return out
 
 

@@ -64,7 +64,10 @@ def validate_judge(data: Path, prompts: PromptSource, out: Path) -> dict:
 
 
 def setting_columns(s: Setting) -> dict:
-    return {"model": s.model, "steps": s.steps, "guidance": s.guidance, "minilm": s.minilm}
+    cols = {"model": s.model, "steps": s.steps, "guidance": s.guidance, "minilm": s.minilm}
+    if not s.complete_style:  # said only when off: rows of runs that completed (or had nothing to complete) stay as they were
+        cols["as_typed"] = True
+    return cols
 
 
 def setting_images(setting: Setting, ps: PromptSet, seed: int = 0, cache: Path | None = None,

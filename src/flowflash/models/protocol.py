@@ -82,7 +82,8 @@ class SamplingDefaults:
         named = {"style"} | {_words(s)[0] for s in self.styles}
         if named & set(_words(prompt)):
             return prompt
-        return f"{prompt.rstrip().rstrip('.,;:!').rstrip()}, {self.default_style}"
+        head = re.sub(r"[\s.,;:!?\u2026]+$", "", prompt)  # "a dog face." -> "a dog face, STYLE"
+        return f"{head}, {self.default_style}" if head else self.default_style
 
     @property
     def trained_steps(self) -> tuple[int, ...]:

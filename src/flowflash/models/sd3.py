@@ -373,9 +373,12 @@ class SD3Model:
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         c = self.vae.config
-        # channels-last convolutions: oneDNN's fast layout on CPUs (the fixture's decode 1.4x faster; the same
-        # image as diffusers within its rounding, tests/test_sd3.py)
-        z = (x / c.scaling_factor + c.shift_factor).contiguous(memory_format=torch.channels_last)
+        # the latent in the VAE's own layout: channels-last, as `load` leaves it, is oneDNN's fast layout on CPUs
+        # (the fixture's decode 1.4x faster; the same image as diffusers within its rounding, tests/test_sd3.py);
+        # a VAE moved back to contiguous gets a contiguous latent (the GPU bench times both)
+        fmt = torch.channels_last if self.vae.decoder.conv_in.weight.is_contiguous(
+            memory_format=torch.channels_last) else torch.contiguous_format
+        z = (x / c.scaling_factor + c.shift_factor).contiguous(memory_format=fmt)
         image = self.vae.decode(z, return_dict=False)[0]
         # diffusers' postprocess: [-1, 1] -> [0, 1] in the VAE's dtype, then float, x 255, rounded
         return ((image / 2 + 0.5).clamp(0, 1).float() * 255).round().to(torch.uint8).cpu()

@@ -118,9 +118,13 @@
     fill("guidance", m.guidance);
     fill("width", m.width);
     fill("height", m.height);
-    // A model with a default style appends it to a prompt that names none: say so, and let it be turned off.
-    $("as-typed-row").hidden = !m.default_style;
-    $("as-typed-hint").textContent = m.default_style ? `(else ", ${m.default_style}" is added when no style is named)` : "";
+    showStyleBox(m);
+  }
+
+  // A model with a default style appends it to a prompt that names none: say so, and let it be turned off.
+  function showStyleBox(m) {
+    $("as-typed-row").hidden = !(m && m.default_style);
+    $("as-typed-hint").textContent = m && m.default_style ? `(else ", ${m.default_style}" is added when no style is named)` : "";
   }
 
   async function loadModels() {
@@ -367,7 +371,8 @@
     });
     const dl = el("dl", "params");
     param(dl, "prompt", p.prompt);
-    if (p.drawn_as && p.drawn_as !== p.prompt) param(dl, "drawn as", p.drawn_as);
+    // (the prompt is drawn trimmed: only a change beyond whitespace is news)
+    if (p.drawn_as && p.drawn_as !== (p.prompt ?? "").trim()) param(dl, "drawn as", p.drawn_as);
     param(dl, "negative", p.negative_prompt);
     param(dl, "model", p.model);
     param(dl, seeds.length > 1 ? "seeds" : "seed", seeds.join(", "));
@@ -390,6 +395,7 @@
     $("prompt").value = p.prompt ?? "";
     $("negative").value = p.negative_prompt ?? "";
     $("as-typed").checked = !!p.as_typed;
+    showStyleBox(currentModel());  // the model may have changed above
     $("steps").value = p.steps ?? "";
     $("guidance").value = p.guidance ?? "";
     $("seed").value = seeds.length ? seeds[0] : "";
