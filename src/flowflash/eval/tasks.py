@@ -65,7 +65,7 @@ def validate_judge(data: Path, prompts: PromptSource, out: Path) -> dict:
 
 def setting_columns(s: Setting) -> dict:
     cols = {"model": s.model, "steps": s.steps, "guidance": s.guidance, "minilm": s.minilm}
-    if not s.complete_style:  # said only when off: rows of runs that completed (or had nothing to complete) stay as they were
+    if not s.complete_style:  # said only when off: rows of runs that completed stay as they were
         cols["as_typed"] = True
     return cols
 

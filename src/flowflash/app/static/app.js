@@ -124,7 +124,8 @@
   // A model with a default style appends it to a prompt that names none: say so, and let it be turned off.
   function showStyleBox(m) {
     $("as-typed-row").hidden = !(m && m.default_style);
-    $("as-typed-hint").textContent = m && m.default_style ? `(else ", ${m.default_style}" is added when no style is named)` : "";
+    $("as-typed-hint").textContent =
+      m && m.default_style ? `(else ", ${m.default_style}" is added when no style is named)` : "";
   }
 
   async function loadModels() {
