@@ -73,7 +73,8 @@ def components(model, size: int, reps: int, sync) -> dict:
         return statistics.median(out[1:])
 
     with torch.inference_mode():
-        return {"transformer_ms": timed(lambda: model.velocity(x, t, cond)), "decode_ms": timed(lambda: model.decode(x))}
+        return {"transformer_ms": timed(lambda: model.velocity(x, t, cond)),
+                "decode_ms": timed(lambda: model.decode(x))}
 
 
 def time_size(pipe, size: int, reps: int, sync) -> dict:

@@ -323,8 +323,7 @@ class Worker:
                     continue
                 j.pngs = pngs[a:b]
                 j.params = {"prompt": j.spec.prompt, "drawn_as": p.prompts[a], "as_typed": not spec.complete_style,
-                            "negative_prompt": p.negative_prompt,
-                            "model": j.spec.model,
+                            "negative_prompt": p.negative_prompt, "model": j.spec.model,
                             "steps": p.steps, "guidance": p.guidance, "seed": j.spec.seed, "seeds": j.seeds,
                             "width": p.size[0], "height": p.size[1], "strength": p.strength,
                             "batch_images": len(prompts), "seconds": round(time.time() - started, 4),

@@ -80,7 +80,8 @@ def setting_images(setting: Setting, ps: PromptSet, seed: int = 0, cache: Path |
     return images, {**timings, "sec_per_image": (time.perf_counter() - t0) / len(images)}
 
 
-def score_source(source: Setting | Path, ref: Reference, seed: int = 0, cache: Path | None = None) -> tuple[dict, torch.Tensor]:
+def score_source(source: Setting | Path, ref: Reference, seed: int = 0,
+                 cache: Path | None = None) -> tuple[dict, torch.Tensor]:
     """One result row (and its images) for a setting's images at `seed`, or for a folder of images."""
     if isinstance(source, Setting):
         images, timing = setting_images(source, ref.ps, seed=seed, cache=cache)

@@ -189,8 +189,8 @@ def ship_student(model: Path, dest: Path, runs: list[Path], command: str, metric
     also = (f" The {'last branch was' if merged is not None else 'same weights were'} trained for {also_note(last)} "
             f"step(s) too: `--steps K` samples those times." if last.get("also_steps") else "")
     how = ("in the stages listed below" if merged is None else
-           f"as two branches merged by weight interpolation: {1 - merged:g} x the first listed below + {merged:g} x the "
-           f"second (`flowflash merge SECOND FIRST --ratio {merged:g}`)")
+           f"as two branches merged by weight interpolation: {1 - merged:g} x the first listed below + {merged:g} x "
+           f"the second (`flowflash merge SECOND FIRST --ratio {merged:g}`)")
     card = f"""# {c.name} — model card
 
 A {len(sm.schedule) - 1}-step, CFG-free text-to-emoji student distilled from `emoji-teacher` (50 steps, CFG 4)

@@ -244,8 +244,8 @@ class Pipeline:
             complete_style: bool = True) -> Generation:
         """One image per (prompt, seed) pair; the noise of an image depends on its seed only.
         progress(i) after each denoising step; preview(i, n, images) also (n: the steps this call integrates),
-        with each image's current prediction of the clean image decoded (costs a decode a step). Either may raise to stop the call.
-        A prompt that names no style gets the model's default style, if it has one, unless complete_style=False."""
+        with each image's current prediction of the clean image decoded (costs a decode a step). Either may raise to
+        stop the call. A prompt that names no style gets the model's default style, if it has one, unless complete_style=False."""
         prompts = [validate_prompt(p) for p in prompts]
         if complete_style:
             prompts = [self.sampling.complete(p) for p in prompts]
