@@ -10,6 +10,7 @@ from the start of denoising to its uint8 pixels on the host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -77,6 +78,19 @@ def components(model, size: int, reps: int, sync) -> dict:
                 "decode_ms": timed(lambda: model.decode(x))}
 
 
+def attention(name: str):
+    """The scaled-dot-product-attention backends tried first: "default" is torch's own order (flash first);
+    "cudnn" puts cuDNN's fused attention first (Hopper's fastest in torch, not its default), with the rest behind
+    it so that a shape cuDNN refuses still runs."""
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = {"cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                       SDPBackend.MATH]}[name]
+    return sdpa_kernel(order, set_priority=True)
+
+
 def time_size(pipe, size: int, reps: int, sync) -> dict:
     runs = []
     for r in range(reps + 2):  # two warm-ups
@@ -97,6 +111,10 @@ def main():
                     "(default, reduce-overhead = CUDA graphs, max-autotune-no-cudagraphs)")
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--compile-sizes", default=None, help="sizes to time compiled (default: --sizes)")
+    ap.add_argument("--sdpa", default="default", choices=["default", "cudnn", "compare"],
+                    help="attention backend order; compare times an eager transformer forward and VAE decode at "
+                    "the first size under (default, cudnn.benchmark off) and (cudnn, cudnn.benchmark on) and keeps "
+                    "the faster attention (by the forward) and benchmark setting (by the decode) for the rest")
     a = ap.parse_args()
 
     import torch
@@ -115,6 +133,28 @@ def main():
 
     def save():
         (a.out / "gpu-sd3.json").write_text(json.dumps(res, indent=1))
+
+    backend = a.sdpa
+    if a.sdpa == "compare":
+        # the attention order moves only the transformer and cuDNN's conv autotuning (almost) only the VAE, whose
+        # convolutions dominate it: one A/B pair of calls answers both
+        cmp = res["sdpa_compare"] = {}
+        for name, bench_convs in (("default", False), ("cudnn", True)):
+            torch.backends.cudnn.benchmark = bench_convs
+            with attention(name):
+                cmp[name] = components(model, sizes[0], a.reps, sync)
+        backend = min(cmp, key=lambda k: cmp[k]["transformer_ms"])
+        torch.backends.cudnn.benchmark = cmp["cudnn"]["decode_ms"] < cmp["default"]["decode_ms"]
+        print(json.dumps({"sdpa_compare": cmp, "kept": backend, "cudnn_benchmark": torch.backends.cudnn.benchmark}),
+              flush=True)
+    res["sdpa"], res["cudnn_benchmark"] = backend, torch.backends.cudnn.benchmark
+    save()
+    with attention(backend):
+        timed_rows(a, res, model, pipe, sizes, sync, save)
+
+
+def timed_rows(a, res, model, pipe, sizes, sync, save):
+    import torch
 
     # the VAE's layout on this device: SD3Model.load makes it channels-last (oneDNN's fast one on CPUs)
     layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}

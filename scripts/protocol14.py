@@ -215,17 +215,34 @@ def common_start(a, work: Path, bank: dict, shape) -> dict:
     t0 = time.time()
     teacher = load_model(TEACHER)
     tg_cfg = config(a, method="tg", out=str(work / "tg"), steps=a.tg_iters, tg_pool=a.tg_pool, tg_teacher_steps=6,
-                    ckpt_every=a.tg_iters)
+                    ckpt_every=a.tg_iters, batch_size=a.start_batch)
     student_dir = train(TrajectoryGuidance(tg_cfg, teacher), tg_cfg, CaptionSampler(bank, shape, a.tg_pool))
     t1 = time.time()
     warm_cfg = config(a, method="dmd2", out=str(work / "warm"), steps=a.warm_iters, critic_warmup=a.warm_iters,
-                      init_student=str(student_dir), ckpt_every=a.warm_iters)
+                      init_student=str(student_dir), ckpt_every=a.warm_iters, batch_size=a.start_batch)
     train(DMD2(warm_cfg, load_model(TEACHER), load_model(student_dir)), warm_cfg, CaptionSampler(bank, shape))
-    return {"tg_s": t1 - t0, "warm_s": time.time() - t1, "student": str(student_dir), "critic": str(work / "warm")}
+    return {"tg_s": t1 - t0, "warm_s": time.time() - t1, "student": str(student_dir), "critic": str(work / "warm"),
+            "batch": a.start_batch, "tg_log": last_log(work / "tg"), "warm_log": last_log(work / "warm")}
+
+
+def last_log(run: Path) -> dict | None:
+    """A training run's last logged row (its losses and images/s): how fast the start went, in the report."""
+    f = run / "log.jsonl"
+    rows = f.read_text().splitlines() if f.exists() else []
+    return json.loads(rows[-1]) if rows else None
 
 
 def first(bank: dict, n: int) -> dict:
     return {k: v[:n] for k, v in bank.items()}
+
+
+def eval_points(points: str, updates: int) -> tuple[int, ...]:
+    """The student updates at which a run draws the eval prompts (--points all, half or final)."""
+    per = {"all": 4, "half": 2, "final": 1}[points]
+    if updates % per:
+        raise SystemExit(f"--updates {updates}: a multiple of {per} with --points {points}, so that its evaluation "
+                         "points are whole updates")
+    return {"all": (updates // 4, updates // 2, updates), "half": (updates // 2, updates), "final": (updates,)}[points]
 
 
 def arm_run(a):
@@ -258,7 +275,7 @@ def arm_run(a):
     else:
         kw, updates = dict(ARMS[a.arm]), a.updates
         student_dir, critic_dir = work / "tg" / "student", work / "warm"
-        wanted = (updates,) if a.points == "final" else (updates // 4, updates // 2, updates)
+        wanted = eval_points(a.points, updates)
     method_name = kw.pop("method")
     out = work / f"arm{a.arm}-seed{a.seed}"
     every = min(wanted) if wanted else 0
@@ -408,8 +425,7 @@ def run(a):
     if a.split_from and a.split_from not in a.arms:
         raise SystemExit(f"--split-from {a.split_from}: not among --arms ({', '.join(a.arms)}); the split stage starts "
                          "from that arm's final students")
-    if a.points == "all" and a.updates % 4:
-        raise SystemExit(f"--updates {a.updates}: a multiple of 4, so that 1/4 and 1/2 of it are evaluation points")
+    eval_points(a.points, a.updates)
     check_prepared(Path(a.data))
     device = torch.device(a.device)
     out, work = Path(a.out), Path(a.work)
@@ -621,9 +637,9 @@ def main():
                             "one count per run, each in its own --work and --out)")
         r.add_argument("--lr", type=float, default=1e-4)
         r.add_argument("--threads", type=int, default=1, help="torch threads per process")
-        r.add_argument("--points", choices=["all", "final"], default="all",
-                       help="eval images at 1/4, 1/2 and all updates, or only at the end (smaller: what comes back "
-                            "from a device machine is at most 64 MB: ~2.5 MB per run and point)")
+        r.add_argument("--points", choices=["all", "half", "final"], default="all",
+                       help="eval images at 1/4, 1/2 and all updates, at 1/2 and all, or only at the end (what comes "
+                            "back from a device machine is at most 64 MB, 16 MiB a file: ~2.5 MB per run and point)")
         r.add_argument("--noise-k", type=int, default=16)
         r.add_argument("--noise-ref", type=int, default=256)
         r.add_argument("--split-updates", type=int, default=100, help="student updates of each split-stage run")
@@ -635,9 +651,12 @@ def main():
             r.add_argument("--arms", type=lambda s: s.split(","), default=["A", "B", "C"],
                            help=f"comma-separated, of {', '.join(ARMS)} (the last three: secondary arms)")
             r.add_argument("--seeds", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3])
-            r.add_argument("--tg-iters", type=int, default=2000)
+            # the common start: 128,000 captions each for tg and the critic's warm-up, at a batch that keeps a GPU
+            # busy (at batch 64 it took 371 s of an 8-minute H200 session, bound by kernel launches: stop 27)
+            r.add_argument("--tg-iters", type=int, default=500)
             r.add_argument("--tg-pool", type=int, default=2048)
-            r.add_argument("--warm-iters", type=int, default=2000)
+            r.add_argument("--warm-iters", type=int, default=500)
+            r.add_argument("--start-batch", type=int, default=256, help="batch of the common start's tg and warm-up")
             r.add_argument("--noise-mid", action=argparse.BooleanOptionalAction, default=True,
                            help="the noise table again at the middle of the first seed's A, B and C runs")
             r.add_argument("--split-from", choices=list(ARMS), help="run the split-timestep stage from this arm")

@@ -2,6 +2,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 spec = importlib.util.spec_from_file_location("protocol14", Path(__file__).parents[1] / "scripts" / "protocol14.py")
@@ -72,3 +73,12 @@ def test_the_step_count_reaches_every_config_and_every_arm_subprocess(tmp_path, 
     assert [d["rc"] for d in done] == [0, 0] and len(launched) == 2
     for cmd in launched:
         assert cmd[0] == sys.executable and cmd[cmd.index("--student-steps") + 1] == "2"
+
+
+def test_evaluation_points_and_the_updates_they_need():
+    assert p14.eval_points("all", 256) == (64, 128, 256)
+    assert p14.eval_points("half", 256) == (128, 256) and p14.eval_points("final", 255) == (255,)
+    with pytest.raises(SystemExit, match="--updates 250: a multiple of 4 with --points all"):
+        p14.eval_points("all", 250)
+    with pytest.raises(SystemExit, match="a multiple of 2 with --points half"):
+        p14.eval_points("half", 255)
