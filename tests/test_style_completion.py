@@ -95,6 +95,26 @@ def test_run_draws_the_completed_prompt_and_records_it(styled_model_dir):
     assert torch.equal(a, c) and not torch.equal(a, b)  # completion is exactly the spelled-out prompt
 
 
+def test_the_style_is_not_added_where_the_encoders_would_cut_it(styled_model_dir):
+    pipe = Pipeline.load(styled_model_dir, drop=["minilm"])  # the light encoder alone: 8 words at most
+    assert pipe.complete("a red dog face a red") == "a red dog face a red, twemoji style"  # 8 words: fits
+    seven = "a red dog face a red apple"  # the style would make 9 words and be cut
+    gen = pipe.run([seven], [0], steps=2)
+    assert gen.params.prompts == [seven] and gen.warnings == []  # drawn as typed, nothing cut
+    cut = "a red dog face a red apple dog face"  # cut as typed already: the suffix costs none of its words
+    assert pipe.complete(cut) == f"{cut}, twemoji style"
+    with pytest.warns(UserWarning, match="truncated"):
+        assert any("truncated" in w for w in pipe.run([cut], [0], steps=2).warnings)
+
+
+@pytest.mark.parametrize("drop", [(), ("minilm",), ("light",)])
+def test_fits_agrees_with_the_encoders_own_truncation_warnings(styled_model_dir, drop):
+    model = Pipeline.load(styled_model_dir, drop=drop).model
+    for prompt in ["a dog", "a red dog face, twemoji style", "a red dog face a red apple", "a " * 9 + "dog"]:
+        warned = model.condition([prompt], frozenset(drop), False).warnings != []
+        assert model.fits(prompt, frozenset(drop)) is not warned, prompt
+
+
 def test_cli_records_the_drawn_prompt_and_as_typed_turns_it_off(styled_model_dir, tmp_path, capsys):
     out, raw = tmp_path / "a.png", tmp_path / "b.png"
     assert main(["generate", "a dog face", "--model", str(styled_model_dir), "-o", str(out)]) == 0

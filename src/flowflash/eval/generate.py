@@ -67,7 +67,7 @@ def cache_path(cache: Path, pipe, setting: Setting, seed: int, ps: PromptSet) ->
 
 def drawn_captions(pipe, setting: Setting, ps: PromptSet) -> list[str]:
     """The prompts as the setting draws them (with the model's style completed unless the setting says not)."""
-    return [pipe.sampling.complete(c) for c in ps.captions] if setting.complete_style else ps.captions
+    return [pipe.complete(c) for c in ps.captions] if setting.complete_style else ps.captions
 
 
 def generate_set(setting: Setting, ps: PromptSet, seed: int = 0, batch: int = 64, pipe=None,

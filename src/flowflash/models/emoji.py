@@ -83,6 +83,12 @@ class EmojiModel:
             ctx, pooled = torch.cat([ctx, uctx]), torch.cat([pooled, upooled])
         return Conditioning(ctx.to(self.dtype), pooled.to(self.dtype), notes)
 
+    def fits(self, prompt: str, drop: frozenset[str] = frozenset()) -> bool:
+        """Whether every text encoder in use takes the whole prompt (no truncation warning)."""
+        c = self.net.cfg
+        return self.tokenizer.fits(prompt, c.light_max_tokens) and (
+            self.minilm is None or "minilm" in drop or self.minilm.fits(prompt))
+
     def _encode(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, Tensor, list[str]]:
         """Light-encoder ids and MiniLM states (zeros when MiniLM is dropped), on the model's device."""
         c, b = self.net.cfg, len(prompts)

@@ -141,6 +141,10 @@ class MiniLMEncoder(nn.Module):
         truncated = sum(len(e) > self.max_tokens for e in encs)
         return h * m, F.normalize(pooled, dim=-1), truncated  # padding zeroed so it carries no content
 
+    def fits(self, prompt: str) -> bool:
+        """Whether the prompt's tokens ([CLS] and [SEP] included) fit without being cut."""
+        return len(self.tokenizer.encode(prompt).ids) <= self.max_tokens
+
     def forward(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         h, p, _ = self.encode(prompts)
         return h, p
@@ -165,6 +169,9 @@ class WordTokenizer:
 
     def encode(self, prompt: str) -> list[int]:
         return [self.index.get(w, 1) for w in _WORD.findall(prompt.lower())]
+
+    def fits(self, prompt: str, max_tokens: int) -> bool:
+        return len(self.encode(prompt)) <= max_tokens
 
     def batch(self, prompts: list[str], max_tokens: int) -> tuple[torch.Tensor, int]:
         """Padded ids (B, max_tokens) and how many prompts had more words than fit."""

@@ -237,6 +237,15 @@ class Pipeline:
                         negative_prompt=negative_prompt, init_image=init_image, strength=strength,
                         progress=progress, timesteps=timesteps, complete_style=complete_style).images
 
+    def complete(self, prompt: str) -> str:
+        """The prompt with the model's default style (SamplingDefaults.complete), unless the suffix would make the
+        text encoders cut a prompt that fits as typed: the user's own words win over the style."""
+        styled = self.sampling.complete(prompt)
+        fits = getattr(self.model, "fits", None)  # models with a default style say what fits (the emoji models)
+        if styled != prompt and fits is not None and not fits(styled, self.drop) and fits(prompt, self.drop):
+            return prompt
+        return styled
+
     @torch.inference_mode()
     def run(self, prompts: list[str], seeds: list[int], steps: int | None = None, guidance: float | None = None,
             size: int | tuple[int, int] | None = None, *, negative_prompt: str | None = None, init_image=None,
@@ -248,7 +257,7 @@ class Pipeline:
         stop the call. A prompt that names no style gets the model's default style, if it has one, unless complete_style=False."""
         prompts = [validate_prompt(p) for p in prompts]
         if complete_style:
-            prompts = [self.sampling.complete(p) for p in prompts]
+            prompts = [self.complete(p) for p in prompts]
         if len(prompts) != len(seeds):
             raise FlowflashError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
