@@ -374,3 +374,22 @@ def test_phrasings_caption_singles_as_people_type_them(tiny_corpus, tmp_path):
     assert torch.equal(bank.texts_of(idx, 0.0, gen), idx)  # off: each row's own caption, as before
     b = draw(8, gen)
     assert b.ids.shape[0] == 8 and b.real.shape[0] == 8
+
+
+def test_ema_update_is_the_lerp_of_every_float_tensor_and_copies_the_rest():
+    from flowflash.train.common import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))  # a long counter among the floats
+    ema = EMA(net, 0.9)
+    before = {k: v.clone() for k, v in ema.shadow.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    net(torch.randn(8, 4))  # moves the running stats and the batch counter
+    ema.update(net, 100)
+    d = ema.rate(100)
+    for k, v in net.state_dict().items():
+        want = before[k].lerp(v.float(), 1 - d) if v.dtype.is_floating_point else v
+        assert torch.equal(ema.shadow[k], want), k
+    assert ema.shadow["1.num_batches_tracked"].item() == 1

@@ -154,11 +154,18 @@ class EMA:
     @torch.no_grad()
     def update(self, model: torch.nn.Module, step: int):
         d = self.rate(step)
+        groups: dict[type, tuple[list, list]] = {}  # FSDP2's sharded tensors and plain ones go separately
         for k, v in model.state_dict().items():
             if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1 - d)
+                avg, now = groups.setdefault(type(v), ([], []))
+                avg.append(self.shadow[k])
+                now.append(v.detach().float())
             else:
                 self.shadow[k].copy_(v)
+        # one fused update per group: on a GPU, a launch per tensor (~280 for the emoji model) costs more than the
+        # arithmetic at the batch sizes distillation runs
+        for avg, now in groups.values():
+            torch._foreach_lerp_(avg, now, 1 - d)
 
     def copy_to(self, model: torch.nn.Module):
         load_cast(model, self.shadow)
