@@ -9,7 +9,8 @@
 # then, through the device tool: `bash scripts/device-session.sh` with carry [".whl"].
 set -u
 BENCH_S=${BENCH_S:-0}     # issue 12's bench (eager at 1024 and 512 px, compiled at 1024; ~130 s); 0 skips it
-P14_S=${P14_S:-500}       # issue 14's protocol run, common start included; its runs are killed at this budget
+BENCH_ARGS=${BENCH_ARGS:---compile-sizes 1024}  # e.g. "--skip-eager --sizes 1024 --vae-layout contiguous"
+P14_S=${P14_S:-500}       # issue 14's protocol run, common start included; its runs are killed at this budget; 0 skips it
 SEEDS=${SEEDS:-0,1,2}     # 3 seeds x 2 points (--points half): each arm's image file stays under the 16 MiB a
                           # returned file may hold, and all of them under the 64 MB that come back
 STEPS=${STEPS:-4}         # the students' step count (4, or 2 for the protocol's 2-step rows)
@@ -20,9 +21,12 @@ tar xJf .whl/p14c.tar.xz -C /tmp || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 start=$(date +%s)
 if [ "$BENCH_S" -gt 0 ]; then  # BENCH_S=0 skips the bench (timeout 0 would mean no limit)
-    timeout "$BENCH_S" python3 scripts/gpu_sd3_bench.py --out "$OUT" --compile-sizes 1024 2>&1 | grep -v "kept in float32"
+    # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+    timeout "$BENCH_S" python3 scripts/gpu_sd3_bench.py --out "$OUT" $BENCH_ARGS 2>&1 \
+        | grep -v "kept in float32\|lru_cache\|originates from\|upsampling.py\|is_torch_version\|warn_once\|^$"
     echo "bench: $(( $(date +%s) - start )) s"
 fi
+if [ "$P14_S" -le 0 ]; then echo "total: $(( $(date +%s) - start )) s"; ls -la "$OUT"; exit 0; fi
 timeout $(( P14_S + 45 )) python3 scripts/protocol14.py run --data /tmp/p14c --out "$OUT" --device cuda \
     --seeds "$SEEDS" --arms A,B,C --updates 256 --batch 64 --parallel "$PARALLEL" --points half --budget "$P14_S" \
     --student-steps "$STEPS" 2>&1 \
