@@ -75,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=Parser)
 
     g = sub.add_parser("generate", help="generate images from a prompt",
-                       description="Generate images. Prompts longer than the text encoders take (24 words / "
-                                   "24 MiniLM tokens) are truncated with one warning.")
+                       description="Generate images. Prompts longer than the text encoders take (emoji models: "
+                                   "24 words / 24 MiniLM tokens; SD3: 77 CLIP tokens, --max-sequence-length T5 "
+                                   "tokens) are truncated with one warning.")
     g.add_argument("prompt")
     gs = g.add_mutually_exclusive_group()
     gs.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     gs.add_argument("--timesteps", type=time_list, default=None, help=TIMESTEPS_HELP)
-    g.add_argument("--guidance", type=nonneg_float, default=None, help="CFG scale, >= 0 (1 = no CFG; default: the model's)")
+    g.add_argument("--guidance", type=nonneg_float, default=None, help="CFG scale, >= 0 (<= 1: no CFG; default: the model's)")
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--size", type=size_arg, default=None, help="image size, N or WxH px (default: the model's)")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-prompt", default=None, help="what the unconditional CFG branch encodes (with CFG)")
     g.add_argument("--init-image", default=None, metavar="FILE", help="img2img: start from this image")
     g.add_argument("--strength", type=float, default=0.8,
-                   help="img2img: how far into the schedule to start, in (0, 1] (1 = from pure noise)")
+                   help="img2img: how far into the schedule to start, in (0, 1] (1 = from pure noise; default 0.8)")
     g.add_argument("--drop", action="append", default=[], metavar="ENCODER",
                    help="leave out this text encoder (emoji: light, minilm; SD3: t5, clip_g, clip_l); repeatable")
     g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (same as --drop minilm)")
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the transformer's runtime (openvino: CPU, exported once and cached, for SD3 once per "
                         "size; needs the openvino extra); default torch")
     g.add_argument("--ov-weights", choices=["fp32", "int8", "int4"], default=None,
-                   help="openvino weight compression (int8: the stored grid, same images within 1 level)")
+                   help="openvino weight compression (int8: the stored grid, same images within 1 level); default: "
+                        "int8 for a flowflash model stored int8, else fp32")
     g.add_argument("--low-memory", action="store_true",
                    help="keep quantized weights int8 in memory (same images, smaller resident set)")
     g.add_argument("-o", "--output", default=None, help="PNG file, or a directory (default: outputs/)")
@@ -241,13 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--from-checkpoint", action="store_true",
                     help="with --measure-variance: the roles of the run's last checkpoint, not the initial ones")
 
-    ex = sub.add_parser("export", help="write a model whose teacher was an SD3 pipeline as a plain diffusers folder")
+    ex = sub.add_parser("export", help="write a diffusers SD3 model (e.g. a student distilled from an SD3 pipeline) "
+                                       "as a plain diffusers folder")
     ex.add_argument("model", help="a model folder (a diffusers SD3 folder, e.g. a distilled student)")
     ex.add_argument("--to", required=True)
 
     cv = sub.add_parser("convert", help="rewrite a model folder in the current layout with the given weight storage")
     cv.add_argument("model", help="shipped model name or model folder")
-    cv.add_argument("--storage", choices=["int8", "int6", "int4", "fp16"], default="int8")
+    cv.add_argument("--storage", choices=["int8", "int6", "int4", "fp16"], default="int8", help="default int8")
     cv.add_argument("--to", default=None, help="write here instead of replacing the folder")
 
     dr = sub.add_parser("doctor", help="this machine, the profile `auto` picks for it and why, expected memory")
@@ -259,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Every linear layer's weight stored at --bits (8: a scale per output channel; "
                                     "6 and 4: packed, a scale per 32 columns), dequantized to the compute dtype at "
                                     "load; everything else in fp16. The card lists what was quantized.")
-    qz.add_argument("model", help="shipped model name or model folder (not already quantized)")
+    qz.add_argument("model", help="a model folder not already quantized (fp32 or fp16), or an SD3 pipeline folder (the "
+                    "shipped models are stored int8: `flowflash convert NAME --storage fp16 --to DIR` first)")
     qz.add_argument("--bits", type=int, choices=[8, 6, 4], required=True)
     qz.add_argument("--to", required=True, help="the new model folder (must not exist)")
 
@@ -267,24 +271,25 @@ def build_parser() -> argparse.ArgumentParser:
                                       "or choose RATIO by a sweep on alignment (--sweep)")
     mg.add_argument("a")
     mg.add_argument("b")
-    mg.add_argument("--ratio", type=nonneg_float, default=None)
+    mg.add_argument("--ratio", type=nonneg_float, default=None, help="the weight of A, in [0, 1]")
     mg.add_argument("--sweep", default=None, metavar="R1,R2,...",
                     help="evaluate these ratios on a fixed sample of training prompts (never the held-out set) "
                          "and write the best by CLIP-score analogue to -o")
     mg.add_argument("--data", default=None, help="with --sweep: the built corpus")
-    mg.add_argument("--sweep-prompts", type=positive_int, default=256)
+    mg.add_argument("--sweep-prompts", type=positive_int, default=256, help="training prompts the sweep draws")
     mg.add_argument("--report", default=None, help="with --sweep: results stem (writes .json, .md, .png)")
     mg.add_argument("-o", "--output", required=True)
 
-    gr = sub.add_parser("grid", help="a grid of one image per prompt (a prompts file, one per line)")
-    gr.add_argument("--prompts", required=True, help="a text file, one prompt a line, or a packaged list (grid64, grid64-core)")
+    gr = sub.add_parser("grid", help="a grid of one image per prompt (a packaged list or a file, one per line)")
+    gr.add_argument("--prompts", required=True,
+                    help="a text file, one prompt a line, or a packaged list (grid64, grid64-core, grid64-plain)")
     gr.add_argument("--model", default=None)
     grs = gr.add_mutually_exclusive_group()
     grs.add_argument("--steps", type=positive_int, default=None)
     grs.add_argument("--timesteps", type=time_list, default=None, help=TIMESTEPS_HELP)
     gr.add_argument("--guidance", type=nonneg_float, default=None)
     gr.add_argument("--seed", type=nonneg_int, default=0)
-    gr.add_argument("--cols", type=positive_int, default=8)
+    gr.add_argument("--cols", type=positive_int, default=8, help="images per row")
     gr.add_argument("--as-typed", action="store_true", help="draw each prompt as typed (no style completion)")
     gr.add_argument("--score", metavar="DATA", default=None,
                     help="also rank each single-emoji prompt's caption among all single-emoji captions of the "
@@ -293,10 +298,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     bn = sub.add_parser("bench", help="compare settings side by side: speed (and quality with --quality)")
     bn.add_argument("--setting", action="append", required=True, type=str,
-                    help="NAME=model:teacher,steps:50,guidance:4[,minilm:false][,precision:bf16]; repeat per setting")
+                    help="NAME=model:teacher,steps:50,guidance:4[,minilm:false][,precision:bf16][,lowmem:true]"
+                         "[,threads:N][,backend:openvino][,style:false]; repeat per setting")
     bn.add_argument("--baseline", default=None, help="setting the ratios are against (default: the first)")
     bn.add_argument("--reps", type=positive_int, default=5)
-    bn.add_argument("--prompt", default="grinning face, twemoji style")
+    bn.add_argument("--prompt", default="grinning face, twemoji style", help="the prompt the speed runs draw")
     bn.add_argument("--quality", action="store_true", help="also score each setting on the prompt set")
     bn.add_argument("--memory", action="store_true", help="also measure each setting's peak RSS in a fresh process")
     bn.add_argument("--cold", type=nonneg_int, default=0, metavar="N",
@@ -311,14 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--model", action="append", default=[], help="a model as for generate (repeatable; the first is "
                     "the default; default: the shipped student)")
     sv.add_argument("--host", default="127.0.0.1", help="address to listen on (other than loopback needs --api-key)")
-    sv.add_argument("--port", type=positive_int, default=7860)
-    sv.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' on every API call")
+    sv.add_argument("--port", type=positive_int, default=7860, help="default 7860")
+    sv.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' on every API call "
+                    "(at least 8 characters)")
     sv.add_argument("--max-queue", type=positive_int, default=32, help="jobs that may wait; beyond: HTTP 429")
     sv.add_argument("--max-batch", type=positive_int, default=8, help="images denoised together in one call")
     sv.add_argument("--output-dir", default="outputs/serve", help="where response_format=url images are written")
     sv.add_argument("--drop", action="append", default=[], metavar="ENCODER", help="as for generate")
-    sv.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu")
-    sv.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="as for generate (default cpu)")
+    sv.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="as for generate (default fp32)")
     return p
 
 
