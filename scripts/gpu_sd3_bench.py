@@ -31,7 +31,7 @@ def build(smoke: bool, device: str, dtype):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     from flowflash.models.protocol import SamplingDefaults
-    from flowflash.models.sd3 import SD3Model, SD3TextEncoders
+    from flowflash.models.sd3 import SD3Model, SD3TextEncoders, vae_layout
 
     tcfg = dict(SD35_MEDIUM)
     vcfg = dict(SD3_VAE)
@@ -47,7 +47,7 @@ def build(smoke: bool, device: str, dtype):
         transformer = SD3Transformer2DModel(**tcfg).to(dtype).eval().requires_grad_(False)
         vae = AutoencoderKL(**vcfg).to(dtype).eval().requires_grad_(False)
     params = sum(p.numel() for p in transformer.parameters())
-    vae = vae.to(memory_format=torch.channels_last)  # as SD3Model.load leaves it
+    vae = vae.to(memory_format=vae_layout(vae.device))  # as SD3Model.load leaves it
     text = SD3TextEncoders({}, widths, 256, tcfg["joint_attention_dim"], dtype).to(device)  # every encoder dropped
     model = SD3Model(transformer, vae, FlowMatchEulerDiscreteScheduler(shift=3.0), text, "sd3.5-medium-shaped",
                      SamplingDefaults(steps=4, guidance=1.0, shift=3.0))
@@ -112,7 +112,8 @@ def main():
     ap.add_argument("--skip-eager", action="store_true")
     ap.add_argument("--compile-sizes", default=None, help="sizes to time compiled (default: --sizes)")
     ap.add_argument("--vae-layout", default="auto", choices=["auto", "channels_last", "contiguous"],
-                    help="the VAE's layout for the compiled rows (auto: the faster of the eager 1024 px rows)")
+                    help="the VAE's layout for the compiled rows (auto: the faster of the eager rows at the first "
+                    "size, or the device's own, vae_layout, with --skip-eager)")
     ap.add_argument("--sdpa", default="default", choices=["default", "cudnn", "compare"],
                     help="attention backend order; compare times an eager transformer forward and VAE decode at "
                     "the first size under (default, cudnn.benchmark off) and (cudnn, cudnn.benchmark on) and keeps "
@@ -158,9 +159,12 @@ def main():
 def timed_rows(a, res, model, pipe, sizes, sync, save):
     import torch
 
-    # the VAE's layout on this device: SD3Model.load makes it channels-last (oneDNN's fast one on CPUs)
+    # the VAE's layout on this device: SD3Model.load gives it vae_layout's (contiguous on CUDA, else channels-last)
+    from flowflash.models.sd3 import vae_layout
+
     layouts = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
-    best = ("channels_last", float("inf"))
+    own = next(k for k, v in layouts.items() if v == vae_layout(model.vae.device))  # without eager rows
+    best = (own, float("inf"))
     for size in [] if a.skip_eager else sizes:
         for name in ([*layouts] if size == sizes[0] else [best[0]]):
             model.vae.to(memory_format=layouts[name])

@@ -251,3 +251,19 @@ def test_the_other_transformer_variants_match_diffusers(variant, tmp_path):
     ours = Pipeline.load(folder).generate("a red apple", steps=4, guidance=3.0, seed=2, size=64)[0]
     theirs = diffusers_image(ref, 2, prompt="a red apple", num_inference_steps=4, guidance_scale=3.0, height=64, width=64)
     assert mad(ours, theirs) <= 1.0
+
+
+def test_the_vae_takes_each_devices_fast_layout_and_decode_follows_it(sd3):
+    from flowflash.models.sd3 import vae_layout
+
+    assert vae_layout(torch.device("cpu")) == torch.channels_last  # oneDNN's
+    assert vae_layout("cuda") == torch.contiguous_format and vae_layout(torch.device("cuda", 1)) == torch.contiguous_format
+    model = Pipeline.load(sd3).model
+    assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    x = model.noise([0], (64, 64))
+    last = model.decode(x)
+    model.vae.to(memory_format=torch.contiguous_format)  # as `to("cuda")` leaves it
+    assert not model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert (last.int() - model.decode(x).int()).abs().max() <= 1  # the same image in either layout
+    model.to("cpu")
+    assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)

@@ -211,6 +211,13 @@ class SD3TextEncoders:
         return projection if pooled else hidden
 
 
+def vae_layout(device: torch.device) -> torch.memory_format:
+    """The VAE's memory layout on this kind of device. Channels-last is oneDNN's fast layout on CPUs (the fixture's
+    decode 1.4x faster; the same image as diffusers within its rounding, tests/test_sd3.py); on CUDA cuDNN decoded
+    a contiguous latent faster (H200, eager, 1024 px: 88 ms against 128 ms; docs/benchmarks.md)."""
+    return torch.contiguous_format if torch.device(device).type == "cuda" else torch.channels_last
+
+
 class SD3Model:
     encoder_names = tuple(ENCODERS)
 
@@ -255,7 +262,7 @@ class SD3Model:
         vae = load_component(AutoencoderKL, folder, "vae", dtype)
         text = SD3TextEncoders.load(folder, drop, max_sequence_length, dtype, transformer.config.joint_attention_dim,
                                     widths)
-        vae = vae.to(memory_format=torch.channels_last)  # see decode
+        vae = vae.to(memory_format=vae_layout(vae.device))  # see decode
         model = cls(transformer.eval(), vae.eval(), scheduler, text, folder.name, sampling)
         for m in (transformer, vae):
             m.requires_grad_(False)
@@ -289,6 +296,7 @@ class SD3Model:
     def to(self, device: torch.device | str) -> "SD3Model":
         for m in (self.transformer, self.vae):
             m.to(device)
+        self.vae.to(memory_format=vae_layout(self.vae.device))
         self.text.to(device)
         self._text.clear()  # cached embeddings live on the old device
         return self
@@ -373,9 +381,7 @@ class SD3Model:
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
         c = self.vae.config
-        # the latent in the VAE's own layout: channels-last, as `load` leaves it, is oneDNN's fast layout on CPUs
-        # (the fixture's decode 1.4x faster; the same image as diffusers within its rounding, tests/test_sd3.py);
-        # a VAE moved back to contiguous gets a contiguous latent (the GPU bench times both)
+        # the latent in the VAE's own layout (vae_layout: the device's fast one)
         fmt = torch.channels_last if self.vae.decoder.conv_in.weight.is_contiguous(
             memory_format=torch.channels_last) else torch.contiguous_format
         z = (x / c.scaling_factor + c.shift_factor).contiguous(memory_format=fmt)
