@@ -267,3 +267,17 @@ def test_the_vae_takes_each_devices_fast_layout_and_decode_follows_it(sd3):
     assert (last.int() - model.decode(x).int()).abs().max() <= 1  # the same image in either layout
     model.to("cpu")
     assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_compile_wraps_the_transformer_and_the_vae_decoder_only_on_cuda(sd3, tiny_model_dir, monkeypatch):
+    from flowflash.models.sd3 import SD3Model
+
+    model = Pipeline.load(sd3, compile=True).model  # compiled lazily: nothing is traced until a call
+    assert model.transformer._compiled_call_impl is not None
+    assert model.vae.decoder._compiled_call_impl is None  # on a CPU it did not pay
+    on_gpu = Pipeline.load(sd3).model
+    monkeypatch.setattr(SD3Model, "device", property(lambda self: torch.device("cuda")))  # as placed on one
+    on_gpu.compile()
+    assert on_gpu.transformer._compiled_call_impl is not None and on_gpu.vae.decoder._compiled_call_impl is not None
+    emoji = Pipeline.load(tiny_model_dir, compile=True).model
+    assert emoji.denoiser._compiled_call_impl is not None

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="default cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="denoiser dtype (default fp32)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help=argparse.SUPPRESS)  # old name
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    g.add_argument("--compile", action="store_true", help="torch.compile the transformer (and on CUDA an SD3 VAE decoder), for many images in one process")
     g.add_argument("--backend", choices=["torch", "openvino"], default=None,
                    help="the transformer's runtime (openvino: CPU, exported once and cached, for SD3 once per "
                         "size; needs the openvino extra); default torch")

@@ -48,6 +48,9 @@ class EmojiModel:
     def denoiser(self) -> torch.nn.Module:
         return self.net.transformer
 
+    def compile(self) -> None:
+        self.net.transformer.compile()  # pixel space: nothing to decode
+
     @property
     def device(self) -> torch.device:
         return next(self.net.parameters()).device

@@ -136,7 +136,9 @@ class TextToImageModel(Protocol):
     def dtype(self) -> torch.dtype: ...
 
     @property
-    def denoiser(self) -> torch.nn.Module: ...  # what --compile compiles
+    def denoiser(self) -> torch.nn.Module: ...
+
+    def compile(self) -> None: ...  # torch.compile what pays off on this device (--compile): the denoiser at least
 
     def to(self, device: torch.device | str) -> "TextToImageModel": ...
 

@@ -137,7 +137,7 @@ class Pipeline:
         single .safetensors transformer checkpoint with `config` naming a local diffusers folder.
         drop: text encoders to leave out (emoji: light, minilm; SD3: clip_l, clip_g, t5), never loaded.
         dtype: fp32, bf16 or fp16 for the denoiser (`precision` is its old name). compile: torch.compile the
-        transformer (pays off over repeated calls in one process). backend: "torch", or "openvino" (CPU, fp32:
+        transformer, and on CUDA an SD3 VAE decoder (pays off over repeated calls in one process). backend: "torch", or "openvino" (CPU, fp32:
         the transformer runs as a cached OpenVINO IR, runtime/ov_backend.py; for SD3 one per image size) with ov_weights fp32,
         int8 or int4 (NNCF weight compression). low_memory: a flowflash model's quantized linear weights stay
         int8 in memory, dequantized per call (the same images, a smaller resident set)."""
@@ -183,7 +183,7 @@ class Pipeline:
                 model = EmojiModel.load(path, DTYPES[dtype], drop, low_memory=low_memory)
         model.to(dev)
         if compile:
-            model.denoiser.compile()
+            model.compile()
         pipe = cls(model, path, drop)
         if backend == "openvino":
             from .ov_backend import attach, attach_sd3
