@@ -82,3 +82,33 @@ def test_evaluation_points_and_the_updates_they_need():
         p14.eval_points("all", 250)
     with pytest.raises(SystemExit, match="a multiple of 2 with --points half"):
         p14.eval_points("half", 255)
+
+
+def test_the_common_start_trains_at_its_own_batch_and_reports_its_last_logged_rows(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    import flowflash.methods.dmd2 as dmd2
+    import flowflash.methods.tg as tg
+    import flowflash.models.flow_model as flow_model
+
+    a = argparse.Namespace(student_steps=4, batch=64, start_batch=256, lr=1e-4, device="cpu", tg_iters=5,
+                           tg_pool=8, warm_iters=3)
+    trained = []
+
+    def fake_train(method, cfg, sampler, **kw):
+        trained.append((method, cfg))
+        out = p14.Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        if method == "tg":  # the warm-up logs nothing here: its report says so
+            (out / "log.jsonl").write_text(json.dumps({"step": 4}) + "\n" + json.dumps({"step": 5, "img_s": 9.0}))
+        return out / "student"
+
+    monkeypatch.setattr(p14, "train", fake_train)
+    monkeypatch.setattr(tg, "TrajectoryGuidance", lambda cfg, teacher: "tg")
+    monkeypatch.setattr(dmd2, "DMD2", lambda cfg, teacher, student: "warm")
+    monkeypatch.setattr(flow_model, "load_model", lambda path: None)
+    bank = {"ids": torch.zeros(4, 2, dtype=torch.long)}
+    res = p14.common_start(a, tmp_path, bank, (3, 8, 8))
+    assert [(m, c.batch_size, c.steps) for m, c in trained] == [("tg", 256, 5), ("warm", 256, 3)]
+    assert res["batch"] == 256 and res["tg_log"] == {"step": 5, "img_s": 9.0} and res["warm_log"] is None

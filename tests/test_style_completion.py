@@ -103,16 +103,19 @@ def test_the_style_is_not_added_where_the_encoders_would_cut_it(styled_model_dir
     assert gen.params.prompts == [seven] and gen.warnings == []  # drawn as typed, nothing cut
     cut = "a red dog face a red apple dog face"  # cut as typed already: the suffix costs none of its words
     assert pipe.complete(cut) == f"{cut}, twemoji style"
+    with pytest.raises(FlowflashError, match="empty"):
+        pipe.complete(" ")
     with pytest.warns(UserWarning, match="truncated"):
         assert any("truncated" in w for w in pipe.run([cut], [0], steps=2).warnings)
 
 
-@pytest.mark.parametrize("drop", [(), ("minilm",), ("light",)])
+@pytest.mark.parametrize("drop", [(), ("minilm",), ("light",), ("light", "minilm")])
 def test_fits_agrees_with_the_encoders_own_truncation_warnings(styled_model_dir, drop):
     model = Pipeline.load(styled_model_dir, drop=drop).model
     for prompt in ["a dog", "a red dog face, twemoji style", "a red dog face a red apple", "a " * 9 + "dog"]:
         warned = model.condition([prompt], frozenset(drop), False).warnings != []
         assert model.fits(prompt, frozenset(drop)) is not warned, prompt
+    assert model.fits("a " * 9 + "dog", frozenset(drop)) is (drop == ("light", "minilm"))  # a dropped one never cuts
 
 
 def test_cli_records_the_drawn_prompt_and_as_typed_turns_it_off(styled_model_dir, tmp_path, capsys):
@@ -138,6 +141,11 @@ def test_eval_cache_keys_what_was_drawn(styled_model_dir, tmp_path):
     assert cache_path(tmp_path, pipe, on, 0, plain) != cache_path(tmp_path, pipe, off, 0, plain)
     # a set whose prompts all name a style draws the same either way, under the key it always had
     assert cache_path(tmp_path, pipe, on, 0, styled) == cache_path(tmp_path, pipe, off, 0, styled)
+    # so does a set the style would not fit (the light encoder alone takes 8 words): eval draws as Pipeline does
+    lean = Pipeline.load(styled_model_dir, drop=["minilm"])
+    long = PromptSet("l", "sha3", [{"caption": "a red dog face a red apple"}])
+    on, off = (Setting("x", str(styled_model_dir), drop=("minilm",), complete_style=c) for c in (True, False))
+    assert cache_path(tmp_path, lean, on, 0, long) == cache_path(tmp_path, lean, off, 0, long)
     assert parse_setting("s=model:teacher,style:0").complete_style is False
     assert parse_setting("s=model:teacher").complete_style is True
 

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="leave out this text encoder (emoji: light, minilm; SD3: t5, clip_g, clip_l); repeatable")
     g.add_argument("--no-minilm", action="store_true", help="drop the large text encoder (same as --drop minilm)")
     g.add_argument("--as-typed", action="store_true", help="draw a prompt that names no style as typed (a model whose "
-                   "config names a default_style appends it otherwise; the PNG records the prompt drawn)")
+                   "config names a default_style appends it otherwise, where the text encoders take it whole; the "
+                   "PNG records the prompt drawn)")
     g.add_argument("--max-sequence-length", type=positive_int, default=256, help="T5 tokens (SD3; diffusers' 256)")
     g.add_argument("--profile", choices=["auto", "tiny", "laptop", "desktop", "gpu"], default=None,
                    help="device, dtype, threads, batch size and encoders for this kind of machine (flags given "

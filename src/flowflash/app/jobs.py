@@ -44,7 +44,7 @@ class JobSpec:
     init_image: Image.Image | None = field(default=None, compare=False)
     strength: float = 0.8
     previews: bool = True
-    complete_style: bool = True  # False: a prompt naming no style is drawn as typed (SamplingDefaults.complete)
+    complete_style: bool = True  # False: a prompt naming no style is drawn as typed (Pipeline.complete)
 
     def batch_key(self) -> tuple | None:
         """Jobs with equal keys can share one denoising call; img2img jobs run alone."""

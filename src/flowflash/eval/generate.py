@@ -28,7 +28,7 @@ class Setting:
     backend: str = "torch"  # or openvino, openvino-int8, openvino-int4 (its weight compression)
     low_memory: bool = False  # quantized weights kept int8 in memory (same images)
     threads: int | None = None  # torch CPU threads while this setting runs (None: as the process has them)
-    complete_style: bool = True  # a prompt naming no style gets the model's default style (SamplingDefaults.complete)
+    complete_style: bool = True  # a prompt naming no style gets the model's default style (Pipeline.complete)
 
     def __post_init__(self):
         object.__setattr__(self, "drop", tuple(sorted(set(self.drop))))  # one spelling per encoder set

@@ -89,13 +89,15 @@ class EmojiModel:
     def fits(self, prompt: str, drop: frozenset[str] = frozenset()) -> bool:
         """Whether every text encoder in use takes the whole prompt (no truncation warning)."""
         c = self.net.cfg
-        return self.tokenizer.fits(prompt, c.light_max_tokens) and (
+        return ("light" in drop or self.tokenizer.fits(prompt, c.light_max_tokens)) and (
             self.minilm is None or "minilm" in drop or self.minilm.fits(prompt))
 
     def _encode(self, prompts: list[str], drop: frozenset[str]) -> tuple[Tensor, Tensor, Tensor, list[str]]:
         """Light-encoder ids and MiniLM states (zeros when MiniLM is dropped), on the model's device."""
         c, b = self.net.cfg, len(prompts)
         ids, cut_light = self.tokenizer.batch(prompts, c.light_max_tokens)
+        # a dropped encoder's input is zeroed, so its cut is no news
+        cut_light = cut_light and "light" not in drop
         notes = [f"prompt longer than {c.light_max_tokens} words: truncated"] if cut_light else []
         if self.minilm is None or "minilm" in drop:
             mh = torch.zeros(b, c.minilm_max_tokens, MiniLMEncoder.dim)

@@ -75,8 +75,9 @@ class SamplingDefaults:
                                  f"{list(self.styles)}")
 
     def complete(self, prompt: str) -> str:
-        """The prompt as the model draws it: with the default style appended when it names no style (a style's
-        first word, e.g. "twemoji" or "fluent", or the word "style"); unchanged for a model without one."""
+        """The prompt with the default style appended when it names no style (a style's first word, e.g.
+        "twemoji" or "fluent", or the word "style"); unchanged for a model without one. Pipeline.complete draws
+        it, unless the suffix would make the text encoders cut a prompt that fits as typed."""
         if self.default_style is None:
             return prompt
         named = {"style"} | {_words(s)[0] for s in self.styles}

@@ -228,7 +228,7 @@ class Pipeline:
         guidance <= 1 turns classifier-free guidance off (as diffusers). init_image (a PIL image or a path)
         with strength in (0, 1]: img2img, starting that far into the schedule from the noised image.
         timesteps (e.g. [1, 0.5, 0]) in place of steps: the times to integrate, not the model's own.
-        complete_style=False draws a prompt that names no style as typed (see SamplingDefaults.complete)."""
+        complete_style=False draws a prompt that names no style as typed (see Pipeline.complete)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if isinstance(num_images, bool) or not isinstance(num_images, int) or num_images < 1:
             raise FlowflashError(f"num_images must be a positive integer, got {num_images!r}")
@@ -240,6 +240,7 @@ class Pipeline:
     def complete(self, prompt: str) -> str:
         """The prompt with the model's default style (SamplingDefaults.complete), unless the suffix would make the
         text encoders cut a prompt that fits as typed: the user's own words win over the style."""
+        prompt = validate_prompt(prompt)
         styled = self.sampling.complete(prompt)
         fits = getattr(self.model, "fits", None)  # models with a default style say what fits (the emoji models)
         if styled != prompt and fits is not None and not fits(styled, self.drop) and fits(prompt, self.drop):
@@ -254,7 +255,8 @@ class Pipeline:
         """One image per (prompt, seed) pair; the noise of an image depends on its seed only.
         progress(i) after each denoising step; preview(i, n, images) also (n: the steps this call integrates),
         with each image's current prediction of the clean image decoded (costs a decode a step). Either may raise to
-        stop the call. A prompt that names no style gets the model's default style, if it has one, unless complete_style=False."""
+        stop the call. A prompt that names no style gets the model's default style, if it has one and it fits (see
+        complete), unless complete_style=False."""
         prompts = [validate_prompt(p) for p in prompts]
         if complete_style:
             prompts = [self.complete(p) for p in prompts]

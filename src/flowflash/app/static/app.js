@@ -125,7 +125,7 @@
   function showStyleBox(m) {
     $("as-typed-row").hidden = !(m && m.default_style);
     $("as-typed-hint").textContent =
-      m && m.default_style ? `(else ", ${m.default_style}" is added when no style is named)` : "";
+      m && m.default_style ? `(else ", ${m.default_style}" is added when no style is named and it fits)` : "";
   }
 
   async function loadModels() {
