@@ -6,19 +6,24 @@
 #       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1
 #   python scripts/protocol14.py prepare --data data/emoji64 --captions 1000 --to /tmp/p14c
 #   rm /tmp/p14c/images.safetensors && tar cJf .whl/p14c.tar.xz -C /tmp p14c   # 8.4 MB: the tree + wheel fit 64 MiB
-# then, through the device tool: `bash scripts/device-session.sh` with carry [".whl"].
+# then, through the device tool: `bash scripts/device-session.sh` with carry [".whl"] (timeout_s 600), and at once
+# after it, while the machine is still warm (it goes back after 30 s idle), with what the session has left:
+# `RESUME=1 P14_S=<seconds left - 80> bash scripts/device-session.sh`: the stopped runs go on from their checkpoints.
 set -u
 BENCH_S=${BENCH_S:-0}     # issue 12's bench (eager at 1024 and 512 px, compiled at 1024; ~130 s); 0 skips it
 BENCH_ARGS=${BENCH_ARGS---compile-sizes 1024}  # e.g. "--skip-eager --sizes 1024 --vae-layout contiguous"
-P14_S=${P14_S:-$(( 500 - BENCH_S ))}  # issue 14's protocol, common start included: its runs are killed at this
-                          # budget (what the bench leaves of the call's 600 s); 0 skips it
+P14_S=${P14_S:-$(( 500 - BENCH_S ))}  # issue 14's protocol, common start included: its runs are stopped (and
+                          # checkpoint) at this budget, what the bench leaves of the call's 600 s; 0 skips it
 SEEDS=${SEEDS:-0,1,2}     # 3 seeds x 2 points (--points half): each arm's image file stays under the 16 MiB a
                           # returned file may hold, and all of them under the 64 MB that come back
 STEPS=${STEPS:-4}         # the students' step count (4, or 2 for the protocol's 2-step rows)
 PARALLEL=${PARALLEL:-9}   # arm runs at a time (each is bound by kernel launches at batch 64: one CPU core each)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/diffusers-*.whl || exit 1
+RESUME=${RESUME:-0}       # 1: go on from this machine's /tmp/p14-work (a second call while it is still warm)
+# a second call on the same warm machine finds both in place
+[ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl/diffusers-*.whl || exit 1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
-tar xJf .whl/p14c.tar.xz -C /tmp || exit 1
+[ -d /tmp/p14c ] || tar xJf .whl/p14c.tar.xz -C /tmp || exit 1
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 start=$(date +%s)
 if [ "$BENCH_S" -gt 0 ]; then  # BENCH_S=0 skips the bench (timeout 0 would mean no limit)
@@ -28,9 +33,9 @@ if [ "$BENCH_S" -gt 0 ]; then  # BENCH_S=0 skips the bench (timeout 0 would mean
     echo "bench: $(( $(date +%s) - start )) s"
 fi
 if [ "$P14_S" -le 0 ]; then echo "total: $(( $(date +%s) - start )) s"; ls -la "$OUT"; exit 0; fi
-timeout $(( P14_S + 45 )) python3 scripts/protocol14.py run --data /tmp/p14c --out "$OUT" --device cuda \
+timeout $(( P14_S + 60 )) python3 scripts/protocol14.py run --data /tmp/p14c --out "$OUT" --device cuda \
     --seeds "$SEEDS" --arms A,B,C --updates 256 --batch 64 --parallel "$PARALLEL" --points half --budget "$P14_S" \
-    --student-steps "$STEPS" 2>&1 \
+    --student-steps "$STEPS" $( [ "$RESUME" = 1 ] && echo --resume ) 2>&1 \
     | grep -v "it/s\]\|s/it\]" | tail -n 40
 for f in /tmp/p14-work/logs/*.log; do echo "== $f"; tail -c 240 "$f" | tr '\r' '\n' | tail -n 2; done
 [ -f "$OUT/protocol14.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]));

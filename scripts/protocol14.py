@@ -179,13 +179,21 @@ def config(a, **kw):
     return DistillConfig(**base)
 
 
-def train(method, cfg, sampler, sample=None, ema_warmup: bool = True):
+def train(method, cfg, sampler, sample=None, ema_warmup: bool = True, resume: bool = False):
     from flowflash.train.common import Dist
     from flowflash.train.loop import LOOP_FIELDS, train_loop
 
     type(method).check_config(cfg, LOOP_FIELDS)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return train_loop(method, sampler, cfg, Dist(), ema_warmup=ema_warmup, sample=sample)
+    return train_loop(method, sampler, cfg, Dist(), ema_warmup=ema_warmup, sample=sample, resume=resume)
+
+
+def checkpoint_step(run: Path) -> int | None:
+    """The step of a run's last checkpoint (train_loop's layout; its .old copy after a crash between renames)."""
+    for folder in (run / "checkpoint", run / "checkpoint.old"):
+        if (folder / "state.json").exists():
+            return int(json.loads((folder / "state.json").read_text())["state"]["step"])
+    return None
 
 
 @torch.no_grad()
@@ -281,13 +289,17 @@ def arm_run(a):
     every = min(wanted) if wanted else 0
     if a.noise_mid and not stage:
         every = math.gcd(every, updates // 2)
+    # checkpoints every --ckpt-updates (48: between the evaluation points, so a run stopped while it draws one
+    # redraws it), and when `run` stops it at the budget (SIGTERM: the step in hand ends, then a checkpoint)
     cfg = config(a, method=method_name, out=str(out), seed=a.seed, steps=6 * updates, critic_ratio=5,
                  init_student=str(student_dir), init_critic=str(critic_dir), sample_every=6 * every,
-                 ckpt_every=6 * updates, **kw)
+                 ckpt_every=6 * min(a.ckpt_updates, updates), **kw)
     teacher = load_model(TEACHER)
     method = DISTILL_METHODS[method_name](cfg, teacher, load_model(student_dir))
     carry_critic(method, critic_dir)
-    images, t0 = {}, time.time()
+    resume = a.resume and checkpoint_step(out) is not None
+    images_f = results / f"images-{a.arm}-{a.seed}.npz"
+    images, t0 = (dict(np.load(images_f)) if resume and images_f.exists() else {}), time.time()
     sampler = CaptionSampler(bank, (3, 64, 64))
 
     def sample(folder, png):
@@ -298,7 +310,7 @@ def arm_run(a):
             model = load_model(folder).to(device)
             images[f"u{done}"] = eval_images(model, evalb, device).numpy()
             # written at once: a run stopped at the budget keeps the points it reached
-            np.savez_compressed(results / f"images-{a.arm}-{a.seed}.npz", **images)
+            np.savez_compressed(images_f, **images)
             if plainb is not None and done == updates:
                 np.savez_compressed(results / f"plain-{a.arm}-{a.seed}.npz",
                                     **{f"u{done}": eval_images(model, plainb, device).numpy()})
@@ -308,9 +320,15 @@ def arm_run(a):
 
     # a split branch's EMA stays anchored to its start (as `flowflash distill` does), and so does the unsplit
     # control's: the merges and the control differ only in the split
-    train(method, cfg, sampler, sample=sample, ema_warmup=not stage)
+    folder = train(method, cfg, sampler, sample=sample, ema_warmup=not stage, resume=resume)
+    step = checkpoint_step(out)
+    if step != cfg.steps:  # stopped at the budget: `run --resume` goes on from the checkpoint
+        print(f"stopped at step {step} of {cfg.steps}", flush=True)
+        raise SystemExit(3)
+    if updates in wanted and f"u{updates}" not in images:  # resumed from the final checkpoint before its draw
+        sample(folder, f"step{cfg.steps:06d}.png")
     (results / f"run-{a.arm}-{a.seed}.json").write_text(json.dumps(
-        {"arm": a.arm, "seed": a.seed, "updates": updates, "seconds": time.time() - t0,
+        {"arm": a.arm, "seed": a.seed, "updates": updates, "seconds": time.time() - t0, "resumed": resume,
          "config": {k: v for k, v in vars(cfg).items()}}, default=str))
 
 
@@ -388,12 +406,15 @@ def run_jobs(a, jobs: list, work: Path, start: float) -> list[dict]:
                    "--batch", str(a.batch), "--lr", str(a.lr), "--threads", str(a.threads), "--points", a.points,
                    "--student-steps", str(a.student_steps),
                    "--split-updates", str(a.split_updates), "--split-at", str(a.split_at), "--train-prompts",
-                   str(a.train_prompts), "--noise-k", str(a.noise_k), "--noise-ref", str(a.noise_ref)]
+                   str(a.train_prompts), "--noise-k", str(a.noise_k), "--noise-ref", str(a.noise_ref),
+                   "--ckpt-updates", str(a.ckpt_updates)]
+            if a.resume:
+                cmd.append("--resume")
             if a.split_from:
                 cmd += ["--from-arm", a.split_from]
             if a.noise_mid and s == a.seeds[0] and arm in ("A", "B", "C"):
                 cmd.append("--noise-mid")
-            log = open(logs / f"{arm}-{s}.log", "w")
+            log = open(logs / f"{arm}-{s}.log", "a")  # a resumed run adds to its first call's log
             running.append((arm, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
         time.sleep(1)
         for r in list(running):
@@ -402,9 +423,20 @@ def run_jobs(a, jobs: list, work: Path, start: float) -> list[dict]:
                 r[3].close()
                 done.append({"arm": r[0], "seed": r[1], "rc": r[2].returncode})
         if time.time() - start > a.budget:
+            # SIGTERM: each run ends its step and checkpoints (train_loop's graceful stop), so `--resume` loses
+            # nothing; a run still going after the grace period is killed
+            for _, _, p, _ in running:
+                p.terminate()
+            deadline = time.time() + a.stop_grace
             for arm, s, p, log in running:
-                p.kill()
-                done.append({"arm": arm, "seed": s, "rc": "killed at the budget"})
+                try:
+                    rc = p.wait(timeout=max(0.0, deadline - time.time()))
+                    how = "stopped at the budget (checkpointed)" if rc == 3 else f"ended at the budget (rc {rc})"
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    how = "killed at the budget"
+                log.close()
+                done.append({"arm": arm, "seed": s, "rc": how})
             running, jobs = [], []
     return done
 
@@ -433,6 +465,13 @@ def run(a):
     (work / "results").mkdir(parents=True, exist_ok=True)
     bank = load_bank(Path(a.data) / "train.safetensors", device)
     shape = (3, 64, 64)
+    saved = work / "report.json"  # the common start's report, for --resume
+    if a.resume and saved.exists():
+        done = run_rest(a, json.loads(saved.read_text()), work, out, device, start)
+        print(json.dumps({"runs": done, "seconds": time.time() - start}, indent=1))
+        return
+    if a.resume:
+        print(f"--resume: no common start in {work}; starting from scratch", flush=True)
     report = {"args": vars(a), "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     report["start"] = common_start(a, work, bank, shape)
     # gradient noise on the common start, the same roles for every arm
@@ -446,17 +485,28 @@ def run(a):
     report["noise"]["seconds"] = time.time() - t
     del m
     (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
-    # every arm x seed, a few at a time; then the split stage from --split-from's finals, then its merges
-    done = run_jobs(a, [(arm, s) for s in a.seeds for arm in a.arms], work, start)
+    saved.write_text(json.dumps(report, indent=1, default=str))
+    done = run_rest(a, report, work, out, device, start)
+    print(json.dumps({"runs": done, "seconds": time.time() - start}, indent=1))
+
+
+def run_rest(a, report: dict, work: Path, out: Path, device, start: float) -> list[dict]:
+    """Every arm x seed without a finished record, a few at a time; then the split stage from --split-from's
+    finals, then its merges; then the images and records packed into --out."""
+    results = work / "results"
+    todo = lambda pairs: [(x, s) for x, s in pairs if not (results / f"run-{x}-{s}.json").exists()]
+    done = run_jobs(a, todo([(arm, s) for s in a.seeds for arm in a.arms]), work, start)
     if a.split_from:
-        done += run_jobs(a, [(st, s) for s in a.seeds for st in STAGES], work, start)
+        done += run_jobs(a, todo([(st, s) for s in a.seeds for st in STAGES]), work, start)
         t = time.time()
-        report["merges"] = {"seeds": merges(a, work, work / "results", device), "ratios": a.merge_ratios,
+        report["merges"] = {"seeds": merges(a, work, results, device), "ratios": a.merge_ratios,
                             "seconds": time.time() - t}
+    report["calls"] = report.get("calls", []) + [{"resumed": a.resume, "runs": done, "seconds": time.time() - start}]
     report["runs"], report["seconds"] = done, time.time() - start
-    pack(work / "results", out, report)
+    pack(results, out, report)
     (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
-    print(json.dumps({"runs": done, "seconds": report["seconds"]}, indent=1))
+    (work / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    return done
 
 
 # ------------------------------------------------------------------ score (here: the judge and the real images)
@@ -646,6 +696,9 @@ def main():
         r.add_argument("--split-at", type=float, default=0.5, help="low branch: student times t <= this")
         r.add_argument("--train-prompts", type=int, default=256,
                        help="training captions the split stage's runs also draw (the merge ratio's pick)")
+        r.add_argument("--ckpt-updates", type=int, default=48, help="an arm run checkpoints every this many updates")
+        r.add_argument("--resume", action="store_true",
+                       help="go on from --work: the common start as saved, each unfinished run from its checkpoint")
         if name == "run":
             r.add_argument("--out", required=True)
             r.add_argument("--arms", type=lambda s: s.split(","), default=["A", "B", "C"],
@@ -662,7 +715,10 @@ def main():
             r.add_argument("--split-from", choices=list(ARMS), help="run the split-timestep stage from this arm")
             r.add_argument("--merge-ratios", type=lambda s: [float(x) for x in s.split(",")], default=list(MERGE_RATIOS))
             r.add_argument("--parallel", type=int, default=6, help="arm runs at a time")
-            r.add_argument("--budget", type=float, default=440, help="seconds; runs still going then are killed")
+            r.add_argument("--budget", type=float, default=440,
+                           help="seconds; runs still going then are stopped (they checkpoint) and the rest is packed")
+            r.add_argument("--stop-grace", type=float, default=25,
+                           help="seconds a run stopped at the budget has to checkpoint before it is killed")
         else:
             r.add_argument("--arm", choices=[*ARMS, *STAGES], required=True)
             r.add_argument("--from-arm", choices=list(ARMS), help="the split stage's start (with --arm split_*/unsplit)")

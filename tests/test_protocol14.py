@@ -54,7 +54,8 @@ def test_the_step_count_reaches_every_config_and_every_arm_subprocess(tmp_path, 
 
     a = argparse.Namespace(student_steps=2, batch=4, lr=1e-4, device="cpu", parallel=6, budget=60, data="d",
                            updates=8, threads=1, points="final", split_updates=4, split_at=0.5, train_prompts=2,
-                           noise_k=2, noise_ref=2, split_from=None, noise_mid=False, seeds=[0])
+                           noise_k=2, noise_ref=2, split_from=None, noise_mid=False, seeds=[0], ckpt_updates=48,
+                           resume=True)
     assert p14.config(a, method="tg").student_steps == 2 and p14.config(a, method="dmd2").student_steps == 2
     launched = []
 
@@ -73,6 +74,7 @@ def test_the_step_count_reaches_every_config_and_every_arm_subprocess(tmp_path, 
     assert [d["rc"] for d in done] == [0, 0] and len(launched) == 2
     for cmd in launched:
         assert cmd[0] == sys.executable and cmd[cmd.index("--student-steps") + 1] == "2"
+        assert cmd[cmd.index("--ckpt-updates") + 1] == "48" and "--resume" in cmd  # a resumed run's arms resume
 
 
 def test_evaluation_points_and_the_updates_they_need():
