@@ -8,7 +8,8 @@
 #   rm /tmp/p14c/images.safetensors && tar cJf .whl/p14c.tar.xz -C /tmp p14c   # 8.4 MB: the tree + wheel fit 64 MiB
 # then, through the device tool: `bash scripts/device-session.sh` with carry [".whl"] (timeout_s 600), and at once
 # after it, while the machine is still warm (it goes back after 30 s idle), with what the session has left:
-# `RESUME=1 P14_S=<seconds left - 80> bash scripts/device-session.sh`: the stopped runs go on from their checkpoints.
+# `RESUME=1 P14_S=<seconds left - 80> bash scripts/device-session.sh`: the stopped runs go on from their checkpoints
+# (if none was stopped, add SEEDS=3,4,5: new seeds from the same common start; a call returns its own seeds' images).
 set -u
 BENCH_S=${BENCH_S:-0}     # issue 12's bench (eager at 1024 and 512 px, compiled at 1024; ~130 s); 0 skips it
 BENCH_ARGS=${BENCH_ARGS---compile-sizes 1024}  # e.g. "--skip-eager --sizes 1024 --vae-layout contiguous"

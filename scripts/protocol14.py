@@ -375,9 +375,10 @@ def merges(a, work: Path, results: Path, device):
     return done
 
 
-def pack(results: Path, out: Path, report: dict):
+def pack(results: Path, out: Path, report: dict, seeds: list[int] | None = None):
     """Few files back from a device machine (it returns at most 8): one image file per arm (keys
-    s<seed>_u<updates>) and every run's record inside the report."""
+    s<seed>_u<updates>), only of `seeds` (a resumed call that adds seeds returns its own: an earlier call's came
+    back with it), and every run's record inside the report."""
     import numpy as np
 
     report["run_records"] = [json.loads(f.read_text()) for f in sorted(results.glob("run-*.json"))]
@@ -388,8 +389,10 @@ def pack(results: Path, out: Path, report: dict):
             both = {}
             for f in sorted(results.glob(f"{kind}-{arm}-*.npz")):
                 seed = f.stem.split("-")[2]
-                both.update({f"s{seed}_{k}": v for k, v in np.load(f).items()})
-            np.savez_compressed(out / f"{kind}-{arm}.npz", **both)
+                if seeds is None or int(seed) in seeds:
+                    both.update({f"s{seed}_{k}": v for k, v in np.load(f).items()})
+            if both:
+                np.savez_compressed(out / f"{kind}-{arm}.npz", **both)
 
 
 def run_jobs(a, jobs: list, work: Path, start: float) -> list[dict]:
@@ -503,7 +506,7 @@ def run_rest(a, report: dict, work: Path, out: Path, device, start: float) -> li
                             "seconds": time.time() - t}
     report["calls"] = report.get("calls", []) + [{"resumed": a.resume, "runs": done, "seconds": time.time() - start}]
     report["runs"], report["seconds"] = done, time.time() - start
-    pack(results, out, report)
+    pack(results, out, report, a.seeds)
     (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
     (work / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return done

@@ -114,3 +114,19 @@ def test_the_common_start_trains_at_its_own_batch_and_reports_its_last_logged_ro
     res = p14.common_start(a, tmp_path, bank, (3, 8, 8))
     assert [(m, c.batch_size, c.steps) for m, c in trained] == [("tg", 256, 5), ("warm", 256, 3)]
     assert res["batch"] == 256 and res["tg_log"] == {"step": 5, "img_s": 9.0} and res["warm_log"] is None
+
+
+def test_pack_returns_one_file_per_arm_of_the_calls_own_seeds(tmp_path):
+    import numpy as np
+
+    results, out = tmp_path / "results", tmp_path / "out"
+    results.mkdir(), out.mkdir()
+    for arm in ("A", "B"):
+        for seed in (0, 1, 3):
+            np.savez_compressed(results / f"images-{arm}-{seed}.npz", u2=np.full((1, 3, 2, 2), seed, np.uint8))
+    report = {}
+    p14.pack(results, out, report, seeds=[1, 3])
+    assert sorted(f.name for f in out.iterdir()) == ["images-A.npz", "images-B.npz"]
+    got = np.load(out / "images-A.npz")
+    assert sorted(got.keys()) == ["s1_u2", "s3_u2"] and int(got["s3_u2"].max()) == 3
+    assert report["run_records"] == [] and report["noise_mid"] == {}
