@@ -269,6 +269,7 @@ def test_the_vae_takes_each_devices_fast_layout_and_decode_follows_it(sd3):
     assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, at compile
 def test_compile_wraps_the_transformer_and_the_vae_decoder_only_on_cuda(sd3, tiny_model_dir, monkeypatch):
     from flowflash.models.sd3 import SD3Model
 
