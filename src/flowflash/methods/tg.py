@@ -29,9 +29,13 @@ class TrajectoryGuidance(StudentMethod):
         if self.bank is None:
             self.bank = torch.zeros(self.cfg.tg_pool, len(self.schedule), *b.noise.shape[1:], device=b.noise.device)
             self.banked = torch.zeros(self.cfg.tg_pool, dtype=torch.bool)
-        missing = [k for k in b.key.unique().tolist() if not self.banked[k]]
+        keys = b.key.tolist()  # one read from the device, not one per key
+        first = {}
+        for row, k in enumerate(keys):
+            first.setdefault(k, row)
+        missing = sorted(k for k in first if not self.banked[k])  # in key order, as before
         if missing:
-            rows = torch.tensor([int((b.key == k).nonzero()[0]) for k in missing])  # once per key
+            rows = torch.tensor([first[k] for k in missing])  # once per key
             self.bank[missing] = torch.stack(self.integrate(b.rows(rows)), 1)
             self.banked[missing] = True
         return list(self.bank[b.key].unbind(1))
