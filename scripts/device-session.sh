@@ -20,6 +20,8 @@ SEEDS=${SEEDS:-0,1,2}     # 3 seeds x 2 points (--points half): each arm's image
 STEPS=${STEPS:-4}         # the students' step count (4, or 2 for the protocol's 2-step rows)
 PARALLEL=${PARALLEL:-9}   # arm runs at a time (each is bound by kernel launches at batch 64: one CPU core each)
 RESUME=${RESUME:-0}       # 1: go on from this machine's /tmp/p14-work (a second call while it is still warm)
+ARMS=${ARMS:-A,B,C}       # or the secondary arms (B_matching,B_uniform,B_teacher,B_adv: B_adv needs the images)
+P14_ARGS=${P14_ARGS:-}    # more protocol14.py run arguments, e.g. "--split-from B --split-updates 100"
 # a second call on the same warm machine finds both in place
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site .whl/diffusers-*.whl || exit 1
@@ -35,8 +37,8 @@ if [ "$BENCH_S" -gt 0 ]; then  # BENCH_S=0 skips the bench (timeout 0 would mean
 fi
 if [ "$P14_S" -le 0 ]; then echo "total: $(( $(date +%s) - start )) s"; ls -la "$OUT"; exit 0; fi
 timeout $(( P14_S + 60 )) python3 scripts/protocol14.py run --data /tmp/p14c --out "$OUT" --device cuda \
-    --seeds "$SEEDS" --arms A,B,C --updates 256 --batch 64 --parallel "$PARALLEL" --points half --budget "$P14_S" \
-    --student-steps "$STEPS" $( [ "$RESUME" = 1 ] && echo --resume ) 2>&1 \
+    --seeds "$SEEDS" --arms "$ARMS" --updates 256 --batch 64 --parallel "$PARALLEL" --points half --budget "$P14_S" \
+    --student-steps "$STEPS" $( [ "$RESUME" = 1 ] && echo --resume ) $P14_ARGS 2>&1 \
     | grep -v "it/s\]\|s/it\]" | tail -n 40
 for f in /tmp/p14-work/logs/*.log; do echo "== $f"; tail -c 240 "$f" | tr '\r' '\n' | tail -n 2; done
 [ -f "$OUT/protocol14.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]));
