@@ -10,6 +10,10 @@
 # after it, while the machine is still warm (it goes back after 30 s idle), with what the session has left:
 # `RESUME=1 P14_S=<seconds left - 80> bash scripts/device-session.sh`: the stopped runs go on from their checkpoints
 # (if none was stopped, add SEEDS=3,4,5: new seeds from the same common start; a call returns its own seeds' images).
+# A dry run of both calls here (stop 27; PATH with the venv's python3 first, OUT set):
+#   DEVICE=cpu UPDATES=8 BATCH=2 PARALLEL=3 SEEDS=0 P14_S=70 P14_ARGS="--tg-iters 4 --warm-iters 4 --start-batch 4
+#   --tg-pool 8 --noise-k 2 --noise-ref 2 --ckpt-updates 3 --no-noise-mid" bash scripts/device-session.sh, then the
+#   same with RESUME=1 P14_S=600.
 set -u
 BENCH_S=${BENCH_S:-0}     # issue 12's bench (eager at 1024 and 512 px, compiled at 1024; ~130 s); 0 skips it
 BENCH_ARGS=${BENCH_ARGS---compile-sizes 1024}  # e.g. "--skip-eager --sizes 1024 --vae-layout contiguous"
@@ -22,12 +26,15 @@ PARALLEL=${PARALLEL:-9}   # arm runs at a time (each is bound by kernel launches
 RESUME=${RESUME:-0}       # 1: go on from this machine's /tmp/p14-work (a second call while it is still warm)
 ARMS=${ARMS:-A,B,C}       # or the secondary arms (B_matching,B_uniform,B_teacher,B_adv: B_adv needs the images)
 P14_ARGS=${P14_ARGS:-}    # more protocol14.py run arguments, e.g. "--split-from B --split-updates 100"
+UPDATES=${UPDATES:-256}   # student updates per run; BATCH its batch; DEVICE=cpu for a dry run here
+BATCH=${BATCH:-64}
+DEVICE=${DEVICE:-cuda}
 # a second call on the same warm machine finds both in place
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site .whl/diffusers-*.whl || exit 1
 export PYTHONPATH=/tmp/site:src PYTHONUNBUFFERED=1
 [ -d /tmp/p14c ] || tar xJf .whl/p14c.tar.xz -C /tmp || exit 1
-nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
 start=$(date +%s)
 if [ "$BENCH_S" -gt 0 ]; then  # BENCH_S=0 skips the bench (timeout 0 would mean no limit)
     # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
@@ -36,8 +43,9 @@ if [ "$BENCH_S" -gt 0 ]; then  # BENCH_S=0 skips the bench (timeout 0 would mean
     echo "bench: $(( $(date +%s) - start )) s"
 fi
 if [ "$P14_S" -le 0 ]; then echo "total: $(( $(date +%s) - start )) s"; ls -la "$OUT"; exit 0; fi
-timeout $(( P14_S + 60 )) python3 scripts/protocol14.py run --data /tmp/p14c --out "$OUT" --device cuda \
-    --seeds "$SEEDS" --arms "$ARMS" --updates 256 --batch 64 --parallel "$PARALLEL" --points half --budget "$P14_S" \
+timeout $(( P14_S + 60 )) python3 scripts/protocol14.py run --data /tmp/p14c --out "$OUT" --device "$DEVICE" \
+    --seeds "$SEEDS" --arms "$ARMS" --updates "$UPDATES" --batch "$BATCH" --parallel "$PARALLEL" --points half \
+    --budget "$P14_S" \
     --student-steps "$STEPS" $( [ "$RESUME" = 1 ] && echo --resume ) $P14_ARGS 2>&1 \
     | grep -v "it/s\]\|s/it\]" | tail -n 40
 for f in /tmp/p14-work/logs/*.log; do echo "== $f"; tail -c 240 "$f" | tr '\r' '\n' | tail -n 2; done
