@@ -1,6 +1,7 @@
 #!/bin/bash
 # One device session (H200, ~10 min in one call): issue 14's protocol (issue 12's SD3 GPU bench first with
-# BENCH_S=165, which then shares the call's time). Prepared here (the device machine has no diffusers and cannot run MiniLM):
+# BENCH_S=165, which then shares the call's time). Prepared here (the device machine has no diffusers and cannot
+# run MiniLM):
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #       --platform manylinux_2_28_x86_64 -d .whl diffusers==0.42.1

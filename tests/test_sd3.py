@@ -257,7 +257,8 @@ def test_the_vae_takes_each_devices_fast_layout_and_decode_follows_it(sd3):
     from flowflash.models.sd3 import vae_layout
 
     assert vae_layout(torch.device("cpu")) == torch.channels_last  # oneDNN's
-    assert vae_layout("cuda") == torch.contiguous_format and vae_layout(torch.device("cuda", 1)) == torch.contiguous_format
+    assert vae_layout("cuda") == torch.contiguous_format
+    assert vae_layout(torch.device("cuda", 1)) == torch.contiguous_format
     model = Pipeline.load(sd3).model
     assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     x = model.noise([0], (64, 64))
@@ -269,7 +270,8 @@ def test_the_vae_takes_each_devices_fast_layout_and_decode_follows_it(sd3):
     assert model.vae.decoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # torch's own, at compile
+# torch's own warning when compile is set up
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 def test_compile_wraps_the_transformer_and_the_vae_decoder_only_on_cuda(sd3, tiny_model_dir, monkeypatch):
     from flowflash.models.sd3 import SD3Model
 

@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     gs = g.add_mutually_exclusive_group()
     gs.add_argument("--steps", type=positive_int, default=None, help="sampling steps (default: the model's)")
     gs.add_argument("--timesteps", type=time_list, default=None, help=TIMESTEPS_HELP)
-    g.add_argument("--guidance", type=nonneg_float, default=None, help="CFG scale, >= 0 (<= 1: no CFG; default: the model's)")
+    g.add_argument("--guidance", type=nonneg_float, default=None,
+                   help="CFG scale, >= 0 (<= 1: no CFG; default: the model's)")
     g.add_argument("--seed", type=nonneg_int, default=0)
     g.add_argument("--num-images", type=positive_int, default=1)
     g.add_argument("--size", type=size_arg, default=None, help="image size, N or WxH px (default: the model's)")
@@ -108,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None, help="default cpu")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="denoiser dtype (default fp32)")
     g.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=None, help=argparse.SUPPRESS)  # old name
-    g.add_argument("--compile", action="store_true", help="torch.compile the transformer (and on CUDA an SD3 VAE decoder), for many images in one process")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the transformer (and on CUDA an SD3 VAE decoder), for many images in one "
+                        "process")
     g.add_argument("--backend", choices=["torch", "openvino"], default=None,
                    help="the transformer's runtime (openvino: CPU, exported once and cached, for SD3 once per "
                         "size; needs the openvino extra); default torch")
@@ -325,7 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=positive_int, default=8, help="images denoised together in one call")
     sv.add_argument("--output-dir", default="outputs/serve", help="where response_format=url images are written")
     sv.add_argument("--drop", action="append", default=[], metavar="ENCODER", help="as for generate")
-    sv.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu", help="as for generate (default cpu)")
+    sv.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="cpu",
+                    help="as for generate (default cpu)")
     sv.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="as for generate (default fp32)")
     return p
 

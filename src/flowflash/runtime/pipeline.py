@@ -137,9 +137,10 @@ class Pipeline:
         single .safetensors transformer checkpoint with `config` naming a local diffusers folder.
         drop: text encoders to leave out (emoji: light, minilm; SD3: clip_l, clip_g, t5), never loaded.
         dtype: fp32, bf16 or fp16 for the denoiser (`precision` is its old name). compile: torch.compile the
-        transformer, and on CUDA an SD3 VAE decoder (pays off over repeated calls in one process). backend: "torch", or "openvino" (CPU, fp32:
-        the transformer runs as a cached OpenVINO IR, runtime/ov_backend.py; for SD3 one per image size) with ov_weights fp32,
-        int8 or int4 (NNCF weight compression). low_memory: a flowflash model's quantized linear weights stay
+        transformer, and on CUDA an SD3 VAE decoder (pays off over repeated calls in one process).
+        backend: "torch", or "openvino" (CPU, fp32: the transformer runs as a cached OpenVINO IR,
+        runtime/ov_backend.py; for SD3 one per image size) with ov_weights fp32, int8 or int4 (NNCF weight
+        compression). low_memory: a flowflash model's quantized linear weights stay
         int8 in memory, dequantized per call (the same images, a smaller resident set)."""
         from ..models.emoji import EmojiModel
         from ..models.sd3 import SD3Model, is_diffusers_folder

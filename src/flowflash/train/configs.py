@@ -103,6 +103,6 @@ class DistillConfig(LoopConfig):
     drop: list = field(default_factory=list)  # text encoders to train (and later run) without, e.g. [t5]
     max_sequence_length: int = 256  # T5 tokens (diffusers' default)
     real_images: str | None = None  # a folder of real images for the adversarial heads (VAE-encoded once)
-    embed_cache: str | None = None  # where text embeddings and real latents are cached (None: ~/.cache/flowflash/embeddings)
+    embed_cache: str | None = None  # text embeddings and real latents cached here (None: ~/.cache/flowflash/embeddings)
     fsdp: bool = False  # under torchrun: FSDP2 (fully_shard per transformer block) for student, critic and teacher
     grad_checkpointing: bool = False  # recompute each transformer block in backward (less memory, ~1.3x time)
