@@ -23,6 +23,7 @@ from flowflash.eval.tasks import load_reference, setting_images
 from flowflash.fsutil import write_text_atomic
 
 
+@torch.no_grad()  # the judge scores: no graph to keep
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True)
