@@ -30,6 +30,10 @@ P14_ARGS=${P14_ARGS:-}    # more protocol14.py run arguments, e.g. "--split-from
 UPDATES=${UPDATES:-256}   # student updates per run; BATCH its batch; DEVICE=cpu for a dry run here
 BATCH=${BATCH:-64}
 DEVICE=${DEVICE:-cuda}
+if [ "$RESUME" = 1 ] && [ ! -f /tmp/p14-work/report.json ]; then  # a fresh machine: nothing to go on from
+    echo "RESUME=1, but this machine has no /tmp/p14-work/report.json (the warm one went back?): nothing to resume"
+    exit 3
+fi
 # a second call on the same warm machine finds both in place
 [ -d /tmp/site/diffusers ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
     --target /tmp/site .whl/diffusers-*.whl || exit 1
