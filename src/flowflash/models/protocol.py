@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..errors import FlowflashError
 from ..sampling import timesteps as shifted_timesteps
+from .text import words as _words
 
 
 def check_schedule(times) -> tuple[float, ...]:
@@ -112,10 +113,6 @@ class SamplingDefaults:
         if self.default_style is not None:
             d["default_style"] = self.default_style
         return d
-
-
-def _words(text: str) -> list[str]:
-    return re.findall(r"[a-z0-9]+", text.lower())
 
 
 @dataclass

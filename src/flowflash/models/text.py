@@ -153,6 +153,11 @@ class MiniLMEncoder(nn.Module):
 _WORD = re.compile(r"[a-z0-9]+")
 
 
+def words(text: str) -> list[str]:
+    """Lower-cased words as the light encoder's tokenizer splits them (style names are matched the same way)."""
+    return _WORD.findall(text.lower())
+
+
 class WordTokenizer:
     """Lower-cased word vocabulary built from the training captions; 0 = pad, 1 = unknown."""
 
@@ -162,13 +167,13 @@ class WordTokenizer:
 
     @classmethod
     def build(cls, captions: list[str]) -> "WordTokenizer":
-        return cls(sorted({w for c in captions for w in _WORD.findall(c.lower())}))
+        return cls(sorted({w for c in captions for w in words(c)}))
 
     def __len__(self) -> int:
         return len(self.vocab) + 2
 
     def encode(self, prompt: str) -> list[int]:
-        return [self.index.get(w, 1) for w in _WORD.findall(prompt.lower())]
+        return [self.index.get(w, 1) for w in words(prompt)]
 
     def fits(self, prompt: str, max_tokens: int) -> bool:
         return len(self.encode(prompt)) <= max_tokens
