@@ -189,11 +189,11 @@ def train(method, cfg, sampler, sample=None, ema_warmup: bool = True, resume: bo
 
 
 def checkpoint_step(run: Path) -> int | None:
-    """The step of a run's last checkpoint (train_loop's layout; its .old copy after a crash between renames)."""
-    for folder in (run / "checkpoint", run / "checkpoint.old"):
-        if (folder / "state.json").exists():
-            return int(json.loads((folder / "state.json").read_text())["state"]["step"])
-    return None
+    """The step of a run's last checkpoint (train_loop's), None before its first."""
+    from flowflash.train.common import checkpoint_folder
+
+    folder = checkpoint_folder(run / "checkpoint")
+    return None if folder is None else int(json.loads((folder / "state.json").read_text())["state"]["step"])
 
 
 @torch.no_grad()

@@ -130,3 +130,15 @@ def test_pack_returns_one_file_per_arm_of_the_calls_own_seeds(tmp_path):
     got = np.load(out / "images-A.npz")
     assert sorted(got.keys()) == ["s1_u2", "s3_u2"] and int(got["s3_u2"].max()) == 3
     assert report["run_records"] == [] and report["noise_mid"] == {}
+
+
+def test_checkpoint_step_reads_the_checkpoint_or_its_old_copy(tmp_path):
+    import json
+
+    assert p14.checkpoint_step(tmp_path) is None  # before the first checkpoint
+    (tmp_path / "checkpoint.old").mkdir()
+    (tmp_path / "checkpoint.old" / "state.json").write_text(json.dumps({"state": {"step": 288}}))
+    assert p14.checkpoint_step(tmp_path) == 288  # a crash between the renames
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"state": {"step": 576}}))
+    assert p14.checkpoint_step(tmp_path) == 576

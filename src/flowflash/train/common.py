@@ -234,16 +234,22 @@ def rank_states(generators: dict[str, torch.Generator], d: Dist, device: torch.d
     return out
 
 
+def checkpoint_folder(folder: Path) -> Path | None:
+    """Where a checkpoint written by save_checkpoint lies: the folder, or after a crash between its two renames the
+    previous one under .old; None when there is none."""
+    folder = Path(folder)
+    for f in (folder, folder.with_name(folder.name + ".old")):
+        if (f / "state.json").exists():
+            return f
+    return None
+
+
 def load_checkpoint(folder: Path, modules: dict[str, torch.nn.Module], optimizers: dict[str, torch.optim.Optimizer],
                     emas: dict[str, EMA], generators: dict[str, torch.Generator], rank: int = 0) -> dict:
-    folder = Path(folder)
-    if not (folder / "state.json").exists():
-        # A crash between the two renames leaves only the previous checkpoint under .old.
-        old = folder.with_name(folder.name + ".old")
-        if (old / "state.json").exists():
-            folder = old
-        else:
-            raise FlowflashError(f"no checkpoint to resume from in {folder}")
+    found = checkpoint_folder(folder)
+    if found is None:
+        raise FlowflashError(f"no checkpoint to resume from in {folder}")
+    folder = found
     meta = json.loads((folder / "state.json").read_text())
     for name, m in modules.items():
         m.load_state_dict(load_file(folder / f"{name}.safetensors"))
