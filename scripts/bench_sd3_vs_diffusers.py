@@ -103,6 +103,11 @@ def main():
     ap.add_argument("--memory", action="store_true")
     ap.add_argument("--no-t5", action="store_true", help="also compare both sides without T5")
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--compile", action="store_true", help="flowflash's side with --compile (diffusers' stays eager "
+                    "unless --compile-diffusers)")
+    ap.add_argument("--compile-diffusers", action="store_true", help="torch.compile diffusers' transformer too")
+    ap.add_argument("--compile-vae", action="store_true",
+                    help="with --compile, also compile flowflash's VAE decoder (what `--compile` does on CUDA only)")
     a = ap.parse_args()
 
     from flowflash.runtime.pipeline import Pipeline
@@ -113,10 +118,14 @@ def main():
         loads = {"flowflash": [], "diffusers": []}
         for _ in range(3):
             t0 = time.perf_counter()
-            ours = Pipeline.load(a.model, drop=() if t5 else ("t5",))
+            ours = Pipeline.load(a.model, drop=() if t5 else ("t5",), compile=a.compile)
+            if a.compile_vae:
+                ours.model.vae.decoder.compile()
             loads["flowflash"].append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             theirs = load_diffusers(a.model, t5)
+            if a.compile_diffusers:
+                theirs.transformer.compile()
             loads["diffusers"].append(time.perf_counter() - t0)
         load_ours, load_theirs = statistics.median(loads["flowflash"]), statistics.median(loads["diffusers"])
         encoders = [m for m in (theirs.text_encoder, theirs.text_encoder_2, theirs.text_encoder_3) if m is not None]

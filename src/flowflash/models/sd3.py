@@ -278,8 +278,8 @@ class SD3Model:
 
     def compile(self) -> None:
         """torch.compile the transformer, and on CUDA the VAE decoder too: there it decoded a 1024 px image in 36 ms
-        against 88-128 ms eager (H200); on a CPU it did not pay (the fixture at 256 px: 15.2 ms against 14.1 ms,
-        after 15 s of compiling; docs/benchmarks.md)."""
+        against 88-128 ms eager (H200); on a CPU it cost time (the fixture at 256 px: 15-16 ms against 11-12 ms;
+        docs/benchmarks.md)."""
         self.transformer.compile()
         if self.device.type == "cuda":
             self.vae.decoder.compile()
