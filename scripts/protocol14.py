@@ -197,8 +197,9 @@ def checkpoint_step(run: Path) -> int | None:
 
 
 @torch.no_grad()
-def eval_images(model, bank: dict, device, batch: int = 128) -> torch.Tensor:
-    """The eval prompts through a student folder's model: image i from seed i, its own schedule, no CFG."""
+def eval_images(model, bank: dict, device, batch: int = 128, guidance: float = 1.0) -> torch.Tensor:
+    """The eval prompts through a model folder's model: image i from seed i, its own schedule (a student: no CFG;
+    the teacher: its own guidance, passed in)."""
     from flowflash.images import to_uint8
     from flowflash.methods.base import velocity
     from flowflash.sampling import sample
@@ -211,8 +212,34 @@ def eval_images(model, bank: dict, device, batch: int = 128) -> torch.Tensor:
         j = torch.arange(i, min(n, i + batch))
         noise = torch.stack([torch.randn(c, s, s, generator=torch.Generator().manual_seed(int(k))) for k in j]).to(device)
         b = Batch(bank["ids"][j.to(device)], bank["mini_h"][j.to(device)], bank["mini_p"][j.to(device)], noise)
-        out.append(to_uint8(sample(lambda x, t: velocity(model, x, t, b), noise, ts).float()).cpu())
+        out.append(to_uint8(sample(lambda x, t: velocity(model, x, t, b, guidance), noise, ts).float()).cpu())
     return torch.cat(out)
+
+
+def baselines(a):
+    """The rows every arm is judged against, drawn as the arms draw (same prepared states, image i from seed i):
+    the teacher at its own 50 steps and CFG, and the common start (the `tg` student every arm starts from), on
+    the eval and plain_v1 prompts. Written as ref-teacher.npz and ref-tg.npz (keys eval, plain) for `score`."""
+    import numpy as np
+
+    from flowflash.models.flow_model import load_model
+
+    device = torch.device(a.device)
+    torch.set_num_threads(a.threads)
+    check_prepared(Path(a.data))
+    banks = {k: load_bank(Path(a.data) / f"{k}.safetensors", device) for k in ("eval", "plain")}
+    start = Path(a.work) / "tg" / "student"
+    if not (start / "config.json").exists():
+        raise SystemExit(f"{start}: no common start there (run `run` first, with this --work)")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, folder in (("tg", start), ("teacher", TEACHER)):
+        model = load_model(folder).to(device)
+        g = model.cfg.sampling.guidance if name == "teacher" else 1.0
+        t = time.time()
+        imgs = {k: eval_images(model, b, device, guidance=g).numpy() for k, b in banks.items()}
+        np.savez_compressed(out / f"ref-{name}.npz", **imgs)
+        print(f"{name}: {sum(len(v) for v in imgs.values())} images in {time.time() - t:.0f} s -> {out}", flush=True)
 
 
 def common_start(a, work: Path, bank: dict, shape) -> dict:
@@ -555,6 +582,20 @@ def split_table(sets: dict, train_align: dict, gen, resamples: int) -> dict:
     return res
 
 
+def versus_reference(sets: dict, arm: str, point: str, ref: dict, gen, resamples: int) -> dict:
+    """An arm's seeds at one point against a single reference image set (the teacher, the common start): the FD
+    ratio, and the alignment difference with a 95 % bootstrap over prompts of the seed-averaged per-prompt
+    differences (the reference is one deterministic draw: no seed SD of its own)."""
+    rows = [v for k, v in sets.items() if k[0] == arm and k[2] == point]
+    d = torch.stack([100 * (r["cos"].clamp(min=0) - ref["cos"].clamp(min=0)) for r in rows]).mean(0)
+    boot = torch.stack([d[torch.randint(len(d), (len(d),), generator=gen)].mean() for _ in range(resamples)])
+    lo, hi = torch.quantile(boot, torch.tensor([0.025, 0.975])).tolist()
+    fd = torch.tensor([r["fd"] for r in rows])
+    return {"arm": arm, "point": point, "seeds": len(rows), "fd_ratio": (fd / ref["fd"]).mean().item(),
+            "fd_ratio_sd": (fd / ref["fd"]).std().item() if len(rows) > 1 else None,
+            "align_diff": d.mean().item(), "ci95": [lo, hi]}
+
+
 def plain_table(runs: Path, data: Path) -> list[dict]:
     """plain_v1 (prompts as people type them) at each run's end: R-prec@10 and FD per arm, mean and seed SD."""
     import numpy as np
@@ -634,7 +675,25 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
                 claims.append(c)
     split = split_table(sets, train_align, gen, resamples) if train_align else None
     plain = plain_table(runs, data) if any(runs.glob("plain-*.npz")) else None
-    res = {"table": table, "claims": claims, "split": split, "plain_v1": plain, "runs": str(runs)}
+    # the references (`baselines`): the teacher at its 50 CFG steps and the common start, drawn as the arms are
+    refs, versus = {}, []
+    for f in sorted(runs.glob("ref-*.npz")):
+        name, d = f.stem[len("ref-"):], np.load(f)
+        feats = ref.judge.features(torch.from_numpy(d["eval"]))
+        cos = (ref.judge.scorer.embed_images(feats) * txt).sum(-1)
+        refs[name] = {"fd": frechet_distance(feats, ref.real_feats), "cos": cos,
+                      "align": float(100 * cos.clamp(min=0).mean()),
+                      "r_precision": ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)["r_precision"]}
+        if "plain" in d:
+            pref = load_reference(data, "plain_v1")
+            pf = pref.judge.features(torch.from_numpy(d["plain"]))
+            refs[name]["plain_r_precision"] = pref.judge.alignment(pf, pref.ps.captions, pref.ps.captions)["r_precision"]
+    if refs and points:
+        last = points[-1]
+        versus = [{"reference": name, **versus_reference(sets, arm, last, r, gen, resamples)}
+                  for name, r in refs.items() for arm in arms]
+    res = {"table": table, "claims": claims, "split": split, "plain_v1": plain, "runs": str(runs),
+           "references": {k: {x: y for x, y in v.items() if x != "cos"} for k, v in refs.items()}, "versus": versus}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
     claim_md = lambda c: (f"| {c['point']} | {c['pair']} | {c['seeds']} | {c['align_diff']:+.2f} | {c['seed_sd']:.2f} | "
@@ -660,6 +719,17 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
                "| point | arm | seeds | R-prec@10 (SD) | FD-EffNetL0 |", "|---|---|---|---|---|"]
         md += [f"| {r['point']} | {r['arm']} | {r['seeds']} | {r['r_precision']:.3f} ({r['r_precision_sd'] or 0:.3f}) | "
                f"{r['fd']:.1f} |" for r in plain]
+    if refs:
+        md += ["", "References, drawn as the arms are (`baselines`): the teacher at 50 steps with CFG, the common "
+               "start (`tg`):", "", "| reference | FD-EffNetL0 | alignment | R-prec@10 | plain_v1 R-prec@10 |",
+               "|---|---|---|---|---|"]
+        md += [f"| {k} | {v['fd']:.1f} | {v['align']:.2f} | {v['r_precision']:.3f} | "
+               f"{v.get('plain_r_precision', float('nan')):.3f} |" for k, v in refs.items()]
+        md += ["", "| arm | point | against | seeds | FD ratio (SD) | alignment diff | bootstrap 95 % |",
+               "|---|---|---|---|---|---|---|"]
+        md += [f"| {v['arm']} | {v['point']} | {v['reference']} | {v['seeds']} | {v['fd_ratio']:.3f} "
+               f"({v['fd_ratio_sd'] or 0:.3f}) | {v['align_diff']:+.2f} | [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] |"
+               for v in versus]
     report = runs / "protocol14.json"
     if report.exists():  # the gradient-noise tables: the common start, and each primary arm's middle
         rep = json.loads(report.read_text())
@@ -728,6 +798,12 @@ def main():
             r.add_argument("--noise-mid", action="store_true")
             r.add_argument("--seed", type=int, required=True)
             r.add_argument("--results", required=True)
+    b = sub.add_parser("baselines", help="the teacher's and the common start's images, beside a run's --out")
+    b.add_argument("--data", required=True)
+    b.add_argument("--work", required=True, help="the run's --work (its common start)")
+    b.add_argument("--out", required=True, help="the run's --out (score reads ref-*.npz there)")
+    b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    b.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("score")
     s.add_argument("--runs", type=Path, required=True)
     s.add_argument("--data", type=Path, default=Path("data/emoji64"))
@@ -740,6 +816,8 @@ def main():
         run(a)
     elif a.cmd == "arm":
         arm_run(a)
+    elif a.cmd == "baselines":
+        baselines(a)
     else:
         score(a.runs, a.data, a.out, a.prep)
 

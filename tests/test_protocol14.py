@@ -142,3 +142,38 @@ def test_checkpoint_step_reads_the_checkpoint_or_its_old_copy(tmp_path):
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps({"state": {"step": 576}}))
     assert p14.checkpoint_step(tmp_path) == 576
+
+
+def test_versus_reference_gives_the_fd_ratio_and_the_alignment_difference_against_one_draw():
+    cos = torch.linspace(0.1, 0.3, 60)
+    sets = {("A", s, "u8"): {**scored(cos + 0.02), "fd": 550.0 + 10 * s} for s in range(3)}
+    sets[("A", 0, "u4")] = scored(cos - 0.5)  # another point: not read
+    teacher = {**scored(cos), "fd": 500.0}
+    v = p14.versus_reference(sets, "A", "u8", teacher, torch.Generator().manual_seed(0), 200)
+    assert v["seeds"] == 3 and abs(v["fd_ratio"] - 1.12) < 1e-6 and abs(v["fd_ratio_sd"] - 0.02) < 1e-6
+    assert 1.9 < v["align_diff"] < 2.1 and v["ci95"][0] > 0
+    # a reference the arm trails: the interval lies below 0
+    ahead = {**scored(cos + 0.1), "fd": 500.0}
+    assert p14.versus_reference(sets, "A", "u8", ahead, torch.Generator().manual_seed(0), 200)["ci95"][1] < 0
+
+
+def test_eval_images_passes_the_teachers_guidance(monkeypatch):
+    import flowflash.methods.base as base
+
+    seen = []
+    monkeypatch.setattr(base, "velocity", lambda model, x, t, b, guidance=1.0: seen.append(guidance) or torch.zeros_like(x))
+
+    class Sched:
+        def timesteps(self):
+            return torch.tensor([1.0, 0.5, 0.0])
+
+    class Cfg:
+        channels, image_size, sampling = 3, 4, Sched()
+
+    model = type("M", (), {"cfg": Cfg()})()
+    bank = {"ids": torch.zeros(3, 2, dtype=torch.long), "mini_h": torch.zeros(3, 2, 4), "mini_p": torch.zeros(3, 4)}
+    imgs = p14.eval_images(model, bank, torch.device("cpu"), batch=2, guidance=4.0)
+    assert imgs.shape == (3, 3, 4, 4) and seen == [4.0] * 4  # two batches x two steps
+    seen.clear()
+    p14.eval_images(model, bank, torch.device("cpu"), batch=8)
+    assert seen == [1.0, 1.0]  # a student: no CFG
