@@ -44,6 +44,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from flowflash.fsutil import atomic_file, write_text_atomic  # noqa: E402  (after the path: this checkout's own)
 TEACHER = ROOT / "src" / "flowflash" / "weights" / "emoji-teacher"
 _B = {"method": "flash", "timestep_sharing": True, "match_point": "start"}
 ARMS = {  # the protocol's arms as DistillConfig settings (names without '-': file names are images-ARM-SEED)
@@ -117,6 +118,15 @@ def check_prepared(data: Path):
 
 
 # ------------------------------------------------------------------ run (a GPU or the CPU)
+def save_npz(path: Path, **arrays):
+    """np.savez_compressed through a temp file and a rename: a run killed mid-write leaves the previous file (or
+    none), never a truncated one that a resume, `pack` or `score` would fail on."""
+    import numpy as np
+
+    with atomic_file(path) as f:
+        np.savez_compressed(f, **arrays)
+
+
 def load_bank(path: Path, device, images: bool = False) -> dict[str, torch.Tensor]:
     """A prepared caption bank on `device`; with images, the rows' real images too (train.safetensors only)."""
     from PIL import Image
@@ -238,7 +248,7 @@ def baselines(a):
         g = model.cfg.sampling.guidance if name == "teacher" else 1.0
         t = time.time()
         imgs = {k: eval_images(model, b, device, guidance=g).numpy() for k, b in banks.items()}
-        np.savez_compressed(out / f"ref-{name}.npz", **imgs)
+        save_npz(out / f"ref-{name}.npz", **imgs)
         print(f"{name}: {sum(len(v) for v in imgs.values())} images in {time.time() - t:.0f} s -> {out}", flush=True)
 
 
@@ -337,12 +347,12 @@ def arm_run(a):
             model = load_model(folder).to(device)
             images[f"u{done}"] = eval_images(model, evalb, device).numpy()
             # written at once: a run stopped at the budget keeps the points it reached
-            np.savez_compressed(images_f, **images)
+            save_npz(images_f, **images)
             if plainb is not None and done == updates:
-                np.savez_compressed(results / f"plain-{a.arm}-{a.seed}.npz",
+                save_npz(results / f"plain-{a.arm}-{a.seed}.npz",
                                     **{f"u{done}": eval_images(model, plainb, device).numpy()})
             if stage:  # the control is judged beside the merges: their training prompts too
-                np.savez_compressed(results / f"train-{a.arm}-{a.seed}.npz",
+                save_npz(results / f"train-{a.arm}-{a.seed}.npz",
                                     **{f"u{done}": eval_images(model, first(bank, a.train_prompts), device).numpy()})
 
     # a split branch's EMA stays anchored to its start (as `flowflash distill` does), and so does the unsplit
@@ -354,9 +364,20 @@ def arm_run(a):
         raise SystemExit(3)
     if updates in wanted and f"u{updates}" not in images:  # resumed from the final checkpoint before its draw
         sample(folder, f"step{cfg.steps:06d}.png")
-    (results / f"run-{a.arm}-{a.seed}.json").write_text(json.dumps(
+    write_text_atomic(results / f"run-{a.arm}-{a.seed}.json", json.dumps(
         {"arm": a.arm, "seed": a.seed, "updates": updates, "seconds": time.time() - t0, "resumed": resume,
+         "iteration_s": iteration_seconds(out / "log.jsonl"),
          "config": {k: v for k, v in vars(cfg).items()}}, default=str))
+
+
+def iteration_seconds(log: Path) -> float | None:
+    """Seconds per training iteration from a run's log: the median over its logged intervals, so that the
+    intervals holding a draw, a noise table or a resume's restart do not count (the record's `seconds` spans only
+    the last call, draws included). Each arm's cost per update is 6 x this."""
+    rows = [json.loads(r) for r in log.read_text().splitlines()] if log.exists() else []
+    rates = sorted((b["time"] - a["time"]) / (b["step"] - a["step"]) for a, b in zip(rows, rows[1:])
+                   if b["step"] > a["step"])
+    return rates[len(rates) // 2] if rates else None
 
 
 NOISE_ROLES = ["A_renoise", "B_sharing_start", "C_sharing_interval", "B_old_normaliser"]
@@ -373,7 +394,7 @@ def noise_mid(method, sampler, a, path: Path):
     t = time.time()
     res = gradient_noise(view, sampler, NOISE_ROLES, a.noise_k, a.noise_ref, a.batch)
     res["seconds"] = time.time() - t
-    path.write_text(json.dumps(res, indent=1))
+    write_text_atomic(path, json.dumps(res, indent=1))
 
 
 @torch.no_grad()
@@ -395,8 +416,8 @@ def merges(a, work: Path, results: Path, device):
         for r in a.merge_ratios:
             m = merged(lo, hi, r).to(device)
             arm, key = f"merge_r{round(100 * r):03d}", f"u{a.split_updates}"
-            np.savez_compressed(results / f"images-{arm}-{s}.npz", **{key: eval_images(m, evalb, device).numpy()})
-            np.savez_compressed(results / f"train-{arm}-{s}.npz",
+            save_npz(results / f"images-{arm}-{s}.npz", **{key: eval_images(m, evalb, device).numpy()})
+            save_npz(results / f"train-{arm}-{s}.npz",
                                 **{key: eval_images(m, first(bank, a.train_prompts), device).numpy()})
         done.append(s)
     return done
@@ -419,7 +440,17 @@ def pack(results: Path, out: Path, report: dict, seeds: list[int] | None = None)
                 if seeds is None or int(seed) in seeds:
                     both.update({f"s{seed}_{k}": v for k, v in np.load(f).items()})
             if both:
-                np.savez_compressed(out / f"{kind}-{arm}.npz", **both)
+                save_npz(out / f"{kind}-{arm}.npz", **both)
+
+
+def die_with_parent():
+    """In an `arm` child before it starts (Linux): SIGTERM it when `run` dies, so that it checkpoints and ends
+    instead of going on beside a later `run --resume` that would start a second writer on its files."""
+    if sys.platform == "linux":
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def run_jobs(a, jobs: list, work: Path, start: float) -> list[dict]:
@@ -445,7 +476,8 @@ def run_jobs(a, jobs: list, work: Path, start: float) -> list[dict]:
             if a.noise_mid and s == a.seeds[0] and arm in ("A", "B", "C"):
                 cmd.append("--noise-mid")
             log = open(logs / f"{arm}-{s}.log", "a")  # a resumed run adds to its first call's log
-            running.append((arm, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+            running.append((arm, s, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                     preexec_fn=die_with_parent), log))
         time.sleep(1)
         for r in list(running):
             if r[2].poll() is not None:
@@ -514,8 +546,8 @@ def run(a):
     report["noise"] = gradient_noise(m, CaptionSampler(bank, shape), NOISE_ROLES, a.noise_k, a.noise_ref, a.batch)
     report["noise"]["seconds"] = time.time() - t
     del m
-    (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
-    saved.write_text(json.dumps(report, indent=1, default=str))
+    write_text_atomic(out / "protocol14.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(saved, json.dumps(report, indent=1, default=str))
     done = run_rest(a, report, work, out, device, start)
     print(json.dumps({"runs": done, "seconds": time.time() - start}, indent=1))
 
@@ -534,8 +566,8 @@ def run_rest(a, report: dict, work: Path, out: Path, device, start: float) -> li
     report["calls"] = report.get("calls", []) + [{"resumed": a.resume, "runs": done, "seconds": time.time() - start}]
     report["runs"], report["seconds"] = done, time.time() - start
     pack(results, out, report, a.seeds)
-    (out / "protocol14.json").write_text(json.dumps(report, indent=1, default=str))
-    (work / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    write_text_atomic(out / "protocol14.json", json.dumps(report, indent=1, default=str))
+    write_text_atomic(work / "report.json", json.dumps(report, indent=1, default=str))
     return done
 
 
@@ -672,7 +704,7 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
         for x, y in [(p, q) for i, p in enumerate(arms) for q in arms[i + 1:]]:
             c = paired(sets, (x, point), (y, point), gen, resamples)
             if c:
-                claims.append(c)
+                claims.append({**c, "primary": point == points[-1]})  # the rule's point; earlier ones describe
     split = split_table(sets, train_align, gen, resamples) if train_align else None
     plain = plain_table(runs, data) if any(runs.glob("plain-*.npz")) else None
     # the references (`baselines`): the teacher at its 50 CFG steps and the common start, drawn as the arms are
@@ -696,7 +728,7 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
            "references": {k: {x: y for x, y in v.items() if x != "cos"} for k, v in refs.items()}, "versus": versus}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    claim_md = lambda c: (f"| {c['point']} | {c['pair']} | {c['seeds']} | {c['align_diff']:+.2f} | {c['seed_sd']:.2f} | "
+    claim_md = lambda c: (f"| {c['point']}{' (primary)' if c.get('primary') else ''} | {c['pair']} | {c['seeds']} | {c['align_diff']:+.2f} | {c['seed_sd']:.2f} | "
                           f"[{c['ci95'][0]:+.2f}, {c['ci95'][1]:+.2f}] | {'yes' if c['claimed'] else 'no'} |")
     claim_head = ["| point | difference | seeds | alignment diff | seed SD | bootstrap 95 % | claimed |",
                   "|---|---|---|---|---|---|---|"]

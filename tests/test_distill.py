@@ -361,3 +361,21 @@ def test_until_step_stops_at_a_step_number_also_after_a_resume(teacher_dir, tmp_
         distill(c, resume=True, until=3)
     distill(c, resume=True, max_steps=2)
     assert step() == 5
+
+
+def test_a_draw_comes_before_the_checkpoint_of_its_step(teacher_dir, tmp_path, tiny_corpus, monkeypatch):
+    """A run killed while it draws must resume before that step and draw again: when the hook runs at step k,
+    the newest checkpoint is still the one before k."""
+    import flowflash.train.run as run_mod
+    from flowflash.train.common import checkpoint_folder
+
+    out = tmp_path / "r"
+    seen = []
+
+    def hook(folder, prompts, png, **kw):
+        ck = checkpoint_folder(out / "checkpoint")
+        seen.append((int(png.stem[4:]), None if ck is None else json.loads((ck / "state.json").read_text())["state"]["step"]))
+
+    monkeypatch.setattr(run_mod, "sample_grid", hook)
+    distill(cfg(teacher_dir, tiny_corpus, out, "tg", steps=4, ckpt_every=2, sample_every=2))
+    assert seen == [(2, None), (4, 2)]

@@ -1,5 +1,8 @@
 """Issue 14's protocol runner: the split stage's pick and the paired claim rule (pure functions of scored sets)."""
 import importlib.util
+import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +180,60 @@ def test_eval_images_passes_the_teachers_guidance(monkeypatch):
     seen.clear()
     p14.eval_images(model, bank, torch.device("cpu"), batch=8)
     assert seen == [1.0, 1.0]  # a student: no CFG
+
+
+def test_iteration_seconds_is_the_median_interval_so_draws_and_restarts_do_not_count(tmp_path):
+    log = tmp_path / "log.jsonl"
+    assert p14.iteration_seconds(log) is None
+    rows = [(0, 0.0), (50, 10.0), (100, 20.0), (150, 90.0), (200, 100.0), (250, 500.0), (300, 510.0)]
+    log.write_text("\n".join(json.dumps({"step": s, "time": t}) for s, t in rows))
+    assert p14.iteration_seconds(log) == pytest.approx(0.2)  # 0.2 s an iteration; a draw and a restart ignored
+
+
+def test_save_npz_leaves_the_previous_file_when_the_write_fails(tmp_path, monkeypatch):
+    import numpy as np
+
+    f = tmp_path / "images-A-0.npz"
+    p14.save_npz(f, u4=np.zeros(3))
+
+    def broken(file, **arrays):
+        file.write(b"PK half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(np, "savez_compressed", broken)
+    with pytest.raises(KeyboardInterrupt):
+        p14.save_npz(f, u4=np.ones(3), u8=np.ones(3))
+    monkeypatch.undo()
+    assert list(np.load(f)) == ["u4"] and list(tmp_path.iterdir()) == [f]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="PR_SET_PDEATHSIG is Linux's")
+def test_an_arm_child_is_sent_sigterm_when_run_dies(tmp_path):
+    import signal
+    import subprocess
+    import time
+
+    flag, ready = tmp_path / "terminated", tmp_path / "ready"
+    child = (f"import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: (open({str(flag)!r}, 'w').write('x'), "
+             f"sys.exit(0))); open({str(ready)!r}, 'w').write('x'); time.sleep(60)")
+    parent = (f"import importlib.util, subprocess, sys, time; spec = importlib.util.spec_from_file_location('p', "
+              f"{str(spec.origin)!r}); p = importlib.util.module_from_spec(spec); spec.loader.exec_module(p); "
+              f"c = subprocess.Popen([sys.executable, '-c', {child!r}], preexec_fn=p.die_with_parent); "
+              "print(c.pid, flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", parent], stdout=subprocess.PIPE, text=True)
+    pid = int(proc.stdout.readline())
+    for _ in range(300):  # bounded: the child has installed its handler (up to 30 s on a busy machine)
+        if ready.exists():
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    for _ in range(100):  # bounded: up to 10 s
+        if flag.exists():
+            break
+        time.sleep(0.1)
+    assert flag.exists()
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -331,3 +331,31 @@ def test_failed_save_keeps_the_existing_folder(tmp_path, monkeypatch):
     assert weights_hash(folder) == h
     assert_same(load_weights(folder), sd)
     no_siblings(folder)
+
+
+def test_atomic_dir_keeps_the_old_copy_until_the_new_one_is_in_place(tmp_path, monkeypatch):
+    """After a crash between its two renames (no dest, a complete .old), the next write must not delete .old
+    before its new folder has replaced it: a second crash there would leave no complete copy."""
+    from flowflash.fsutil import atomic_dir
+
+    dest = tmp_path / "ckpt"
+    old = tmp_path / "ckpt.old"
+    old.mkdir()
+    (old / "state.json").write_text("{}")
+    real_rename = Path.rename
+
+    def crash(self, target):
+        if self.name == "ckpt.tmp":
+            raise KeyboardInterrupt("killed between the renames")
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_dir(dest) as tmp:
+            (tmp / "state.json").write_text('{"new": 1}')
+    assert (old / "state.json").read_text() == "{}"
+    monkeypatch.setattr(Path, "rename", real_rename)
+    with atomic_dir(dest) as tmp:
+        (tmp / "state.json").write_text('{"new": 2}')
+    assert (dest / "state.json").read_text() == '{"new": 2}'
+    no_siblings(dest)

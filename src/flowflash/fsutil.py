@@ -23,9 +23,11 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = dest.with_name(dest.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
     if dest.exists():
+        shutil.rmtree(old, ignore_errors=True)
         dest.rename(old)
+    # without dest (a crash fell between these two renames before) .old is the only complete copy: it stays
+    # until the new folder is in place
     tmp.rename(dest)
     shutil.rmtree(old, ignore_errors=True)
 

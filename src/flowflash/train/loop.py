@@ -247,6 +247,13 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
                     lrs = {f"lr_{n}": o.param_groups[0]["lr"] for n, o in method.optimizers.items()}
                     log.write({"step": step, **vals, **{k: float(full(v)) for k, v in norms.items()}, **lrs,
                                "img_s": rate, "time": time.time()})
+            # the draw before the checkpoint of the same step: a run killed while it draws resumes from the
+            # previous checkpoint and draws again, instead of resuming past a draw that never finished
+            if sample is not None and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
+                folder = export(method, ema, out / method.export_dir, d, sharded)
+                if d.main:
+                    sample(folder, out / f"samples/step{step:06d}.png")
+                barrier(d)
             if saving:
                 rng = rank_states(gens, d, device)
                 if sharded:
@@ -254,11 +261,6 @@ def train_loop(method: Method, draw: Sampler, cfg: LoopConfig, d: Dist, *, resum
                     save_sharded(ckpt, method, emas, rng, {"step": step}, d)
                 elif d.main:
                     save_checkpoint(ckpt, method.networks, method.optimizers, emas, rng, {"step": step})
-                barrier(d)
-            if sample is not None and cfg.sample_every > 0 and (step % cfg.sample_every == 0 or step == cfg.steps):
-                folder = export(method, ema, out / method.export_dir, d, sharded)
-                if d.main:
-                    sample(folder, out / f"samples/step{step:06d}.png")
                 barrier(d)
     bar.close()
     export(method, ema, out / method.export_dir, d, sharded)
