@@ -55,6 +55,7 @@ ARMS = {  # the protocol's arms as DistillConfig settings (names without '-': fi
     "B_adv": {**_B, "adversarial": True}}  # needs `prepare`'s images (the heads' real branch)
 STAGES = ("split_low", "split_high", "unsplit")  # the split-timestep stage's runs, from an arm's final state
 MERGE_RATIOS = (0.0, 0.25, 0.3, 0.5, 0.7, 0.75, 1.0)
+MIN_SEEDS = 3  # the protocol's least number of seeds behind a claim (a pair with fewer common seeds is described)
 
 
 # ------------------------------------------------------------------ prepare (here: needs MiniLM)
@@ -587,7 +588,7 @@ def paired(sets: dict, x, y, gen: torch.Generator, resamples: int) -> dict | Non
     sd = per_seed.std().item() if len(seeds) > 1 else float("inf")
     mean = per_seed.mean().item()
     return {"point": y[1], "pair": f"{y[0]} - {x[0]}", "seeds": len(seeds), "align_diff": mean, "seed_sd": sd,
-            "ci95": [lo, hi], "claimed": abs(mean) > 2 * sd and (lo > 0 or hi < 0)}
+            "ci95": [lo, hi], "claimed": len(seeds) >= MIN_SEEDS and abs(mean) > 2 * sd and (lo > 0 or hi < 0)}
 
 
 def split_table(sets: dict, train_align: dict, gen, resamples: int) -> dict:

@@ -26,9 +26,12 @@ def test_paired_claims_only_beyond_twice_the_seed_sd_and_outside_the_interval():
     c = p14.paired(sets, ("x", "u8"), ("y", "u8"), torch.Generator().manual_seed(0), 200)
     assert c["pair"] == "y - x" and c["seeds"] == 3 and c["claimed"]
     assert 4.9 < c["align_diff"] < 5.2 and c["ci95"][0] > 0
-    # one seed: no seed spread, so no claim however large the difference
+    # one seed: no seed spread, so no claim however large the difference; two: below the protocol's three
     one = {k: v for k, v in sets.items() if k[1] == 0}
     assert not p14.paired(one, ("x", "u8"), ("y", "u8"), torch.Generator().manual_seed(0), 200)["claimed"]
+    two = {k: v for k, v in sets.items() if k[1] < 2}
+    c2 = p14.paired(two, ("x", "u8"), ("y", "u8"), torch.Generator().manual_seed(0), 200)
+    assert c2["seeds"] == 2 and c2["align_diff"] > 2 * c2["seed_sd"] and c2["ci95"][0] > 0 and not c2["claimed"]
     # no common seeds: nothing to compare
     assert p14.paired({("x", 0, "u8"): sets[("x", 0, "u8")], ("y", 1, "u8"): sets[("y", 1, "u8")]},
                       ("x", "u8"), ("y", "u8"), torch.Generator(), 10) is None
