@@ -629,6 +629,17 @@ def versus_reference(sets: dict, arm: str, point: str, ref: dict, gen, resamples
             "align_diff": d.mean().item(), "ci95": [lo, hi]}
 
 
+def cost_table(records: list[dict]) -> list[dict]:
+    """Seconds per student update by arm, from the runs' records (`iteration_s`: the median logged interval, which
+    leaves out draws and restarts), the median over seeds: what the protocol's "cheapest arm" rule reads."""
+    per = {}
+    for r in records:
+        if r.get("iteration_s"):
+            per.setdefault(r["arm"], []).append(6 * r["iteration_s"])
+    med = lambda xs: sorted(xs)[len(xs) // 2]
+    return [{"arm": arm, "runs": len(v), "update_s": med(v)} for arm, v in sorted(per.items())]
+
+
 def plain_table(runs: Path, data: Path) -> list[dict]:
     """plain_v1 (prompts as people type them) at each run's end: R-prec@10 and FD per arm, mean and seed SD."""
     import numpy as np
@@ -725,7 +736,9 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
         last = points[-1]
         versus = [{"reference": name, **versus_reference(sets, arm, last, r, gen, resamples)}
                   for name, r in refs.items() for arm in arms]
-    res = {"table": table, "claims": claims, "split": split, "plain_v1": plain, "runs": str(runs),
+    rep_f = runs / "protocol14.json"
+    costs = cost_table(json.loads(rep_f.read_text()).get("run_records", [])) if rep_f.exists() else []
+    res = {"table": table, "claims": claims, "split": split, "plain_v1": plain, "runs": str(runs), "costs": costs,
            "references": {k: {x: y for x, y in v.items() if x != "cos"} for k, v in refs.items()}, "versus": versus}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
@@ -763,9 +776,12 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
         md += [f"| {v['arm']} | {v['point']} | {v['reference']} | {v['seeds']} | {v['fd_ratio']:.3f} "
                f"({v['fd_ratio_sd'] or 0:.3f}) | {v['align_diff']:+.2f} | [{v['ci95'][0]:+.2f}, {v['ci95'][1]:+.2f}] |"
                for v in versus]
-    report = runs / "protocol14.json"
-    if report.exists():  # the gradient-noise tables: the common start, and each primary arm's middle
-        rep = json.loads(report.read_text())
+    if costs:
+        md += ["", "Cost per student update (5 critic and 1 student iterations; the median logged interval of each run, "
+               "then the median over its seeds):", "", "| arm | runs | s / update |", "|---|---|---|"]
+        md += [f"| {c['arm']} | {c['runs']} | {c['update_s']:.2f} |" for c in costs]
+    if rep_f.exists():  # the gradient-noise tables: the common start, and each primary arm's middle
+        rep = json.loads(rep_f.read_text())
         tables = {"common start": rep.get("noise"), **{f"middle of {k}": v for k, v in rep.get("noise_mid", {}).items()}}
         md += ["", "| roles | matching | SNR | cos(draw, ref) (SD) | cos(mean, ref) |", "|---|---|---|---|---|"]
         md += [f"| {where} | {name} | {r['snr']:.3f} | {r['cos_draw_to_ref']:.3f} ({r['cos_draw_to_ref_sd']:.3f}) | "

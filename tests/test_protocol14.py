@@ -240,3 +240,10 @@ def test_an_arm_child_is_sent_sigterm_when_run_dies(tmp_path):
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def test_cost_table_is_the_median_over_seeds_of_six_iterations():
+    recs = [{"arm": "A", "iteration_s": 1.0}, {"arm": "A", "iteration_s": 1.2}, {"arm": "A", "iteration_s": 5.0},
+            {"arm": "B", "iteration_s": 0.5}, {"arm": "C"}]  # C: a record from before iteration_s
+    assert p14.cost_table(recs) == [{"arm": "A", "runs": 3, "update_s": pytest.approx(7.2)},
+                                    {"arm": "B", "runs": 1, "update_s": pytest.approx(3.0)}]
