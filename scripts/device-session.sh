@@ -12,7 +12,7 @@
 # `RESUME=1 P14_S=<seconds left - 80> bash scripts/device-session.sh`: the stopped runs go on from their checkpoints
 # (if none was stopped, add SEEDS=3,4,5: new seeds from the same common start; a call returns its own seeds' images).
 # A dry run of both calls here (stop 27; PATH with the venv's python3 first, OUT set):
-#   DEVICE=cpu UPDATES=8 BATCH=2 PARALLEL=3 SEEDS=0 P14_S=70 P14_ARGS="--tg-iters 4 --warm-iters 4 --start-batch 4
+#   BASELINES=0 DEVICE=cpu UPDATES=8 BATCH=2 PARALLEL=3 SEEDS=0 P14_S=70 P14_ARGS="--tg-iters 4 --warm-iters 4 --start-batch 4
 #   --tg-pool 8 --noise-k 2 --noise-ref 2 --ckpt-updates 3 --no-noise-mid" bash scripts/device-session.sh, then the
 #   same with RESUME=1 P14_S=600.
 set -u
@@ -53,6 +53,12 @@ timeout $(( P14_S + 60 )) python3 scripts/protocol14.py run --data /tmp/p14c --o
     --budget "$P14_S" \
     --student-steps "$STEPS" $( [ "$RESUME" = 1 ] && echo --resume ) $P14_ARGS 2>&1 \
     | grep -v "it/s\]\|s/it\]" | tail -n 40
+# the references every arm is judged against, drawn once per machine on its common start (the teacher at 50 CFG
+# steps and the tg start: ~7 MB back; seconds on a GPU; BASELINES=0 skips them, e.g. in a CPU dry run)
+if [ "${BASELINES:-1}" = 1 ] && [ -d /tmp/p14-work/tg/student ] && [ ! -f /tmp/p14-work/baselines.done ]; then
+    timeout 90 python3 scripts/protocol14.py baselines --data /tmp/p14c --work /tmp/p14-work --out "$OUT" \
+        --device "$DEVICE" --threads 4 && touch /tmp/p14-work/baselines.done
+fi
 for f in /tmp/p14-work/logs/*.log; do echo "== $f"; tail -c 240 "$f" | tr '\r' '\n' | tail -n 2; done
 [ -f "$OUT/protocol14.json" ] && python3 -c "import json, sys; r = json.load(open(sys.argv[1]));
 print(json.dumps({'start': r.get('start'), 'noise_s': r.get('noise', {}).get('seconds'),
