@@ -231,8 +231,6 @@ def baselines(a):
     """The rows every arm is judged against, drawn as the arms draw (same prepared states, image i from seed i):
     the teacher at its own 50 steps and CFG, and the common start (the `tg` student every arm starts from), on
     the eval and plain_v1 prompts. Written as ref-teacher.npz and ref-tg.npz (keys eval, plain) for `score`."""
-    import numpy as np
-
     from flowflash.models.flow_model import load_model
 
     device = torch.device(a.device)
@@ -351,10 +349,10 @@ def arm_run(a):
             save_npz(images_f, **images)
             if plainb is not None and done == updates:
                 save_npz(results / f"plain-{a.arm}-{a.seed}.npz",
-                                    **{f"u{done}": eval_images(model, plainb, device).numpy()})
+                         **{f"u{done}": eval_images(model, plainb, device).numpy()})
             if stage:  # the control is judged beside the merges: their training prompts too
                 save_npz(results / f"train-{a.arm}-{a.seed}.npz",
-                                    **{f"u{done}": eval_images(model, first(bank, a.train_prompts), device).numpy()})
+                         **{f"u{done}": eval_images(model, first(bank, a.train_prompts), device).numpy()})
 
     # a split branch's EMA stays anchored to its start (as `flowflash distill` does), and so does the unsplit
     # control's: the merges and the control differ only in the split
@@ -401,8 +399,6 @@ def noise_mid(method, sampler, a, path: Path):
 @torch.no_grad()
 def merges(a, work: Path, results: Path, device):
     """Every merge ratio of each seed's two split branches: held-out and training-prompt images."""
-    import numpy as np
-
     from flowflash.methods.merge import merged
     from flowflash.models.flow_model import load_model
 
@@ -419,7 +415,7 @@ def merges(a, work: Path, results: Path, device):
             arm, key = f"merge_r{round(100 * r):03d}", f"u{a.split_updates}"
             save_npz(results / f"images-{arm}-{s}.npz", **{key: eval_images(m, evalb, device).numpy()})
             save_npz(results / f"train-{arm}-{s}.npz",
-                                **{key: eval_images(m, first(bank, a.train_prompts), device).numpy()})
+                     **{key: eval_images(m, first(bank, a.train_prompts), device).numpy()})
         done.append(s)
     return done
 
