@@ -247,3 +247,18 @@ def test_cost_table_is_the_median_over_seeds_of_six_iterations():
             {"arm": "B", "iteration_s": 0.5}, {"arm": "C"}]  # C: a record from before iteration_s
     assert p14.cost_table(recs) == [{"arm": "A", "runs": 3, "update_s": pytest.approx(7.2)},
                                     {"arm": "B", "runs": 1, "update_s": pytest.approx(3.0)}]
+
+
+def test_runs_the_disk_cannot_hold_are_refused_before_they_start(tmp_path, monkeypatch):
+    import collections
+
+    (tmp_path / "warm").mkdir()
+    (tmp_path / "warm" / "critic.safetensors").write_bytes(b"x" * 1000)
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": 16_000}
+    monkeypatch.setattr(p14.shutil, "disk_usage", lambda p: usage(10**6, 0, free["bytes"]))
+    p14.check_disk(tmp_path, 9, 3)  # 9 runs x 1.4 kB + 3 saving at once x 1 kB = 15.6 kB: they fit
+    free["bytes"] = 15_000
+    with pytest.raises(SystemExit, match="9 runs need about 0.0 GB"):
+        p14.check_disk(tmp_path, 9, 3)
+    p14.check_disk(tmp_path, 0, 3)  # nothing left to run: nothing to check
