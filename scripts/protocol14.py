@@ -685,6 +685,7 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
 
     from flowflash.eval.judge import encode_texts
     from flowflash.eval.metrics import frechet_distance
+    from flowflash.eval.prompt_set import load_prompt_set
     from flowflash.eval.tasks import load_reference
 
     ref = load_reference(data, "eval_v1")
@@ -745,10 +746,10 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
         refs[name] = {"fd": frechet_distance(feats, ref.real_feats), "cos": cos,
                       "align": float(100 * cos.clamp(min=0).mean()),
                       "r_precision": ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)["r_precision"]}
-        if "plain" in d:
-            pref = load_reference(data, "plain_v1")
-            pf = pref.judge.features(torch.from_numpy(d["plain"]))
-            refs[name]["plain_r_precision"] = pref.judge.alignment(pf, pref.ps.captions, pref.ps.captions)["r_precision"]
+        if "plain" in d:  # R-precision needs the judge and the prompts, not plain_v1's real images
+            plain_caps = load_prompt_set("plain_v1").captions
+            pf = ref.judge.features(torch.from_numpy(d["plain"]))
+            refs[name]["plain_r_precision"] = ref.judge.alignment(pf, plain_caps, plain_caps)["r_precision"]
     if refs and points:
         last = points[-1]
         versus = [{"reference": name, **versus_reference(sets, arm, last, r, gen, resamples)}

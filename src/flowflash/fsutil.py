@@ -22,6 +22,11 @@ def atomic_dir(dest: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    swap_in(tmp, dest)
+
+
+def swap_in(tmp: Path, dest: Path):
+    """Put the complete folder `tmp` in place of `dest`, keeping the previous `dest` as `dest.old` until then."""
     old = dest.with_name(dest.name + ".old")
     if dest.exists():
         shutil.rmtree(old, ignore_errors=True)

@@ -24,7 +24,8 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ..errors import FlowflashError
-from .common import Dist
+from ..fsutil import swap_in
+from .common import Dist, checkpoint_folder
 
 
 @dataclass
@@ -125,7 +126,7 @@ def save_sharded(folder: Path, method, emas, rng: dict[str, torch.Tensor], state
     the folder in (the previous checkpoint survives a crash as folder.old). Collective."""
     import torch.distributed.checkpoint as dcp
 
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    tmp = folder.with_name(folder.name + ".tmp")
     if d.main:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
@@ -136,11 +137,7 @@ def save_sharded(folder: Path, method, emas, rng: dict[str, torch.Tensor], state
         save_file({f"gen.{k}": v.contiguous() for k, v in rng.items()}, tmp / "rng.safetensors")
         (tmp / "state.json").write_text(json.dumps({"state": state, "format": "dcp", "world": d.world,
                                                     "optimizers": optimizers}))
-        shutil.rmtree(old, ignore_errors=True)
-        if folder.exists():
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
+        swap_in(tmp, folder)
     dist.barrier()
 
 
@@ -148,12 +145,10 @@ def load_sharded(folder: Path, method, emas, generators: dict[str, torch.Generat
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
 
-    folder = Path(folder)
-    if not (folder / "state.json").exists():
-        old = folder.with_name(folder.name + ".old")
-        if not (old / "state.json").exists():
-            raise FlowflashError(f"no checkpoint to resume from in {folder}")
-        folder = old
+    found = checkpoint_folder(folder)
+    if found is None:
+        raise FlowflashError(f"no checkpoint to resume from in {folder}")
+    folder = found
     meta = json.loads((folder / "state.json").read_text())
     if meta.get("format") != "dcp":
         raise FlowflashError(f"{folder} was written by one process; resume it with one process (no torchrun)")
