@@ -16,6 +16,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -63,6 +64,15 @@ def png(b64: str) -> Image.Image:
     im = Image.open(io.BytesIO(base64.b64decode(b64)))
     im.load()
     return im
+
+
+def assert_same_draw(a: Image.Image, b: Image.Image) -> None:
+    """The same seed drawn in a batch of one or of several: matmuls of different batch shapes round
+    differently, so a pixel may move by one level (CI saw 0x85 vs 0x86). Other seeds move by far more."""
+    da = np.asarray(a, dtype=np.int16)
+    db = np.asarray(b, dtype=np.int16)
+    assert da.shape == db.shape
+    assert np.abs(da - db).max() <= 2, np.abs(da - db).max()
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +123,8 @@ def test_openai_client_unchanged(server, model_dir):
     a, b = (png(d.b64_json) for d in r.data)
     assert a.size == (16, 16) and a.tobytes() != b.tobytes()  # seeds 3 and 4
     again = client.images.generate(prompt="red apple", n=1, extra_body={"seed": 3, "steps": 2})
-    assert png(again.data[0].b64_json).tobytes() == a.tobytes()  # same seed, same image; model defaults to ours
+    assert_same_draw(png(again.data[0].b64_json), a)  # same seed, same image; model defaults to ours
+    assert np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max() > 2  # the check can fail
     u = client.images.generate(prompt="dog face", response_format="url", extra_body={"seed": 1})
     got = httpx.get(u.data[0].url)  # fetched without the key, like OpenAI's urls
     assert got.status_code == 200 and got.headers["content-type"] == "image/png"
@@ -193,7 +204,9 @@ def test_a1111_round_trip(api, model_dir):
     assert d["parameters"]["prompt"] == "red apple"
     fixed = api.post("/sdapi/v1/txt2img", json={"prompt": "red apple", "negative_prompt": "dog", "seed": s + 1,
                                                  "steps": 3, "cfg_scale": 2.5}).json()
-    assert png(fixed["images"][0]).tobytes() == png(d["images"][1]).tobytes()  # image k used seed + k
+    assert_same_draw(png(fixed["images"][0]), png(d["images"][1]))  # image k used seed + k
+    with pytest.raises(AssertionError):
+        assert_same_draw(png(fixed["images"][0]), png(d["images"][0]))
     i2i = api.post("/sdapi/v1/img2img", json={"prompt": "red apple", "init_images": [d["images"][0]],
                                               "denoising_strength": 0.5, "seed": 1, "steps": 4})
     assert i2i.status_code == 200, i2i.text
