@@ -657,30 +657,41 @@ def cost_table(records: list[dict]) -> list[dict]:
     return [{"arm": arm, "runs": len(v), "update_s": med(v)} for arm, v in sorted(per.items())]
 
 
-def plain_table(runs: Path, data: Path) -> list[dict]:
+def plain_table(plain: dict) -> list[dict]:
     """plain_v1 (prompts as people type them) at each run's end: R-prec@10 and FD per arm, mean and seed SD."""
-    import numpy as np
-
-    from flowflash.eval.metrics import frechet_distance
-    from flowflash.eval.tasks import load_reference
-
-    ref = load_reference(data, "plain_v1")
     per = {}
-    for f in sorted(runs.glob("plain-*.npz")):
-        arm = f.stem.split("-")[1]
-        for key, imgs in np.load(f).items():
-            feats = ref.judge.features(torch.from_numpy(imgs))
-            al = ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)
-            per.setdefault((arm, key.split("_")[1]), []).append(
-                {"r_precision": al["r_precision"], "fd": frechet_distance(feats, ref.real_feats)})
+    for (arm, _, point), r in sorted(plain.items()):
+        per.setdefault((arm, point), []).append(r)
     sd = lambda xs: float(torch.tensor(xs).std()) if len(xs) > 1 else None
     return [{"arm": arm, "point": point, "seeds": len(v), "r_precision": sum(r["r_precision"] for r in v) / len(v),
              "r_precision_sd": sd([r["r_precision"] for r in v]), "fd": sum(r["fd"] for r in v) / len(v)}
             for (arm, point), v in sorted(per.items())]
 
 
+def start_sha256(work: Path) -> str | None:
+    """The common start's fingerprint: its student's and warmed critic's weight files. Runs pool across sessions
+    (a fresh machine trains the start again) only when their starts are this same one."""
+    import hashlib
+
+    files = sorted((work / "tg" / "student").glob("*.safetensors")) + [work / "warm" / "checkpoint" / "critic.safetensors"]
+    if not all(f.exists() for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+KEY = "|"  # measures' set keys: arm|seed|point (JSON has no tuple keys)
+
+
 @torch.no_grad()
-def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples: int = 1000):
+def measure(runs: Path, data: Path, prep: Path | None = None, work: Path | None = None) -> dict:
+    """Everything `score` reads of a run's images, a few kB a run (the images are MBs and do not survive a fresh
+    machine; this does, committed): per image set its FD-EffNetL0, R-precision, alignment and per-prompt cosines
+    (the bootstrap's unit); the split stage's training-prompt alignment; plain_v1; the references; the run records
+    and noise tables of protocol14.json; and the common start's fingerprint (from --work) so that sets of
+    different starts never pool."""
     import numpy as np
 
     from flowflash.eval.judge import encode_texts
@@ -691,17 +702,21 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
     ref = load_reference(data, "eval_v1")
     embed_texts = lambda caps: ref.judge.scorer.embed_texts(encode_texts(ref.judge.minilm, caps))
     txt = embed_texts(ref.ps.captions)
-    cosines = lambda imgs, t: (ref.judge.scorer.embed_images(ref.judge.features(torch.from_numpy(imgs))) * t).sum(-1)
-    sets, train_align = {}, {}
+
+    def one(imgs) -> dict:
+        feats = ref.judge.features(torch.from_numpy(imgs))
+        cos = (ref.judge.scorer.embed_images(feats) * txt).sum(-1)  # per prompt
+        return {"fd": frechet_distance(feats, ref.real_feats), "align": float(100 * cos.clamp(min=0).mean()),
+                "r_precision": ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)["r_precision"],
+                "cos": [round(float(c), 5) for c in cos]}
+
+    res = {"version": 1, "runs": str(runs), "start_sha256": start_sha256(work) if work else None,
+           "eval_prompts": len(ref.ps.captions), "sets": {}, "train_align": {}, "plain": {}, "refs": {}}
     for f in sorted(runs.glob("images-*.npz")):
         arm = f.stem.split("-")[1]
         for key, imgs in np.load(f).items():
             seed, point = key.split("_")
-            feats = ref.judge.features(torch.from_numpy(imgs))
-            cos = (ref.judge.scorer.embed_images(feats) * txt).sum(-1)  # per prompt
-            sets[(arm, int(seed[1:]), point)] = {
-                "fd": frechet_distance(feats, ref.real_feats), "cos": cos, "align": float(100 * cos.clamp(min=0).mean()),
-                "r_precision": ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)["r_precision"]}
+            res["sets"][KEY.join((arm, seed[1:], point))] = one(imgs)
     train_files = sorted(runs.glob("train-*.npz"))
     if train_files:
         if prep is None:
@@ -715,8 +730,68 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
                 seed, point = key.split("_")
                 if ttxt is None:
                     ttxt = embed_texts(captions[:len(imgs)])
-                cos = cosines(imgs, ttxt[:len(imgs)])
-                train_align[(arm, int(seed[1:]), point)] = float(100 * cos.clamp(min=0).mean())
+                feats = ref.judge.features(torch.from_numpy(imgs))
+                cos = (ref.judge.scorer.embed_images(feats) * ttxt[:len(imgs)]).sum(-1)
+                res["train_align"][KEY.join((arm, seed[1:], point))] = float(100 * cos.clamp(min=0).mean())
+    plain_files = sorted(runs.glob("plain-*.npz"))
+    if plain_files or any(runs.glob("ref-*.npz")):
+        pref = load_reference(data, "plain_v1")
+        plain_caps = load_prompt_set("plain_v1").captions
+        for f in plain_files:
+            arm = f.stem.split("-")[1]
+            for key, imgs in np.load(f).items():
+                seed, point = key.split("_")
+                feats = pref.judge.features(torch.from_numpy(imgs))
+                res["plain"][KEY.join((arm, seed[1:], point))] = {
+                    "r_precision": pref.judge.alignment(feats, pref.ps.captions, pref.ps.captions)["r_precision"],
+                    "fd": frechet_distance(feats, pref.real_feats)}
+    # the references (`baselines`): the teacher at its 50 CFG steps and the common start, drawn as the arms are
+    for f in sorted(runs.glob("ref-*.npz")):
+        d = np.load(f)
+        r = res["refs"][f.stem[len("ref-"):]] = one(d["eval"])
+        if "plain" in d:  # R-precision needs the judge and the prompts, not plain_v1's real images
+            pf = ref.judge.features(torch.from_numpy(d["plain"]))
+            r["plain_r_precision"] = ref.judge.alignment(pf, plain_caps, plain_caps)["r_precision"]
+    rep_f = runs / "protocol14.json"
+    rep = json.loads(rep_f.read_text()) if rep_f.exists() else {}
+    res["report"] = {k: rep.get(k) for k in ("run_records", "noise", "noise_mid", "start", "args")}
+    return res
+
+
+def merge_measures(parts: list[dict]) -> dict:
+    """Several sessions' measures as one: the same common start (fingerprint) and eval prompts, no set twice
+    (a seed re-run elsewhere is a second draw of the same key, not more data)."""
+    starts = {p.get("start_sha256") for p in parts}
+    if len(starts) > 1:
+        raise SystemExit(f"the measures come from {len(starts)} different common starts ({', '.join(map(str, starts))}):"
+                         " runs of different starts do not pool")
+    if len({p["eval_prompts"] for p in parts}) > 1:
+        raise SystemExit("the measures were drawn on different eval prompt sets")
+    out = {"start_sha256": starts.pop(), "eval_prompts": parts[0]["eval_prompts"], "runs": [p["runs"] for p in parts],
+           "sets": {}, "train_align": {}, "plain": {}, "refs": {},
+           "report": {"run_records": [], "noise": None, "noise_mid": {}}}
+    for p in parts:
+        for kind in ("sets", "train_align", "plain"):
+            twice = set(out[kind]) & set(p[kind])
+            if twice:
+                raise SystemExit(f"{kind} {', '.join(sorted(twice))}: in more than one of the measures")
+            out[kind].update(p[kind])
+        for name, r in p["refs"].items():
+            out["refs"].setdefault(name, r)  # the same start draws the same references
+        rep = p.get("report") or {}
+        out["report"]["run_records"] += rep.get("run_records") or []
+        out["report"]["noise"] = out["report"]["noise"] or rep.get("noise")
+        out["report"]["noise_mid"].update(rep.get("noise_mid") or {})
+    return out
+
+
+def score(m: dict, out: Path, resamples: int = 1000):
+    """The tables and the pre-registered rule from measures (`measure`, or several sessions' merged)."""
+    def unkey(d: dict, f=lambda v: v) -> dict:  # "arm|seed|point" -> (arm, seed, point)
+        return {(k.split(KEY)[0], int(k.split(KEY)[1]), k.split(KEY)[2]): f(v) for k, v in d.items()}
+
+    with_cos = lambda v: {**v, "cos": torch.tensor(v["cos"])}
+    sets, train_align = unkey(m["sets"], with_cos), unkey(m["train_align"])
     stage_arm = lambda arm: arm.startswith("merge_") or arm in STAGES
     points = sorted({k[2] for k in sets if not stage_arm(k[0])}, key=lambda p: int(p[1:]))
     arms = sorted({k[0] for k in sets if not stage_arm(k[0])})
@@ -736,27 +811,16 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
             if c:
                 claims.append({**c, "primary": point == points[-1]})  # the rule's point; earlier ones describe
     split = split_table(sets, train_align, gen, resamples) if train_align else None
-    plain = plain_table(runs, data) if any(runs.glob("plain-*.npz")) else None
-    # the references (`baselines`): the teacher at its 50 CFG steps and the common start, drawn as the arms are
-    refs, versus = {}, []
-    for f in sorted(runs.glob("ref-*.npz")):
-        name, d = f.stem[len("ref-"):], np.load(f)
-        feats = ref.judge.features(torch.from_numpy(d["eval"]))
-        cos = (ref.judge.scorer.embed_images(feats) * txt).sum(-1)
-        refs[name] = {"fd": frechet_distance(feats, ref.real_feats), "cos": cos,
-                      "align": float(100 * cos.clamp(min=0).mean()),
-                      "r_precision": ref.judge.alignment(feats, ref.ps.captions, ref.ps.captions)["r_precision"]}
-        if "plain" in d:  # R-precision needs the judge and the prompts, not plain_v1's real images
-            plain_caps = load_prompt_set("plain_v1").captions
-            pf = ref.judge.features(torch.from_numpy(d["plain"]))
-            refs[name]["plain_r_precision"] = ref.judge.alignment(pf, plain_caps, plain_caps)["r_precision"]
+    plain = plain_table(unkey(m["plain"])) if m["plain"] else None
+    refs, versus = {k: with_cos(v) for k, v in m["refs"].items()}, []
     if refs and points:
         last = points[-1]
         versus = [{"reference": name, **versus_reference(sets, arm, last, r, gen, resamples)}
                   for name, r in refs.items() for arm in arms]
-    rep_f = runs / "protocol14.json"
-    costs = cost_table(json.loads(rep_f.read_text()).get("run_records", [])) if rep_f.exists() else []
-    res = {"table": table, "claims": claims, "split": split, "plain_v1": plain, "runs": str(runs), "costs": costs,
+    rep = m.get("report") or {}
+    costs = cost_table(rep.get("run_records") or [])
+    res = {"table": table, "claims": claims, "split": split, "plain_v1": plain, "runs": m["runs"], "costs": costs,
+           "start_sha256": m.get("start_sha256"),
            "references": {k: {x: y for x, y in v.items() if x != "cos"} for k, v in refs.items()}, "versus": versus}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
@@ -798,8 +862,7 @@ def score(runs: Path, data: Path, out: Path, prep: Path | None = None, resamples
         md += ["", "Cost per student update (5 critic and 1 student iterations; the median logged interval of each run, "
                "then the median over its seeds):", "", "| arm | runs | s / update |", "|---|---|---|"]
         md += [f"| {c['arm']} | {c['runs']} | {c['update_s']:.2f} |" for c in costs]
-    if rep_f.exists():  # the gradient-noise tables: the common start, and each primary arm's middle
-        rep = json.loads(rep_f.read_text())
+    if rep.get("noise") or rep.get("noise_mid"):  # the gradient-noise tables: the common start, each primary arm's middle
         tables = {"common start": rep.get("noise"), **{f"middle of {k}": v for k, v in rep.get("noise_mid", {}).items()}}
         md += ["", "| roles | matching | SNR | cos(draw, ref) (SD) | cos(mean, ref) |", "|---|---|---|---|---|"]
         md += [f"| {where} | {name} | {r['snr']:.3f} | {r['cos_draw_to_ref']:.3f} ({r['cos_draw_to_ref_sd']:.3f}) | "
@@ -871,11 +934,19 @@ def main():
     b.add_argument("--out", required=True, help="the run's --out (score reads ref-*.npz there)")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--threads", type=int, default=1)
-    s = sub.add_parser("score")
-    s.add_argument("--runs", type=Path, required=True)
-    s.add_argument("--data", type=Path, default=Path("data/emoji64"))
-    s.add_argument("--out", type=Path, required=True)
-    s.add_argument("--prep", type=Path, help="the `prepare` folder (needed when the runs include the split stage)")
+    for name in ("measure", "score"):
+        s = sub.add_parser(name, help={"measure": "what score reads of a run's images, a few kB to commit",
+                                       "score": "the tables and the rule, from a run's images or from measures"}[name])
+        s.add_argument("--runs", type=Path, required=name == "measure", help="a run's --out (its images)")
+        s.add_argument("--data", type=Path, default=Path("data/emoji64"))
+        s.add_argument("--prep", type=Path, help="the `prepare` folder (needed when the runs include the split stage)")
+        s.add_argument("--work", type=Path, help="the run's --work: the common start's fingerprint goes with the measures")
+        if name == "measure":
+            s.add_argument("--to", type=Path, required=True, help="the measures' JSON file")
+        else:
+            s.add_argument("--measures", type=Path, nargs="+", help="measures files (several sessions' runs of one "
+                           "common start), instead of --runs")
+            s.add_argument("--out", type=Path, required=True)
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a.data, a.captions, a.to)
@@ -885,8 +956,14 @@ def main():
         arm_run(a)
     elif a.cmd == "baselines":
         baselines(a)
+    elif a.cmd == "measure":
+        write_text_atomic(a.to, json.dumps(measure(a.runs, a.data, a.prep, a.work)))
+        print(f"measures of {a.runs} -> {a.to}")
     else:
-        score(a.runs, a.data, a.out, a.prep)
+        if bool(a.runs) == bool(a.measures):
+            raise SystemExit("score: either --runs (a run's images) or --measures (measures files)")
+        parts = [json.loads(f.read_text()) for f in a.measures] if a.measures else [measure(a.runs, a.data, a.prep, a.work)]
+        score(merge_measures(parts), a.out)
 
 
 if __name__ == "__main__":

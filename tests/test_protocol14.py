@@ -262,3 +262,49 @@ def test_runs_the_disk_cannot_hold_are_refused_before_they_start(tmp_path, monke
     with pytest.raises(SystemExit, match="9 runs need about 0.0 GB"):
         p14.check_disk(tmp_path, 9, 3)
     p14.check_disk(tmp_path, 0, 3)  # nothing left to run: nothing to check
+
+
+def measures(start: str, seeds: range, shift: float = 0.0) -> dict:
+    """What `measure` writes for one session's runs of arms A and B (B ahead by `shift` on every prompt)."""
+    cos = torch.linspace(0.1, 0.3, 40)
+    sets = {}
+    for s in seeds:
+        for arm, d in (("A", 0.0), ("B", shift)):
+            v = scored(cos + d + 0.001 * s)
+            sets[p14.KEY.join((arm, str(s), "u8"))] = {**v, "cos": v["cos"].tolist()}
+    ref = scored(cos)
+    return {"version": 1, "runs": f"session-{start}", "start_sha256": start, "eval_prompts": 40, "sets": sets,
+            "train_align": {}, "plain": {p14.KEY.join(("A", str(s), "u8")): {"r_precision": 0.2, "fd": 900.0} for s in seeds},
+            "refs": {"teacher": {**ref, "cos": ref["cos"].tolist()}},
+            "report": {"run_records": [{"arm": "A", "seed": s, "iteration_s": 1.0} for s in seeds], "noise": None,
+                       "noise_mid": {}}}
+
+
+def test_measures_of_two_sessions_pool_only_on_one_common_start(tmp_path):
+    first, second = measures("abc", range(2), 0.05), measures("abc", range(2, 3), 0.05)
+    m = p14.merge_measures([first, second])
+    assert sorted(m["sets"]) == sorted([*first["sets"], *second["sets"]]) and len(m["report"]["run_records"]) == 3
+    p14.score(m, tmp_path / "p14")
+    res = json.loads((tmp_path / "p14.json").read_text())
+    claim = next(c for c in res["claims"] if c["pair"] == "B - A")
+    assert claim["seeds"] == 3 and claim["claimed"] and claim["align_diff"] > 4  # three seeds across two sessions
+    assert res["plain_v1"][0]["seeds"] == 3 and res["versus"] and res["start_sha256"] == "abc"
+    assert "| u8 (primary) | B - A | 3 |" in (tmp_path / "p14.md").read_text()
+    # two seeds only (one session): described, not claimed
+    p14.score(p14.merge_measures([first]), tmp_path / "two")
+    assert not json.loads((tmp_path / "two.json").read_text())["claims"][0]["claimed"]
+    with pytest.raises(SystemExit, match="different common starts"):
+        p14.merge_measures([first, measures("xyz", range(2, 3))])
+    with pytest.raises(SystemExit, match=r"sets A\|1\|u8, .*in more than one"):
+        p14.merge_measures([first, measures("abc", range(1, 3))])
+
+
+def test_the_start_fingerprint_covers_the_student_and_the_warmed_critic(tmp_path):
+    (tmp_path / "tg" / "student").mkdir(parents=True)
+    (tmp_path / "warm" / "checkpoint").mkdir(parents=True)
+    assert p14.start_sha256(tmp_path) is None  # no start yet
+    (tmp_path / "tg" / "student" / "model.safetensors").write_bytes(b"student")
+    (tmp_path / "warm" / "checkpoint" / "critic.safetensors").write_bytes(b"critic")
+    h = p14.start_sha256(tmp_path)
+    (tmp_path / "warm" / "checkpoint" / "critic.safetensors").write_bytes(b"critic2")
+    assert h and p14.start_sha256(tmp_path) != h
