@@ -237,6 +237,8 @@ def baselines(a):
     device = torch.device(a.device)
     torch.set_num_threads(a.threads)
     check_prepared(Path(a.data))
+    if set(a.refs) - {"tg", "teacher"}:
+        raise SystemExit(f"--refs {','.join(a.refs)}: of tg, teacher")
     banks = {k: load_bank(Path(a.data) / f"{k}.safetensors", device) for k in ("eval", "plain")}
     start = Path(a.work) / "tg" / "student"
     if not (start / "config.json").exists():
@@ -244,6 +246,8 @@ def baselines(a):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     for name, folder in (("tg", start), ("teacher", TEACHER)):
+        if name not in a.refs:
+            continue
         model = load_model(folder).to(device)
         g = model.cfg.sampling.guidance if name == "teacher" else 1.0
         t = time.time()
@@ -934,6 +938,9 @@ def main():
     b.add_argument("--out", required=True, help="the run's --out (score reads ref-*.npz there)")
     b.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     b.add_argument("--threads", type=int, default=1)
+    b.add_argument("--refs", type=lambda s: s.split(","), default=["tg", "teacher"],
+                   help="which references: tg (the common start, ~1 min on a CPU core) and teacher (50 CFG steps, "
+                        "the same on every start: ~25 min of a CPU core)")
     for name in ("measure", "score"):
         s = sub.add_parser(name, help={"measure": "what score reads of a run's images, a few kB to commit",
                                        "score": "the tables and the rule, from a run's images or from measures"}[name])
