@@ -783,7 +783,8 @@ def merge_measures(parts: list[dict]) -> dict:
         for name, r in p["refs"].items():
             out["refs"].setdefault(name, r)  # the same start draws the same references
         rep = p.get("report") or {}
-        out["report"]["run_records"] += rep.get("run_records") or []
+        seen = {(r.get("arm"), r.get("seed")) for r in out["report"]["run_records"]}
+        out["report"]["run_records"] += [r for r in rep.get("run_records") or [] if (r.get("arm"), r.get("seed")) not in seen]
         out["report"]["noise"] = out["report"]["noise"] or rep.get("noise")
         out["report"]["noise_mid"].update(rep.get("noise_mid") or {})
     return out

@@ -284,6 +284,8 @@ def test_measures_of_two_sessions_pool_only_on_one_common_start(tmp_path):
     first, second = measures("abc", range(2), 0.05), measures("abc", range(2, 3), 0.05)
     m = p14.merge_measures([first, second])
     assert sorted(m["sets"]) == sorted([*first["sets"], *second["sets"]]) and len(m["report"]["run_records"]) == 3
+    second["report"]["run_records"] += first["report"]["run_records"]  # a later call on the same work lists both
+    assert len(p14.merge_measures([first, second])["report"]["run_records"]) == 3
     p14.score(m, tmp_path / "p14")
     res = json.loads((tmp_path / "p14.json").read_text())
     claim = next(c for c in res["claims"] if c["pair"] == "B - A")
