@@ -16,6 +16,10 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=$ROOT/.venv/bin/python
 SEEDS=${SEEDS:-0,1}
+ARMS=${ARMS:-A,B,C}          # the split stage's session: ARMS=A P14_ARGS="--split-from A --split-updates 128 --split-at 0.5"
+P14_ARGS=${P14_ARGS:-}
+MID=""                       # the noise table at the runs' middle: the first seed's only (pre-registered)
+[[ $SEEDS == 0* ]] || MID="--no-noise-mid"
 TAG=${TAG:-$(date +%Y%m%d-%H%M)}
 REFS=${REFS:-tg}
 W=${W:-$ROOT/runs/p14cpu}    # the frozen code, the work and the images (runs/ is not tracked)
@@ -35,12 +39,12 @@ R=""
 [ "${RESUME:-0}" = 1 ] && R="--resume"
 # the pre-registered CPU scale (benchmarks.md, amendment of stop 28); --budget: no stop before the end
 "$PY" scripts/protocol14.py run --data p14-data --out "$W/out" --work "$W/work" --device cpu \
-    --seeds "$SEEDS" --arms A,B,C --updates 256 --batch 8 --start-batch 8 --tg-iters 1000 --tg-pool 512 \
+    --seeds "$SEEDS" --arms "$ARMS" --updates 256 --batch 8 --start-batch 8 --tg-iters 1000 --tg-pool 512 \
     --warm-iters 500 --noise-k 16 --noise-ref 128 --points half --parallel 3 --threads 1 --ckpt-updates 16 \
-    --budget 100000 $R
+    --budget 100000 $MID $R $P14_ARGS
 OMP_NUM_THREADS=2 "$PY" scripts/protocol14.py baselines --data p14-data --work "$W/work" --out "$W/out" \
     --threads 2 --refs "$REFS"
 mkdir -p "$(dirname "$MEASURES")"
 OMP_NUM_THREADS=2 "$PY" scripts/protocol14.py measure --runs "$W/out" --work "$W/work" --data data/emoji64 \
-    --to "$MEASURES"
+    --prep p14-data --to "$MEASURES"
 echo "done $(date): $MEASURES"

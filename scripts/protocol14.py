@@ -763,8 +763,8 @@ def measure(runs: Path, data: Path, prep: Path | None = None, work: Path | None 
 
 
 def merge_measures(parts: list[dict]) -> dict:
-    """Several sessions' measures as one: the same common start (fingerprint) and eval prompts, no set twice
-    (a seed re-run elsewhere is a second draw of the same key, not more data)."""
+    """Several sessions' measures as one: the same common start (fingerprint) and eval prompts; a set in two of
+    them only with the same values (a deterministic re-run), never two draws of one arm and seed."""
     starts = {p.get("start_sha256") for p in parts}
     if len(starts) > 1:
         raise SystemExit(f"the measures come from {len(starts)} different common starts ({', '.join(map(str, starts))}):"
@@ -776,9 +776,12 @@ def merge_measures(parts: list[dict]) -> dict:
            "report": {"run_records": [], "noise": None, "noise_mid": {}}}
     for p in parts:
         for kind in ("sets", "train_align", "plain"):
-            twice = set(out[kind]) & set(p[kind])
+            # a run drawn again on the same start (the split stage's session re-runs its arm) is the same draw
+            # when the CPU runs are deterministic; a different value is a second draw of one key: refused
+            twice = [k for k in set(out[kind]) & set(p[kind]) if out[kind][k] != p[kind][k]]
             if twice:
-                raise SystemExit(f"{kind} {', '.join(sorted(twice))}: in more than one of the measures")
+                raise SystemExit(f"{kind} {', '.join(sorted(twice))}: in more than one of the measures, with "
+                                 "different values")
             out[kind].update(p[kind])
         for name, r in p["refs"].items():
             out["refs"].setdefault(name, r)  # the same start draws the same references

@@ -297,8 +297,11 @@ def test_measures_of_two_sessions_pool_only_on_one_common_start(tmp_path):
     assert not json.loads((tmp_path / "two.json").read_text())["claims"][0]["claimed"]
     with pytest.raises(SystemExit, match="different common starts"):
         p14.merge_measures([first, measures("xyz", range(2, 3))])
-    with pytest.raises(SystemExit, match=r"sets A\|1\|u8, .*in more than one"):
-        p14.merge_measures([first, measures("abc", range(1, 3))])
+    again = measures("abc", range(1, 3), 0.05)  # seed 1 drawn again, the same numbers: one set
+    assert len(p14.merge_measures([first, again])["sets"]) == 6
+    other = measures("abc", range(1, 3), 0.07)  # seed 1's B drawn again differently: refused
+    with pytest.raises(SystemExit, match=r"sets B\|1\|u8: in more than one of the measures, with different"):
+        p14.merge_measures([first, other])
 
 
 def test_the_start_fingerprint_covers_the_student_and_the_warmed_critic(tmp_path):
