@@ -701,7 +701,7 @@ def measure(runs: Path, data: Path, prep: Path | None = None, work: Path | None 
     from flowflash.eval.judge import encode_texts
     from flowflash.eval.metrics import frechet_distance
     from flowflash.eval.prompt_set import load_prompt_set
-    from flowflash.eval.tasks import load_reference
+    from flowflash.eval.tasks import load_reference, real_images
 
     ref = load_reference(data, "eval_v1")
     embed_texts = lambda caps: ref.judge.scorer.embed_texts(encode_texts(ref.judge.minilm, caps))
@@ -738,17 +738,17 @@ def measure(runs: Path, data: Path, prep: Path | None = None, work: Path | None 
                 cos = (ref.judge.scorer.embed_images(feats) * ttxt[:len(imgs)]).sum(-1)
                 res["train_align"][KEY.join((arm, seed[1:], point))] = float(100 * cos.clamp(min=0).mean())
     plain_files = sorted(runs.glob("plain-*.npz"))
-    if plain_files or any(runs.glob("ref-*.npz")):
-        pref = load_reference(data, "plain_v1")
-        plain_caps = load_prompt_set("plain_v1").captions
-        for f in plain_files:
-            arm = f.stem.split("-")[1]
-            for key, imgs in np.load(f).items():
-                seed, point = key.split("_")
-                feats = pref.judge.features(torch.from_numpy(imgs))
-                res["plain"][KEY.join((arm, seed[1:], point))] = {
-                    "r_precision": pref.judge.alignment(feats, pref.ps.captions, pref.ps.captions)["r_precision"],
-                    "fd": frechet_distance(feats, pref.real_feats)}
+    plain_caps = load_prompt_set("plain_v1").captions
+    if plain_files:  # the same judge; plain_v1's real images only for the FD
+        plain_real = ref.judge.features(real_images(data, load_prompt_set("plain_v1")))
+    for f in plain_files:
+        arm = f.stem.split("-")[1]
+        for key, imgs in np.load(f).items():
+            seed, point = key.split("_")
+            feats = ref.judge.features(torch.from_numpy(imgs))
+            res["plain"][KEY.join((arm, seed[1:], point))] = {
+                "r_precision": ref.judge.alignment(feats, plain_caps, plain_caps)["r_precision"],
+                "fd": frechet_distance(feats, plain_real)}
     # the references (`baselines`): the teacher at its 50 CFG steps and the common start, drawn as the arms are
     for f in sorted(runs.glob("ref-*.npz")):
         d = np.load(f)
