@@ -329,6 +329,20 @@ def test_cli_teacher_and_out_override_the_config(teacher_dir, tmp_path, tiny_cor
     assert json.loads((tmp_path / "cli-out" / "config.json").read_text())["teacher"] == str(teacher_dir)
 
 
+def test_cli_method_defaults_to_dmd2_unless_the_config_or_the_flag_names_one(tmp_path):
+    """Issue 14's protocol picked re-noised matching: the config-free form runs dmd2; a YAML's method: still
+    counts when --method is absent, and the flag beats both."""
+    from flowflash.cli import build_parser, distill_config
+
+    conf = tmp_path / "c.yaml"
+    conf.write_text("method: naive\nstudent_steps: 2\n")
+    parse = lambda *argv: distill_config(build_parser().parse_args(["distill", *argv]))
+    assert parse().method == "dmd2"
+    assert parse("--config", str(conf)).method == "naive"
+    assert parse("--config", str(conf), "--method", "flash").method == "flash"
+    assert parse("--method", "tg", "--student-steps", "2").student_steps == 2
+
+
 def test_placed_samplers_draw_their_noise_from_a_generator_of_their_own(teacher_dir, tmp_path, tiny_corpus):
     """What a GPU run does (bank on the device, noise drawn there), exercised on the CPU: the rows still come
     from the data generator, the noise from the placed generator, reproducibly by its seed."""

@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds = sub.add_parser("distill", help="distil the teacher into a few-step student",
                         description="Distil a teacher into a few-step CFG-free student; the student is written to "
                                     "OUT/student. Flags override the YAML config's fields of the same name.")
-    ds.add_argument("--method", required=True, help="flash, dmd2, tg or naive")
+    ds.add_argument("--method", default=None,
+                    help="dmd2 (the default: issue 14's protocol found re-noised matching best, docs/benchmarks.md), "
+                         "flash, tg or naive; a --config's method: field counts when this flag is absent")
     ds.add_argument("--config", default=None, help="YAML of DistillConfig fields (every other knob)")
     ds.add_argument("--out", default=None, help="run folder (overrides the config's out)")
     ds.add_argument("--teacher", default=None, help="teacher: a shipped name, a flowflash model folder, or a diffusers "
@@ -549,20 +551,27 @@ def cmd_grid(a) -> int:
     return 0
 
 
-def cmd_distill(a) -> int:
+def distill_config(a):
+    """The run's DistillConfig: the YAML's fields, then the flags that were given (a flag left out keeps the YAML's
+    value, and a field in neither keeps DistillConfig's default: method dmd2)."""
     from .train.common import load_config
     from .train.configs import DistillConfig
-    from .train.run import distill, measure_variance
 
     flags = {"out": a.out, "teacher": a.teacher, "student_steps": a.student_steps, "also_steps": a.also_steps,
              "steps": a.iterations,
              "prompts": a.prompts, "size": list(a.size) if isinstance(a.size, tuple) else a.size, "drop": a.drop,
              "real_images": a.real_images, "batch_size": a.batch_size, "device": a.device, "precision": a.precision,
              "fsdp": a.fsdp, "grad_checkpointing": a.grad_checkpointing, "embed_cache": a.embed_cache}
-    over = {"method": a.method, **{k: v for k, v in flags.items() if v is not None}}
+    over = {k: v for k, v in {"method": a.method, **flags}.items() if v is not None}
     if a.student_steps is not None and a.student_steps < 1:
         raise FlowflashError(f"--student-steps must be >= 1, got {a.student_steps}")
-    cfg = load_config(DistillConfig, a.config, over)
+    return load_config(DistillConfig, a.config, over)
+
+
+def cmd_distill(a) -> int:
+    from .train.run import distill, measure_variance
+
+    cfg = distill_config(a)
     if a.measure_noise:
         import json
         from .train.run import measure_noise

@@ -52,7 +52,8 @@ class TeacherConfig(LoopConfig):
 class DistillConfig(LoopConfig):
     """A few-step student from a teacher; `method` picks flash, dmd2, tg or naive."""
     out: str = "runs/distill"
-    method: str = "flash"
+    # dmd2 by default: in issue 14's seeded protocol re-noised matching beat timestep sharing (docs/benchmarks.md)
+    method: str = "dmd2"
     teacher: str = "teacher"  # shipped name or model folder
     init_student: str | None = None  # a model folder to start the student from (e.g. the TG stage)
     student_steps: int = 4
