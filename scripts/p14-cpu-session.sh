@@ -11,6 +11,10 @@
 #   .venv/bin/python scripts/protocol14.py score --measures docs/bench/protocol14-cpu/measures-*.json \
 #       --out docs/bench/protocol14-cpu      # refuses measures of different common starts
 # A session that stops early: RESUME=1 on the same machine goes on from the checkpoints (a fresh machine starts over).
+# The 2-step rows are another experiment (their own start): their own work and measures folders, and the teacher's
+# reference drawn for their start (score refuses measures of different starts, so they never share a folder):
+#   SEEDS=0,1,2 W=$PWD/runs/p14cpu2 BENCH=docs/bench/protocol14-cpu2 REFS=tg,teacher P14_ARGS="--student-steps 2" \
+#       nohup bash scripts/p14-cpu-session.sh > runs/p14cpu2.log 2>&1 &
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -23,7 +27,8 @@ MID=""                       # the noise table at the runs' middle: the first se
 TAG=${TAG:-$(date +%Y%m%d-%H%M)}
 REFS=${REFS:-tg}
 W=${W:-$ROOT/runs/p14cpu}    # the frozen code, the work and the images (runs/ is not tracked)
-MEASURES=$ROOT/docs/bench/protocol14-cpu/measures-$TAG.json
+BENCH=${BENCH:-docs/bench/protocol14-cpu}   # the measures' folder, one per common start (4-step; 2-step: -cpu2)
+MEASURES=$ROOT/$BENCH/measures-$TAG.json
 [ -x "$PY" ] || make -s .venv/bin/flowflash
 [ -d data/emoji64 ] || .venv/bin/flowflash data build --out data/emoji64
 [ -d p14-data ] || OMP_NUM_THREADS=2 "$PY" scripts/protocol14.py prepare --data data/emoji64 --captions 1000 --to p14-data
