@@ -762,6 +762,19 @@ def measure(runs: Path, data: Path, prep: Path | None = None, work: Path | None 
     return res
 
 
+def same_measure(x, y, rel: float = 1e-6) -> bool:
+    """Two measures of one image set: equal, numbers up to float rounding. The same images measured in two
+    processes can differ in FD's last digits (EffNet's features summed in another order under other thread
+    counts); a second draw of a run differs far beyond `rel`."""
+    if isinstance(x, dict) and isinstance(y, dict):
+        return x.keys() == y.keys() and all(same_measure(x[k], y[k], rel) for k in x)
+    if isinstance(x, list) and isinstance(y, list):
+        return len(x) == len(y) and all(same_measure(a, b, rel) for a, b in zip(x, y))
+    if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+        return math.isclose(x, y, rel_tol=rel, abs_tol=1e-9)
+    return x == y
+
+
 def merge_measures(parts: list[dict]) -> dict:
     """Several sessions' measures as one: the same common start (fingerprint) and eval prompts; a set in two of
     them only with the same values (a deterministic re-run), never two draws of one arm and seed."""
@@ -778,7 +791,7 @@ def merge_measures(parts: list[dict]) -> dict:
         for kind in ("sets", "train_align", "plain"):
             # a run drawn again on the same start (the split stage's session re-runs its arm) is the same draw
             # when the CPU runs are deterministic; a different value is a second draw of one key: refused
-            twice = [k for k in set(out[kind]) & set(p[kind]) if out[kind][k] != p[kind][k]]
+            twice = [k for k in set(out[kind]) & set(p[kind]) if not same_measure(out[kind][k], p[kind][k])]
             if twice:
                 raise SystemExit(f"{kind} {', '.join(sorted(twice))}: in more than one of the measures, with "
                                  "different values")

@@ -299,6 +299,12 @@ def test_measures_of_two_sessions_pool_only_on_one_common_start(tmp_path):
         p14.merge_measures([first, measures("xyz", range(2, 3))])
     again = measures("abc", range(1, 3), 0.05)  # seed 1 drawn again, the same numbers: one set
     assert len(p14.merge_measures([first, again])["sets"]) == 6
+    key = p14.KEY.join(("A", "1", "u8"))
+    again["sets"][key]["fd"] *= 1 + 1e-9  # measured again in another process: FD's last digits may differ
+    assert p14.merge_measures([first, again])["sets"][key]["fd"] == first["sets"][key]["fd"] * (1 + 1e-9)
+    again["sets"][key]["fd"] *= 1.001  # a different FD: not the same images
+    with pytest.raises(SystemExit, match=r"sets A\|1\|u8: in more than one"):
+        p14.merge_measures([first, again])
     other = measures("abc", range(1, 3), 0.07)  # seed 1's B drawn again differently: refused
     with pytest.raises(SystemExit, match=r"sets B\|1\|u8: in more than one of the measures, with different"):
         p14.merge_measures([first, other])
