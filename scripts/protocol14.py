@@ -738,9 +738,10 @@ def measure(runs: Path, data: Path, prep: Path | None = None, work: Path | None 
                 cos = (ref.judge.scorer.embed_images(feats) * ttxt[:len(imgs)]).sum(-1)
                 res["train_align"][KEY.join((arm, seed[1:], point))] = float(100 * cos.clamp(min=0).mean())
     plain_files = sorted(runs.glob("plain-*.npz"))
-    plain_caps = load_prompt_set("plain_v1").captions
+    plain_ps = load_prompt_set("plain_v1")
+    plain_caps = plain_ps.captions
     if plain_files:  # the same judge; plain_v1's real images only for the FD
-        plain_real = ref.judge.features(real_images(data, load_prompt_set("plain_v1")))
+        plain_real = ref.judge.features(real_images(data, plain_ps))
     for f in plain_files:
         arm = f.stem.split("-")[1]
         for key, imgs in np.load(f).items():
