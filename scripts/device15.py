@@ -225,11 +225,11 @@ def unpack(runs: Path, to: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("prepare")
+    p = sub.add_parser("prepare", help="here: draw the training texts and store their MiniLM states")
+    p.add_argument("--to", type=Path, required=True, help="the folder to carry (e.g. .whl/d15)")
     p.add_argument("--data", type=Path, default=Path("data/emoji64-wide"))
-    p.add_argument("--texts", type=int, default=900)
+    p.add_argument("--texts", type=int, default=900, help="distinct texts (~10 KB each)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--to", type=Path, required=True)
     for name in ("run", "child"):
         r = sub.add_parser(name)
         r.add_argument("--data", required=True)
