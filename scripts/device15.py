@@ -124,7 +124,6 @@ def check_prepared(data: Path):
 def child(a):
     """One run: dmd2 until SIGTERM (or --steps), then its EMA student int8 in returnable shards."""
     from flowflash.methods.dmd2 import DMD2
-    from flowflash.models import storage
     from flowflash.models.flow_model import load_model
     from flowflash.release.card import convert
 
@@ -142,11 +141,10 @@ def child(a):
     folder = p14.train(DMD2(cfg, teacher, student), cfg, p14.CaptionSampler(bank, (3, 64, 64)),
                        resume=p14.checkpoint_step(work) is not None)
     seconds = time.time() - t0
-    storage.SHARD_BYTES = RETURN_SHARD
     dest = Path(a.out) / a.name
     if dest.exists():
         shutil.rmtree(dest)
-    convert(folder, dest, "int8")
+    convert(folder, dest, "int8", shard_bytes=RETURN_SHARD)
     log = (work / "log.jsonl").read_text().splitlines() if (work / "log.jsonl").exists() else []
     p14.write_text_atomic(Path(a.out) / f"run-{a.name}.json", json.dumps(
         {"name": a.name, "step": p14.checkpoint_step(work), "seconds": seconds,

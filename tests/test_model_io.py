@@ -169,3 +169,15 @@ def test_a_bad_sampling_block_is_one_clear_error(tiny_model_dir, sampling, needl
     (tiny_model_dir / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(FlowflashError, match=needle):
         load_model(tiny_model_dir)
+
+
+def test_convert_keeps_every_shard_under_a_given_limit_and_the_weights_equal(tmp_path, tiny_model_dir):
+    """A device run's students must come back in files under its limit: convert's shard_bytes is that limit."""
+    from flowflash.release.card import convert
+    whole = convert(tiny_model_dir, tmp_path / "whole", "int8")
+    small = convert(tiny_model_dir, tmp_path / "small", "int8", shard_bytes=500_000)  # > its largest tensor
+    assert len(list(whole.glob("*.safetensors"))) == 1
+    shards = sorted(small.glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and all(p.stat().st_size <= 500_000 + 8192 for p in shards)  # + the header
+    a, b = load_model(whole), load_model(small)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())

